@@ -1,0 +1,36 @@
+"""hf_sparse: prune, distil and quantize Transformers models, and run them fast on CPUs.
+
+    from hf_sparse import SparseConfig, SparseCallback, sparsify_
+"""
+
+from typing import TYPE_CHECKING
+
+from .config import DistillationConfig, SparseConfig
+from .methods import METHODS, PruningMethod, register_method
+from .sparsity.sparsifier import Sparsifier, sparsify_
+from .version import __version__
+
+
+if TYPE_CHECKING:
+    from .integrations.trainer import SparseCallback
+
+__all__ = [
+    "METHODS",
+    "DistillationConfig",
+    "PruningMethod",
+    "SparseCallback",
+    "SparseConfig",
+    "Sparsifier",
+    "__version__",
+    "register_method",
+    "sparsify_",
+]
+
+
+def __getattr__(name):
+    # transformers is imported only when the Trainer adapter is used
+    if name == "SparseCallback":
+        from .integrations.trainer import SparseCallback
+
+        return SparseCallback
+    raise AttributeError(f"module 'hf_sparse' has no attribute {name!r}")

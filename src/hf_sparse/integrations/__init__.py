@@ -1,0 +1,1 @@
+"""Adapters to the Hugging Face stack. Each imports transformers lazily, so the core works without it."""

@@ -1,0 +1,4 @@
+from .method import MagnitudePruning
+
+
+__all__ = ["MagnitudePruning"]

@@ -1,0 +1,4 @@
+from .registry import Registry
+
+
+__all__ = ["Registry"]
