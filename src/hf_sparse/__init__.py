@@ -1,6 +1,6 @@
 """hf_sparse: prune, distil and quantize Transformers models, and run them fast on CPUs.
 
-    from hf_sparse import SparseConfig, SparseCallback, sparsify_
+Entry points: `SparseConfig` (what to prune and how), `SparseCallback` (Trainer), `sparsify_` (any training loop).
 """
 
 from typing import TYPE_CHECKING

@@ -40,5 +40,6 @@ class DistillationConfig(ConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         teacher = self.teacher
         if teacher is not None and not isinstance(teacher, str):
-            teacher = getattr(teacher, "name_or_path", None) or None
+            config = getattr(teacher, "config", None)
+            teacher = getattr(teacher, "name_or_path", None) or getattr(config, "name_or_path", None) or None
         return {"teacher": teacher, "hardness": self.hardness, "temperature": self.temperature}

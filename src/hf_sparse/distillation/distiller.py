@@ -65,9 +65,7 @@ class Distiller:
     def __init__(self, model: nn.Module, config: DistillationConfig, teacher: nn.Module | str | None = None):
         teacher = teacher if teacher is not None else config.teacher
         if teacher is None:
-            raise ValueError(
-                "distillation is set but has no teacher: set distillation.teacher to a model or a path"
-            )
+            raise ValueError("distillation is set but has no teacher: set distillation.teacher to a model or a path")
         self.config = config
         self.model = model
         self.teacher = load_teacher(teacher, model)

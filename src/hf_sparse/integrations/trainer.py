@@ -117,7 +117,9 @@ class SparseCallback(TrainerCallback):
         self.sparsifier.last_prune_step = self.sparsifier.timeline.last_update_at_or_before(state.global_step)
         logger.warning(
             "hf_sparse: no %s in %s; masks rebuilt from the zeros in the resumed weights (method state such as "
-            "movement scores starts afresh)", STATE_FILE, folder,
+            "movement scores starts afresh)",
+            STATE_FILE,
+            folder,
         )
 
     def on_train_end(self, args, state, control, **kwargs):

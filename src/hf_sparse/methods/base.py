@@ -79,9 +79,7 @@ class PruningMethod:
             group_scores[name] = sp.pattern.group_scores(score)
         masks = {}
         for pool in pools:
-            masks.update(
-                sp.pattern.select({n: group_scores[n] for n in pool.names}, sp.shapes, pool.target)
-            )
+            masks.update(sp.pattern.select({n: group_scores[n] for n in pool.names}, sp.shapes, pool.target))
         return masks
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -79,7 +79,7 @@ class Pattern(ABC):
 
     name: str
 
-    def check_sparsity(self, field: str, value: float) -> None:
+    def check_sparsity(self, field: str, value: float) -> None:  # noqa: B027 - most patterns allow any sparsity
         """Raise if `value` (a final sparsity from config field `field`) is impossible with this pattern."""
 
     @abstractmethod

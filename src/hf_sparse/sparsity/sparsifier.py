@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..config import SparseConfig
@@ -94,8 +94,10 @@ class Sparsifier:
         self.timeline = Timeline(start, end, config.update_every)
         if total_steps is not None and self.timeline.end > total_steps:
             logger.warning(
-                "end=%s resolves to step %d, after the last training step %d: the final sparsity will not be "
-                "reached", config.end, self.timeline.end, total_steps,
+                "end=%s resolves to step %d, after the last training step %d: the final sparsity will not be reached",
+                config.end,
+                self.timeline.end,
+                total_steps,
             )
         self.dataloader = dataloader
         self.loss_fn = loss_fn or default_loss_fn
@@ -231,7 +233,9 @@ class Sparsifier:
         if step is None:
             return 0.0
         total = sum(p.numel for p in self.pools)
-        return sum(self.schedule.sparsity(step, self.timeline, p.initial, p.final) * p.numel for p in self.pools) / total
+        return (
+            sum(self.schedule.sparsity(step, self.timeline, p.initial, p.final) * p.numel for p in self.pools) / total
+        )
 
     # ---- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
