@@ -236,3 +236,25 @@ def test_callback_accepts_a_recipe_file(tmp_path):
     cfg = SparseConfig(sparsity=0.5, pattern="2:4", schedule="one-shot")
     cfg.save_file(tmp_path / "recipe.yaml")
     assert SparseCallback(str(tmp_path / "recipe.yaml")).config == cfg
+
+
+def test_reporting_callbacks_see_the_sparsity_metrics(tmp_path):
+    """Reporters (TensorBoard, W&B) sit before user callbacks; hf_sparse must fill `logs` before they read it."""
+    seen = []
+
+    class Reporter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    cb = SparseCallback(SparseConfig(sparsity=0.5, schedule="one-shot", start=0))
+    trainer = Trainer(
+        model=make_tiny_bert(),
+        args=args(tmp_path, max_steps=4, logging_steps=2),
+        train_dataset=TinyClassificationData(n=32),
+        callbacks=[Reporter(), cb],
+    )
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert names.index("Reporter") < names.index("SparseCallback")
+    trainer.train()
+    train_logs = [log for log in seen if "loss" in log]
+    assert train_logs and all(log["sparsity/global"] == pytest.approx(0.5, abs=1e-3) for log in train_logs)

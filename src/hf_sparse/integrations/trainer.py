@@ -17,6 +17,20 @@ from ..sparsity.sparsifier import STATE_FILE, Sparsifier
 logger = logging.getLogger(__name__)
 
 
+def _calling_handler():
+    """The CallbackHandler dispatching the current event, found on the call stack."""
+    from transformers.trainer_callback import CallbackHandler
+
+    frame = sys._getframe(1)
+    for _ in range(6):
+        if frame is None:
+            return None
+        if isinstance(frame.f_locals.get("self"), CallbackHandler):
+            return frame.f_locals["self"]
+        frame = frame.f_back
+    return None
+
+
 def _calling_trainer():
     """The Trainer whose event is being dispatched, found on the call stack (read only, for sanity checks)."""
     from transformers import Trainer
@@ -70,6 +84,7 @@ class SparseCallback(TrainerCallback):
 
     # ---- start / end ----------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        self._run_before_reporters()
         if self.config.distillation is not None:
             self._refuse_ignored_loss(args)
         if self.sparsifier is not None:  # a second train() on the same callback
@@ -88,6 +103,18 @@ class SparseCallback(TrainerCallback):
             self._resume(args, state)
         else:
             self.sparsifier.step(0)
+
+    def _run_before_reporters(self) -> None:
+        """Move this callback to the front of the Trainer's list so its metrics are in `logs` before reporting
+        callbacks (TensorBoard, W&B, ...), which the Trainer puts ahead of user callbacks, read them.
+
+        The handler is iterating its list right now; moving the current item to the front neither skips nor
+        repeats any callback for this event (everything after our index shifts by one, and so does the loop).
+        """
+        handler = _calling_handler()
+        if handler is not None and self in handler.callbacks and handler.callbacks[0] is not self:
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(0, self)
 
     def _refuse_ignored_loss(self, args) -> None:
         problems = []
