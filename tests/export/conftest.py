@@ -1,0 +1,60 @@
+"""Tiny BERT models with awkward shapes (hidden 36, intermediate 70: a short last 4-block and 2:4 group), pruned."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+from hf_sparse import SparseConfig, sparsify_
+from hf_sparse.export.save import CHECKSUMS_KEY, tensor_sha256
+
+
+def bert_config(**overrides) -> BertConfig:
+    kwargs = {
+        "hidden_size": 36,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 70,
+        "vocab_size": 97,
+        "max_position_embeddings": 40,
+        "num_labels": 3,
+    }
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+def pruned_bert(pattern: str = "4-block", sparsity: float | None = None, cls=BertForSequenceClassification, seed=0):
+    """(model, recipe): a tiny BERT pruned one-shot to `sparsity` (1 - N/M for N:M) with `pattern`."""
+    torch.manual_seed(seed)
+    model = cls(bert_config()).eval()
+    if sparsity is None:
+        sparsity = 0.5 if ":" in pattern else 0.9
+    recipe = SparseConfig(schedule="one-shot", start=0, sparsity=sparsity, pattern=pattern)
+    sparsify_(model, recipe).remove()
+    return model, recipe
+
+
+@pytest.fixture
+def bert_4block():
+    return pruned_bert("4-block")
+
+
+@pytest.fixture
+def mlm_4block():
+    return pruned_bert("4-block", cls=BertForMaskedLM)
+
+
+def rewrite_weights(path, edit) -> None:
+    """Tamper with a checkpoint's model.safetensors the way a careful attacker would: apply `edit(tensors)`, then
+    store fresh checksums so that only the format checks can notice."""
+    with safe_open(str(path), "pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    edit(tensors)
+    metadata[CHECKSUMS_KEY] = json.dumps({k: tensor_sha256(t) for k, t in tensors.items()})
+    save_file(tensors, str(path), metadata=metadata)
