@@ -1,5 +1,5 @@
-"""Run by test_distributed.py under `accelerate launch --num_processes 2 --cpu`: each rank trains with the
-SparseCallback and writes its masks and weights, to be compared across ranks."""
+"""Run by test_distributed.py under `accelerate launch --num_processes 2`: each rank trains (with the Trainer and
+SparseCallback, or a plain accelerate loop with sparsify_) and writes its masks and weights for comparison."""
 
 import sys
 from pathlib import Path
@@ -14,7 +14,46 @@ from hf_sparse import SparseCallback, SparseConfig  # noqa: E402
 from tests.conftest import TinyClassificationData, make_tiny_bert  # noqa: E402
 
 
-def main(out_dir: str, method: str):
+def accelerate_loop(out_dir: str, method: str):
+    """The same engine in a plain accelerate loop: sparsify_ on the unwrapped model, step after each update."""
+    from accelerate import Accelerator
+
+    import hf_sparse
+
+    accelerator = Accelerator(cpu=True)
+    model = make_tiny_bert()
+    cfg = SparseConfig(
+        method=method,
+        sparsity=0.8,
+        pattern="4-block",
+        schedule="cubic",
+        start=0,
+        end=6,
+        update_every=2,
+        distillation={"teacher": make_tiny_bert(seed=5), "hardness": 0.5},
+    )
+    loader = torch.utils.data.DataLoader(TinyClassificationData(n=64), batch_size=4, shuffle=True)
+    sparsifier = hf_sparse.sparsify_(model, cfg, total_steps=8, dataloader=loader)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    batches = iter(loader)
+    for _ in range(8):
+        loss = model(**next(batches)).loss
+        accelerator.backward(loss)
+        sparsifier.before_optimizer_step()
+        optimizer.step()
+        sparsifier.step()
+        optimizer.zero_grad()
+    sparsifier.remove()
+    assert accelerator.num_processes == 2, accelerator.num_processes
+    return accelerator.process_index, sparsifier
+
+
+def main(out_dir: str, method: str, mode: str):
+    if mode == "accelerate":
+        rank, sparsifier = accelerate_loop(out_dir, method)
+        save(out_dir, rank, sparsifier)
+        return
     cfg = SparseConfig(
         method=method,
         sparsity=0.8,
@@ -41,12 +80,15 @@ def main(out_dir: str, method: str):
     )
     trainer = Trainer(model=model, args=args, train_dataset=TinyClassificationData(n=64), callbacks=[cb])
     trainer.train()
-    rank = trainer.args.process_index
     assert trainer.args.world_size == 2, trainer.args.world_size
-    tensors = {f"{n}.weight": m.weight.detach().contiguous() for n, m in cb.sparsifier.targets.items()}
-    tensors.update({f"{n}.mask": m.to(torch.uint8).contiguous() for n, m in cb.sparsifier.masks.items()})
+    save(out_dir, trainer.args.process_index, cb.sparsifier)
+
+
+def save(out_dir, rank, sparsifier):
+    tensors = {f"{n}.weight": m.weight.detach().contiguous() for n, m in sparsifier.targets.items()}
+    tensors.update({f"{n}.mask": m.to(torch.uint8).contiguous() for n, m in sparsifier.masks.items()})
     save_file(tensors, str(Path(out_dir) / f"rank{rank}.safetensors"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "magnitude")
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

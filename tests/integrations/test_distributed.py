@@ -19,7 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp_path, method="magnitude"):
+def launch(tmp_path, method="magnitude", mode="trainer"):
     # accelerate's "--multi_gpu" launcher is torchrun; without CUDA the ranks run on CPU with gloo
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -40,6 +40,7 @@ def launch(tmp_path, method="magnitude"):
         str(SCRIPT),
         str(tmp_path),
         method,
+        mode,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -48,8 +49,9 @@ def launch(tmp_path, method="magnitude"):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_two_process_training_ends_with_identical_masks_and_weights(tmp_path):
-    rank0, rank1 = launch(tmp_path)
+@pytest.mark.parametrize("mode", ["trainer", "accelerate"])
+def test_two_process_training_ends_with_identical_masks_and_weights(tmp_path, mode):
+    rank0, rank1 = launch(tmp_path, mode=mode)
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
