@@ -85,6 +85,13 @@ class Sparsifier:
         self.pattern = get_pattern(config.pattern)
         self.schedule = SCHEDULES.get(config.schedule)()
         self.targets: dict[str, nn.Linear] = find_targets(model, config)
+        for name, module in self.targets.items():
+            if module.weight.dim() != 2 or module.weight.device.type == "meta":
+                raise ValueError(
+                    f"{name}.weight is {tuple(module.weight.shape)} on {module.weight.device}; hf_sparse prunes "
+                    "materialised 2-D Linear weights; sharded (FSDP) and meta-device models are not supported yet. "
+                    "Use DDP (the Trainer's default for several processes) or load the weights first"
+                )
         self.shapes = {n: m.weight.shape for n, m in self.targets.items()}
         self.total_steps = total_steps
         start = config.resolve_step("start", total_steps)
