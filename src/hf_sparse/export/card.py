@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 BASE_MODEL_RELATIONS = ("quantized", "finetune", "adapter", "merge")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _LAYER_INDEX = re.compile(r"^.*?\.\d+\.")
+_INDEX = re.compile(r"\.\d+\.")
 
 
 @dataclass
@@ -120,9 +121,9 @@ class CheckpointFacts:
 
 
 def layer_type(name: str) -> str:
-    """A module name without its layer-stack prefix: 'bert.encoder.layer.3.attention.self.query' ->
-    'attention.self.query'."""
-    return _LAYER_INDEX.sub("", name)
+    """A module name without its layer-stack prefix and indices: 'bert.encoder.layer.3.attention.self.query' ->
+    'attention.self.query', 'model.layers.0.mlp.experts.3.up_proj' -> 'mlp.experts.up_proj'."""
+    return _INDEX.sub(".", _LAYER_INDEX.sub("", name))
 
 
 def _mb(n: int) -> str:
