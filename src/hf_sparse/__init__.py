@@ -6,6 +6,7 @@ Entry points: `SparseConfig` (what to prune and how), `SparseCallback` (Trainer)
 from typing import TYPE_CHECKING
 
 from .config import DistillationConfig, SparseConfig
+from .export import CardInfo, SparseCheckpoint, push_to_hub, save_sparse
 from .methods import METHODS, PruningMethod, register_method
 from .sparsity.sparsifier import Sparsifier, sparsify_
 from .version import __version__
@@ -16,13 +17,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "METHODS",
+    "CardInfo",
     "DistillationConfig",
     "PruningMethod",
     "SparseCallback",
+    "SparseCheckpoint",
     "SparseConfig",
     "Sparsifier",
     "__version__",
+    "push_to_hub",
     "register_method",
+    "save_sparse",
     "sparsify_",
 ]
 
