@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification
 
 from hf_sparse import SparseConfig, sparsify_
 from hf_sparse.export.save import CHECKSUMS_KEY, tensor_sha256
+from hf_sparse.quantization import fake_quantize_weight
 
 
 def bert_config(**overrides) -> BertConfig:
@@ -39,14 +39,15 @@ def pruned_bert(pattern: str = "4-block", sparsity: float | None = None, cls=Ber
     return model, recipe
 
 
-@pytest.fixture
-def bert_4block():
-    return pruned_bert("4-block")
-
-
-@pytest.fixture
-def mlm_4block():
-    return pruned_bert("4-block", cls=BertForMaskedLM)
+def int8_reference(model, names):
+    """The model with the named modules' weights replaced by their int8 quantize-dequantize (the numerics)."""
+    ref = type(model)(model.config).eval()
+    ref.load_state_dict(model.state_dict())
+    modules = dict(ref.named_modules())
+    with torch.no_grad():
+        for name in names:
+            modules[name].weight.copy_(fake_quantize_weight(modules[name].weight))
+    return ref
 
 
 def rewrite_weights(path, edit) -> None:

@@ -13,8 +13,7 @@ from transformers import BertForMaskedLM, BertForSequenceClassification
 from hf_sparse import SparseConfig, sparsify_
 from hf_sparse.export import SparseCheckpoint, save_sparse
 from hf_sparse.export import save as save_module
-from hf_sparse.quantization import fake_quantize_weight
-from tests.export.conftest import bert_config, pruned_bert
+from tests.export.conftest import bert_config, int8_reference, pruned_bert
 
 
 INPUT = torch.tensor([[2, 17, 45, 90, 3, 0], [2, 5, 6, 7, 8, 3]])
@@ -23,17 +22,6 @@ INPUT = torch.tensor([[2, 17, 45, 90, 3, 0], [2, 5, 6, 7, 8, 3]])
 def logits(model):
     with torch.no_grad():
         return model(input_ids=INPUT).logits
-
-
-def int8_reference(model, names):
-    """The model with the named modules' weights replaced by their int8 quantize-dequantize (the numerics)."""
-    ref = type(model)(model.config).eval()
-    ref.load_state_dict(model.state_dict())
-    modules = dict(ref.named_modules())
-    with torch.no_grad():
-        for name in names:
-            modules[name].weight.copy_(fake_quantize_weight(modules[name].weight))
-    return ref
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "4-block", "2:4"])
