@@ -141,6 +141,8 @@ def test_compress_refuses_weights_off_pattern():
         compress(torch.ones(3, 4, 5), pattern="unstructured")
     with pytest.raises(ValueError, match="Unknown weight format 'csr'"):
         compress(weight, "csr")
+    with pytest.raises(ValueError, match="pattern '2:4' is stored as 'nm-index', not 'sparse-bitmask'"):
+        compress(weight, "sparse-bitmask", pattern="2:4")
 
 
 def _tensors(fmt, dtype="float32"):

@@ -149,7 +149,7 @@ def _sparsity_table(facts: CheckpointFacts) -> list[str]:
     return lines
 
 
-def _eval_results(info: CardInfo, model_name: str) -> list:
+def _eval_results(info: CardInfo) -> list:
     from huggingface_hub import EvalResult
 
     return [
@@ -277,7 +277,7 @@ def build_model_card(info: CardInfo, facts: CheckpointFacts) -> ModelCard:
         "pipeline_tag": info.pipeline_tag,
         "tags": tags,
         "model_name": title,
-        "eval_results": _eval_results(info, title) if info.metrics else None,
+        "eval_results": _eval_results(info) if info.metrics else None,
     }
     if relation and base_model:
         metadata["base_model_relation"] = relation

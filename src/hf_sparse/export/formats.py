@@ -183,8 +183,10 @@ def compress(
     """
     if format is None and pattern is None:
         raise ValueError("compress needs format= or pattern=")
-    fmt = format_for(pattern) if format is None else as_format(format)
     pattern = get_pattern(pattern) if isinstance(pattern, str) else pattern
+    fmt = format_for(pattern) if format is None else as_format(format)
+    if pattern is not None and fmt is not WeightFormat.DENSE and format_for(pattern) is not fmt:
+        raise ValueError(f"pattern {pattern.name!r} is stored as {format_for(pattern).value!r}, not {fmt.value!r}")
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or not weight.is_floating_point():
         raise ValueError(f"compress expects a 2-D float weight tensor, got {getattr(weight, 'shape', weight)!r}")
     w = weight.detach().cpu()

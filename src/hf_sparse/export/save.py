@@ -115,8 +115,10 @@ def plan_export(model: nn.Module, config: SparseConfig | None, options: ExportCo
     for name in pick(options.int8_linears, nn.Linear, "int8_linears"):
         if name in plan.converted:
             raise ValueError(f"int8_linears entry selects {name!r}, which is already stored sparse; remove it")
+        _check_weight(name, modules[name].weight)
         plan.converted[name] = (WeightFormat.DENSE, "int8")
     for name in pick(options.int8_embeddings, nn.Embedding, "int8_embeddings"):
+        _check_weight(name, modules[name].weight)
         plan.converted[name] = (WeightFormat.DENSE, "int8")
     plan.not_converted = [
         n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Embedding)) and n not in plan.converted
@@ -272,7 +274,7 @@ def save_sparse(
         tokenizer: saved into the folder when given.
         card: what the card should say beyond what is measured (`CardInfo`: base model, license, metrics, ...).
         **options: `ExportConfig` fields: modules, pattern, weight_dtype ("int8", ...), int8_embeddings,
-            int8_linears, max_shard_size.
+            int8_linears, float_dtype, max_shard_size.
 
     Returns the folder.
     """
