@@ -282,9 +282,8 @@ def build_model_card(info: CardInfo, facts: CheckpointFacts) -> ModelCard:
     if relation and base_model:
         metadata["base_model_relation"] = relation
     data = ModelCardData(**metadata)
-    return ModelCard.from_template(
-        data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}", body=_body(info, facts, title, base_model)
-    )
+    # what ModelCard.from_template renders, without needing jinja2
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(info, facts, title, base_model)}")
 
 
 def _looks_local(name: str) -> bool:
