@@ -27,6 +27,7 @@ PARTS = (
     "position + token-type embeddings",
     "pooler + classifier (weights)",
     "biases + LayerNorm",
+    "header (names, metadata, checksums)",
 )
 
 
@@ -57,6 +58,7 @@ def breakdown(path: Path, sparse: set[str]) -> dict[str, int]:
     for key, info in header(path).items():
         begin, end = info["data_offsets"]
         out[part_of(key, sparse)] += end - begin
+    out[PARTS[-1]] = path.stat().st_size - sum(out.values())
     return out
 
 
@@ -80,6 +82,12 @@ def main():
             "weight_dtype": "int8",
             "int8_embeddings": True,
             "int8_linears": True,
+        },
+        "+ int8 all embeddings + int8 pooler/classifier + bfloat16 biases/LayerNorm": {
+            "weight_dtype": "int8",
+            "int8_embeddings": True,
+            "int8_linears": True,
+            "float_dtype": "bfloat16",
         },
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,6 +120,7 @@ def main():
             + " | ".join(f"{parts[p] / 1e6:.2f}" for p in PARTS)
             + " |"
         )
+    print("\nexport options of each row: " + "; ".join(f"{n}: {o}" for n, o in variants.items()))
     int8_linears = rows[1][2][PARTS[0]]
     print(
         f"\nsparse Linears alone: {dense_parts[PARTS[0]] / 1e6:.2f} MB fp32 -> {int8_linears / 1e6:.2f} MB "
