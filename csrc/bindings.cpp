@@ -1,8 +1,328 @@
+// Python bindings (nanobind, no libtorch): hf_sparse._C.
+//
+// Two ways in:
+//  * Packed: built once per weight from arrays (DLPack, zero-copy in, validated, copied into memory it owns).
+//    Its tensors() are zero-copy torch views of that memory; run() takes raw addresses of x and of the output,
+//    which hf_sparse.ops checks first (importing an array through DLPack costs ~3 us, too much per call).
+//    The kernels read a private copy of the row pointers and clamp column indices, so even tensors edited in
+//    place cannot make them read outside their buffers.
+//  * *_raw(): the torch-op path for arbitrary tensors. hf_sparse.ops checks dtypes, shapes and contiguity; these
+//    check the row pointers (start, end, order) before any kernel runs.
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "common.h"
+#include "isa.h"
+#include "linear.h"
+#include "thread_pool.h"
 
 namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace hf_sparse {
+namespace {
+
+constexpr int kAbiVersion = 2;
+
+enum Kind : int { kI8Sparse = 0, kI8Dense = 1, kF32Sparse = 2 };
+
+template <class T>
+using In1 = nb::ndarray<const T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+using Owned = std::unique_ptr<char, FreeDeleter>;
+
+Owned alloc_copy(const void* src, size_t bytes) {
+  const size_t cap = ((bytes ? bytes : 1) + 63) & ~size_t{63};
+#if defined(_MSC_VER)
+  char* p = static_cast<char*>(std::malloc(cap));  // MSVC has no aligned_alloc; the kernels use unaligned loads
+#else
+  char* p = static_cast<char*>(std::aligned_alloc(64, cap));
+#endif
+  if (!p) throw std::bad_alloc();
+  if (bytes) std::memcpy(p, src, bytes);
+  return Owned(p);
+}
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+void check_row_ptr(const int32_t* rp, int64_t n, int64_t nnz, const char* what) {
+  if (rp[0] != 0) throw nb::value_error((std::string(what) + ": row_ptr[0] is " + str(rp[0]) + ", must be 0").c_str());
+  for (int64_t i = 0; i < n; ++i) {
+    if (rp[i + 1] < rp[i]) {
+      throw nb::value_error((std::string(what) + ": row_ptr decreases at index " + str(i + 1) + " (" + str(rp[i]) +
+                             " -> " + str(rp[i + 1]) + ")")
+                                .c_str());
+    }
+  }
+  if (rp[n] != nnz) {
+    throw nb::value_error((std::string(what) + ": row_ptr[-1] is " + str(rp[n]) + " but there are " + str(nnz) +
+                           " stored entries")
+                              .c_str());
+  }
+}
+
+void check_dims(int64_t n, int64_t k) {
+  if (n < 0) throw nb::value_error(("out_features must be >= 0, got " + str(n)).c_str());
+  if (k < 1 || k > kMaxInFeatures) {
+    throw nb::value_error(("in_features must be in [1, " + str(kMaxInFeatures) + "], got " + str(k)).c_str());
+  }
+}
+
+int clamp_threads(int nthreads) { return nthreads < 1 ? 1 : (nthreads > 1024 ? 1024 : nthreads); }
+
+Output make_output(uintptr_t out, int64_t ldy, int act, bool accum) {
+  if (act != kActNone && act != kActGelu) throw nb::value_error(("unknown activation code " + str(act)).c_str());
+  Output o;
+  if (accum) {
+    o.yi = reinterpret_cast<int32_t*>(out);
+  } else {
+    o.y = reinterpret_cast<float*>(out);
+  }
+  o.ldy = ldy;
+  o.act = act;
+  return o;
+}
+
+class Packed {
+ public:
+  // All arrays are copied. Sparse kinds: row_ptr (n+1,) int32, cols (nnz,) uint16, values (nnz,) int32 (4 int8
+  // codes) or float32. Dense int8: values = the (panels, kb, 16, 4) int8 panels, flattened.
+  Packed(int kind, int64_t n, int64_t k, In1<int32_t> row_ptr, In1<uint16_t> cols, nb::ndarray<nb::c_contig> values,
+         In1<int32_t> weight_sum, In1<float> scale, In1<float> bias, bool has_bias)
+      : kind_(kind), n_(n), k_(k), kb_((k + 3) / 4), has_bias_(has_bias) {
+    check_dims(n, k);
+    const int64_t panels = (n + 15) / 16;
+    if (kind == kI8Sparse || kind == kF32Sparse) {
+      const char* what = kind == kI8Sparse ? "int8 4-block weight" : "fp32 CSR weight";
+      if (static_cast<int64_t>(row_ptr.shape(0)) != n + 1) {
+        throw nb::value_error((std::string(what) + ": row_ptr has " + str(row_ptr.shape(0)) + " entries, expected " +
+                               str(n + 1) + " (out_features + 1)")
+                                  .c_str());
+      }
+      nnz_ = static_cast<int64_t>(cols.shape(0));
+      check_row_ptr(row_ptr.data(), n, nnz_, what);
+      const int64_t col_limit = kind == kI8Sparse ? kb_ : k;
+      const uint16_t* c = cols.data();
+      for (int64_t b = 0; b < nnz_; ++b) {
+        if (c[b] >= col_limit) {
+          throw nb::value_error((std::string(what) + ": cols[" + str(b) + "] = " + str(c[b]) + " is out of range (" +
+                                 (kind == kI8Sparse ? "4-blocks per row: " : "in_features: ") + str(col_limit) + ")")
+                                    .c_str());
+        }
+      }
+      const nb::dlpack::dtype vtype = kind == kI8Sparse ? nb::dtype<int32_t>() : nb::dtype<float>();
+      if (values.ndim() != 1 || static_cast<int64_t>(values.shape(0)) != nnz_ || values.dtype() != vtype) {
+        throw nb::value_error((std::string(what) + ": values must be 1-D " +
+                               (kind == kI8Sparse ? "int32 (4 int8 codes each)" : "float32") + " with one entry per "
+                               "column index (" + str(nnz_) + ")")
+                                  .c_str());
+      }
+      rp_kernel_ = alloc_copy(row_ptr.data(), (n + 1) * 4);
+      rp_public_ = alloc_copy(row_ptr.data(), (n + 1) * 4);
+      cols_ = alloc_copy(cols.data(), nnz_ * 2);
+      values_ = alloc_copy(values.data(), nnz_ * 4);
+    } else if (kind == kI8Dense) {
+      const int64_t expect = panels * kb_ * 64;
+      if (values.dtype() != nb::dtype<int8_t>() || static_cast<int64_t>(values.size()) != expect) {
+        throw nb::value_error(("int8 dense weight: packed panels must hold " + str(expect) +
+                               " int8 values (ceil(out/16) x ceil(in/4) x 16 x 4), got " + str(values.size()))
+                                  .c_str());
+      }
+      values_ = alloc_copy(values.data(), expect);
+    } else {
+      throw nb::value_error(("unknown packed kind " + str(kind)).c_str());
+    }
+    if (kind != kF32Sparse) {
+      if (static_cast<int64_t>(weight_sum.shape(0)) != n || static_cast<int64_t>(scale.shape(0)) != n) {
+        throw nb::value_error(("int8 weight: weight_sum and weight_scale must have out_features = " + str(n) +
+                               " entries, got " + str(weight_sum.shape(0)) + " and " + str(scale.shape(0)))
+                                  .c_str());
+      }
+      wsum_ = alloc_copy(weight_sum.data(), n * 4);
+      scale_ = alloc_copy(scale.data(), n * 4);
+    }
+    if (has_bias) {
+      if (static_cast<int64_t>(bias.shape(0)) != n) {
+        throw nb::value_error(("bias must have out_features = " + str(n) + " entries, got " + str(bias.shape(0))).c_str());
+      }
+      bias_ = alloc_copy(bias.data(), n * 4);
+    }
+    // Kernel views
+    if (kind == kI8Sparse) {
+      si8_ = SparseI8{n, k, kb_, as<int32_t>(rp_kernel_), as<uint16_t>(cols_), as<int32_t>(values_),
+                      as<int32_t>(wsum_), as<float>(scale_), has_bias ? as<float>(bias_) : nullptr};
+    } else if (kind == kI8Dense) {
+      di8_ = DenseI8{n, k, kb_, panels, as<int8_t>(values_), as<int32_t>(wsum_), as<float>(scale_),
+                     has_bias ? as<float>(bias_) : nullptr};
+    } else {
+      sf32_ = SparseF32{n, k, as<int32_t>(rp_kernel_), as<uint16_t>(cols_), as<float>(values_),
+                        has_bias ? as<float>(bias_) : nullptr};
+    }
+  }
+
+  // y (m, n) = x (m, k) @ W^T (+ epilogue); x and y are row-major with row strides k and n.
+  void run(uintptr_t x, int64_t m, uintptr_t out, int act, int nthreads, bool accum) const {
+    if (m < 0) throw nb::value_error("number of rows must be >= 0");
+    if (accum && kind_ == kF32Sparse) throw nb::value_error("accumulators exist only for int8 weights");
+    const Output o = make_output(out, n_, act, accum);
+    const float* xf = reinterpret_cast<const float*>(x);
+    nb::gil_scoped_release release;
+    if (kind_ == kI8Sparse) {
+      linear_i8_sparse(si8_, xf, k_, m, o, clamp_threads(nthreads));
+    } else if (kind_ == kI8Dense) {
+      linear_i8_dense(di8_, xf, k_, m, o, clamp_threads(nthreads));
+    } else {
+      linear_f32_sparse(sf32_, xf, k_, m, o, clamp_threads(nthreads));
+    }
+  }
+
+  nb::dict tensors(nb::handle self) const {
+    nb::dict d;
+    const auto put = [&](const char* name, const Owned& buf, nb::dlpack::dtype dt, std::initializer_list<size_t> shape) {
+      if (!buf) return;
+      d[name] = nb::ndarray<nb::pytorch>(buf.get(), shape.size(), shape.begin(), self, nullptr, dt).cast();
+    };
+    const size_t n = static_cast<size_t>(n_);
+    if (kind_ == kI8Sparse || kind_ == kF32Sparse) {
+      put("row_ptr", rp_public_, nb::dtype<int32_t>(), {n + 1});
+      put("cols", cols_, nb::dtype<uint16_t>(), {static_cast<size_t>(nnz_)});
+      put("values", values_, kind_ == kI8Sparse ? nb::dtype<int32_t>() : nb::dtype<float>(),
+          {static_cast<size_t>(nnz_)});
+    } else {
+      put("panels", values_, nb::dtype<int8_t>(),
+          {static_cast<size_t>((n_ + 15) / 16), static_cast<size_t>(kb_), size_t{16}, size_t{4}});
+    }
+    put("weight_sum", wsum_, nb::dtype<int32_t>(), {n});
+    put("weight_scale", scale_, nb::dtype<float>(), {n});
+    put("bias", bias_, nb::dtype<float>(), {n});
+    return d;
+  }
+
+  int kind() const { return kind_; }
+  int64_t nnz() const { return nnz_; }
+
+ private:
+  template <class T>
+  static const T* as(const Owned& p) {
+    return reinterpret_cast<const T*>(p.get());
+  }
+
+  int kind_;
+  int64_t n_, k_, kb_, nnz_ = 0;
+  bool has_bias_;
+  Owned rp_kernel_, rp_public_, cols_, values_, wsum_, scale_, bias_;
+  SparseI8 si8_{};
+  DenseI8 di8_{};
+  SparseF32 sf32_{};
+};
+
+// ------------------------------------------------------------------------------------------------------------------
+// Raw entry points for the torch ops (tensors checked in Python, row pointers checked here).
+
+void i8_sparse_raw(uintptr_t x, int64_t m, uintptr_t row_ptr, uintptr_t cols, uintptr_t values, uintptr_t wsum,
+                   uintptr_t scale, uintptr_t bias, int64_t n, int64_t k, int64_t nnz, uintptr_t out, int act,
+                   int nthreads, bool accum) {
+  check_dims(n, k);
+  const int32_t* rp = reinterpret_cast<const int32_t*>(row_ptr);
+  check_row_ptr(rp, n, nnz, "int8 4-block weight");
+  const SparseI8 w{n, k, (k + 3) / 4, rp, reinterpret_cast<const uint16_t*>(cols),
+                   reinterpret_cast<const int32_t*>(values), reinterpret_cast<const int32_t*>(wsum),
+                   reinterpret_cast<const float*>(scale), reinterpret_cast<const float*>(bias)};
+  const Output o = make_output(out, n, act, accum);
+  nb::gil_scoped_release release;
+  linear_i8_sparse(w, reinterpret_cast<const float*>(x), k, m, o, clamp_threads(nthreads));
+}
+
+void i8_dense_raw(uintptr_t x, int64_t m, uintptr_t panels, uintptr_t wsum, uintptr_t scale, uintptr_t bias,
+                  int64_t n, int64_t k, uintptr_t out, int act, int nthreads, bool accum) {
+  check_dims(n, k);
+  const DenseI8 w{n, k, (k + 3) / 4, (n + 15) / 16, reinterpret_cast<const int8_t*>(panels),
+                  reinterpret_cast<const int32_t*>(wsum), reinterpret_cast<const float*>(scale),
+                  reinterpret_cast<const float*>(bias)};
+  const Output o = make_output(out, n, act, accum);
+  nb::gil_scoped_release release;
+  linear_i8_dense(w, reinterpret_cast<const float*>(x), k, m, o, clamp_threads(nthreads));
+}
+
+void f32_sparse_raw(uintptr_t x, int64_t m, uintptr_t row_ptr, uintptr_t cols, uintptr_t values, uintptr_t bias,
+                    int64_t n, int64_t k, int64_t nnz, uintptr_t out, int act, int nthreads) {
+  check_dims(n, k);
+  const int32_t* rp = reinterpret_cast<const int32_t*>(row_ptr);
+  check_row_ptr(rp, n, nnz, "fp32 CSR weight");
+  const SparseF32 w{n, k, rp, reinterpret_cast<const uint16_t*>(cols), reinterpret_cast<const float*>(values),
+                    reinterpret_cast<const float*>(bias)};
+  const Output o = make_output(out, n, act, false);
+  nb::gil_scoped_release release;
+  linear_f32_sparse(w, reinterpret_cast<const float*>(x), k, m, o, clamp_threads(nthreads));
+}
+
+void quantize_raw(uintptr_t x, int64_t m, int64_t k, uintptr_t q, uintptr_t scale) {
+  check_dims(0, k);
+  nb::gil_scoped_release release;
+  quantize_rows_i8(reinterpret_cast<const float*>(x), k, m, k, reinterpret_cast<int8_t*>(q),
+                   reinterpret_cast<float*>(scale));
+}
+
+}  // namespace
+}  // namespace hf_sparse
 
 NB_MODULE(_C, m) {
-  m.doc() = "hf_sparse sparse CPU kernels";
-  m.def("abi_version", []() { return 1; });
+  using namespace hf_sparse;
+  m.doc() = "hf_sparse sparse CPU kernels (use hf_sparse.ops, which checks arguments before calling in here)";
+  m.def("abi_version", []() { return kAbiVersion; });
+  m.attr("MAX_IN_FEATURES") = kMaxInFeatures;
+  m.attr("ACT_NONE") = static_cast<int>(kActNone);
+  m.attr("ACT_GELU") = static_cast<int>(kActGelu);
+  m.attr("KIND_INT8_SPARSE") = static_cast<int>(kI8Sparse);
+  m.attr("KIND_INT8_DENSE") = static_cast<int>(kI8Dense);
+  m.attr("KIND_FP32_SPARSE") = static_cast<int>(kF32Sparse);
+
+  m.def("isa", &active_isa_name, "The instruction set the kernels use now.");
+  m.def(
+      "set_isa", [](const std::string& name) { set_isa(name); }, "name"_a,
+      "Use another instruction set ('auto' = the fastest this CPU runs).");
+  m.def("supported_isas", &supported_isa_names, "Instruction sets this build can run on this CPU, fastest first.");
+  m.def("all_isas", &all_isa_names);
+  m.def("cpu_features", []() {
+    const CpuFeatures f = cpu_features();
+    nb::dict d;
+    d["avx2"] = f.avx2;
+    d["fma"] = f.fma;
+    d["avx_vnni"] = f.avx_vnni;
+    d["avx512f"] = f.avx512f;
+    d["avx512bw"] = f.avx512bw;
+    d["avx512dq"] = f.avx512dq;
+    d["avx512vl"] = f.avx512vl;
+    d["avx512_vnni"] = f.avx512_vnni;
+    return d;
+  });
+  m.def("set_spin_us", &set_spin_us, "us"_a);
+  m.def("spin_us", &spin_us);
+  m.def("pool_size", &pool_size);
+
+  nb::class_<Packed>(m, "Packed")
+      .def(nb::init<int, int64_t, int64_t, In1<int32_t>, In1<uint16_t>, nb::ndarray<nb::c_contig>, In1<int32_t>,
+                    In1<float>, In1<float>, bool>(),
+           "kind"_a, "out_features"_a, "in_features"_a, "row_ptr"_a, "cols"_a, "values"_a, "weight_sum"_a, "scale"_a,
+           "bias"_a, "has_bias"_a)
+      .def("run", &Packed::run, "x"_a, "m"_a, "out"_a, "act"_a, "nthreads"_a, "accumulators"_a)
+      .def("tensors", [](nb::handle self) { return nb::cast<const Packed&>(self).tensors(self); })
+      .def_prop_ro("kind", &Packed::kind)
+      .def_prop_ro("nnz", &Packed::nnz);
+
+  m.def("i8_sparse_raw", &i8_sparse_raw);
+  m.def("i8_dense_raw", &i8_dense_raw);
+  m.def("f32_sparse_raw", &f32_sparse_raw);
+  m.def("quantize_raw", &quantize_raw);
 }

@@ -1,0 +1,97 @@
+// Shared declarations of the hf_sparse CPU kernels: packed-weight views, the per-ISA kernel table, the drivers.
+//
+// Only plain structs and declarations live here. Code compiled with ISA flags (kernels_*.cpp) must not share
+// inline functions or templates with code compiled for the baseline: the linker keeps one copy of each, and it
+// could be the AVX-512 one.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace hf_sparse {
+
+// Epilogue applied to y = acc * scale_x * scale_w + bias (int8) or y = acc + bias (fp32).
+enum Activation : int {
+  kActNone = 0,
+  kActGelu = 1,  // exact erf GELU: 0.5 * v * (1 + erf(v / sqrt(2)))
+};
+
+// Largest in_features the kernels take: with the +128 activation shift, 255 * 127 * K must fit in int32, and
+// column-block indices are uint16.
+constexpr int64_t kMaxInFeatures = 65536;
+
+// int8 4-block sparse weight: row n holds the blocks row_ptr[n] .. row_ptr[n+1]-1; block b covers input
+// features 4*cols[b] .. 4*cols[b]+3 and holds 4 int8 codes packed little-endian in values[b].
+struct SparseI8 {
+  int64_t n = 0, k = 0, kb = 0;  // out_features, in_features, ceil(k / 4)
+  const int32_t* row_ptr = nullptr;  // (n + 1,)
+  const uint16_t* cols = nullptr;    // (nnzb,)
+  const int32_t* values = nullptr;   // (nnzb,)
+  const int32_t* weight_sum = nullptr;  // (n,) sum of the row's int8 codes, for the +128 activation shift
+  const float* scale = nullptr;         // (n,) weight scale per output channel
+  const float* bias = nullptr;          // (n,) or null
+};
+
+// int8 dense weight in panels of 16 output channels: packed[p][kb][c][j] = q_w[16 p + c][4 kb + j], zero-padded
+// to a multiple of 16 channels and of 4 input features.
+struct DenseI8 {
+  int64_t n = 0, k = 0, kb = 0, panels = 0;
+  const int8_t* packed = nullptr;       // (panels, kb, 16, 4)
+  const int32_t* weight_sum = nullptr;  // (n,)
+  const float* scale = nullptr;         // (n,)
+  const float* bias = nullptr;          // (n,) or null
+};
+
+// fp32 CSR sparse weight: row n holds values[row_ptr[n] .. row_ptr[n+1]-1] at input features cols[...].
+struct SparseF32 {
+  int64_t n = 0, k = 0;
+  const int32_t* row_ptr = nullptr;  // (n + 1,)
+  const uint16_t* cols = nullptr;    // (nnz,)
+  const float* values = nullptr;     // (nnz,)
+  const float* bias = nullptr;       // (n,) or null
+};
+
+// Where a kernel writes: y (fp32, row stride ldy) or, for the accumulator debug entry, yi (int32, exact sums).
+// Token row r of the current tile goes to row m0 + r.
+struct Output {
+  float* y = nullptr;
+  int32_t* yi = nullptr;
+  int64_t ldy = 0;
+  int64_t m0 = 0;
+  int act = kActNone;
+};
+
+// The kernels of one instruction set. Packed activation tiles hold `mtp` tokens (a multiple of tile_tokens, at
+// most max_tile): int8 tiles are [kb][mtp][4] elements of act_bytes each, fp32 tiles are [k][mtp] floats.
+struct IsaKernels {
+  const char* name;
+  int tile_tokens;  // token granule of a tile (the vector width in tokens)
+  int max_tile;     // tokens per tile
+  int act_bytes;    // bytes per packed int8 activation element: 1 (u8 or s8) or 2 (s16)
+  int act_offset;   // added to the int8 code when packing: 128 (u8 for VNNI's unsigned operand) or 0
+
+  // Quantize `rows` tokens (row stride ldx) per token and write the transposed int8 tile; tokens rows..mtp-1
+  // are padding. sx[r] = amax / 127 (NaN when the token holds inf or NaN).
+  void (*quant_tile)(const float* x, int64_t ldx, int rows, int64_t k, int mtp, void* tile, float* sx);
+  // Quantize tokens row-major: out row r starts at out + r * ldo elements; kb * 4 elements per row.
+  void (*quant_rows)(const float* x, int64_t ldx, int rows, int64_t k, void* out, int64_t ldo, float* sx);
+  // Rows n0..n1-1 of the sparse int8 product for one tile; writes tokens 0..rows-1.
+  void (*i8_sparse)(const SparseI8& w, const void* tile, int mtp, int rows, const float* sx, int64_t n0, int64_t n1,
+                    const Output& out);
+  // Panels p0..p1-1 of the dense int8 product for tokens 0..rows-1 of a row-major quantized block.
+  void (*i8_dense)(const DenseI8& w, const void* xq, int64_t ldq, int rows, const float* sx, int64_t p0, int64_t p1,
+                   const Output& out);
+  // Transposed fp32 tile: tile[k][r] = x[r][k], padding tokens are zero.
+  void (*f32_tile)(const float* x, int64_t ldx, int rows, int64_t k, int mtp, float* tile);
+  void (*f32_sparse)(const SparseF32& w, const float* tile, int mtp, int rows, int64_t n0, int64_t n1,
+                     const Output& out);
+};
+
+// Per-ISA tables, defined in kernels_<isa>.cpp (null when that file is not built for this target).
+const IsaKernels* scalar_kernels();
+const IsaKernels* avx2_kernels();
+const IsaKernels* avx2_vnni_vex_kernels();   // 256-bit VNNI, VEX encoding (AVX-VNNI CPUs)
+const IsaKernels* avx2_vnni_evex_kernels();  // the same source, EVEX encoding (AVX512-VNNI + VL CPUs)
+const IsaKernels* avx512_vnni_kernels();
+
+}  // namespace hf_sparse

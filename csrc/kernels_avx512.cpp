@@ -1,0 +1,443 @@
+// AVX-512 VNNI kernels (compiled with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512vnni only).
+//
+// Sparse int8: weights broadcast. A tile holds the activations of 16*T tokens transposed as [kb][16 T][4] u8
+// (code + 128), so one 64-byte load gives 16 tokens x 4 input features and one vpdpbusd multiplies them by a
+// broadcast 4-block of the weight row. The T accumulators of a row stay in registers over the whole row; the
+// +128 shift is taken back with the row's weight sum; the epilogue (scales, bias, GELU) runs on 16 rows at once
+// and the 16x16 result is transposed before it is stored as (M, N).
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "common.h"
+
+namespace hf_sparse {
+namespace {
+
+constexpr int kVec = 16;
+constexpr int kMaxT = 4;  // 64 tokens per tile
+
+// ---------------------------------------------------------------------------------------------------------------
+// Vector math
+
+// exp(x) for x in about [-87, 0] (Cephes polynomial, ~1 ulp), enough for erf's exp(-x^2).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+// erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), the formula torch's vectorized erf uses.
+inline __m512 erf_ps(__m512 x) {
+  const __m512 sign = _mm512_and_ps(x, _mm512_set1_ps(-0.0f));
+  const __m512 a = _mm512_abs_ps(x);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, _mm512_set1_ps(1.0f)));
+  __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+  const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+  const __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), e, _mm512_set1_ps(1.0f));
+  return _mm512_or_ps(y, sign);
+}
+
+inline __m512 activate(__m512 v, int act) {
+  if (act == kActGelu) {
+    const __m512 e = erf_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)));
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+  }
+  return v;
+}
+
+// In-place transpose of 16 rows of 16 32-bit lanes.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+inline __mmask16 mask16(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : (n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1));
+}
+inline __mmask64 mask64(int64_t n) {
+  return n >= 64 ? ~__mmask64(0) : (n <= 0 ? __mmask64(0) : (__mmask64(1) << n) - 1);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Activation quantization (bit-exact with numerics.quantize_activation_int8)
+
+// inv = (1 / amax) * 127 and scale = amax / 127, amax from the integer max of |x|'s bits (which also spots inf and
+// NaN, whose tokens get scale NaN).
+inline void token_params(const float* x, int64_t k, float* inv, float* scale) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512i m0 = _mm512_setzero_si512(), m1 = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_loadu_si512(x + i), abs_mask));
+    m1 = _mm512_max_epu32(m1, _mm512_and_si512(_mm512_loadu_si512(x + i + 16), abs_mask));
+  }
+  for (; i < k; i += 16) {
+    m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_maskz_loadu_epi32(mask16(k - i), x + i), abs_mask));
+  }
+  const uint32_t bits = _mm512_reduce_max_epu32(_mm512_max_epu32(m0, m1));
+  if (bits >= 0x7f800000u) {
+    *inv = 0.0f;
+    const uint32_t nan_bits = 0x7fc00000u;
+    std::memcpy(scale, &nan_bits, 4);
+    return;
+  }
+  float amax;
+  std::memcpy(&amax, &bits, 4);
+  *inv = amax > 0.0f ? (1.0f / amax) * 127.0f : 0.0f;
+  *scale = amax / 127.0f;
+}
+
+// 64 features of one token -> 64 u8 (code + 128). Word w (features 4w..4w+3) lands at 32-bit position
+// 4 (w % 4) + w / 4: the lane order of packs; callers undo it (kUnpermute) or fold it into their stores.
+inline __m512i quant64(const float* x, int64_t valid, __m512 inv) {
+  __m512i q[4];
+  for (int j = 0; j < 4; ++j) {
+    const __m512 v = _mm512_maskz_loadu_ps(mask16(valid - 16 * j), x + 16 * j);
+    q[j] = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));  // round half to even (MXCSR default)
+  }
+  __m512i b = _mm512_packs_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
+  b = _mm512_max_epi8(b, _mm512_set1_epi8(-127));
+  return _mm512_xor_si512(b, _mm512_set1_epi8(static_cast<char>(0x80)));
+}
+
+inline int word_at(int p) { return 4 * (p % 4) + p / 4; }
+
+void quant_tile(const float* x, int64_t ldx, int rows, int64_t k, int mtp, void* tile_, float* sx) {
+  uint8_t* tile = static_cast<uint8_t*>(tile_);
+  const int64_t kb = (k + 3) / 4;
+  const int64_t stride = static_cast<int64_t>(mtp) * 4;  // bytes per kb
+  float inv[kVec];
+  for (int g = 0; g < mtp; g += kVec) {
+    const int nrow = rows - g < kVec ? (rows - g > 0 ? rows - g : 0) : kVec;
+    for (int r = 0; r < kVec; ++r) {
+      if (r < nrow) {
+        token_params(x + (g + r) * ldx, k, &inv[r], &sx[g + r]);
+      } else {
+        inv[r] = 0.0f;
+      }
+    }
+    for (int64_t k0 = 0; k0 < k; k0 += 64) {
+      __m512i v[16];
+      for (int r = 0; r < kVec; ++r) {
+        v[r] = r < nrow ? quant64(x + (g + r) * ldx + k0, k - k0, _mm512_set1_ps(inv[r]))
+                        : _mm512_set1_epi8(static_cast<char>(0x80));
+      }
+      transpose16(v);
+      const int64_t kb0 = k0 / 4;
+      for (int p = 0; p < 16; ++p) {
+        const int64_t b = kb0 + word_at(p);
+        if (b < kb) _mm512_store_si512(tile + b * stride + g * 4, v[p]);
+      }
+    }
+  }
+}
+
+void quant_rows(const float* x, int64_t ldx, int rows, int64_t k, void* out_, int64_t ldo, float* sx) {
+  uint8_t* out = static_cast<uint8_t*>(out_);
+  const int64_t kp = (k + 3) / 4 * 4;
+  const __m512i unpermute = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  for (int r = 0; r < rows; ++r) {
+    const float* xr = x + r * ldx;
+    float inv;
+    token_params(xr, k, &inv, &sx[r]);
+    const __m512 vinv = _mm512_set1_ps(inv);
+    uint8_t* o = out + r * ldo;
+    for (int64_t k0 = 0; k0 < kp; k0 += 64) {
+      const __m512i q = _mm512_permutexvar_epi32(unpermute, quant64(xr + k0, k - k0, vinv));
+      _mm512_mask_storeu_epi8(o + k0, mask64(kp - k0), q);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Epilogue shared by the transposed (sparse) kernels: rows of 16 tokens are staged per output row, then 16 rows
+// are transposed and stored as 16 consecutive output channels of each token.
+
+template <int T>
+struct Staging {
+  alignas(64) int32_t v[T][16][kVec];  // [token vector][row in group][token]
+};
+
+template <int T>
+inline void store_group(Staging<T>& st, int nr, int rows, int64_t n0, const Output& out) {
+  const __mmask16 cm = mask16(nr);
+  for (int t = 0; t < T; ++t) {
+    if (t * kVec >= rows) break;
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(st.v[t][i]);
+    transpose16(r);
+    const int nt = rows - t * kVec < kVec ? rows - t * kVec : kVec;
+    for (int j = 0; j < nt; ++j) {
+      const int64_t row = out.m0 + t * kVec + j;
+      if (out.yi) {
+        _mm512_mask_storeu_epi32(out.yi + row * out.ldy + n0, cm, r[j]);
+      } else {
+        _mm512_mask_storeu_ps(out.y + row * out.ldy + n0, cm, _mm512_castsi512_ps(r[j]));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Sparse int8 (4-block) x dense activations
+
+template <int T>
+void i8_sparse_t(const SparseI8& w, const uint8_t* tile, int rows, const float* sx, int64_t n0, int64_t n1,
+                 const Output& out) {
+  constexpr int64_t kStride = 64 * T;  // bytes per kb in a tile of 16 T tokens
+  constexpr int kSets = T >= 3 ? 1 : 2;  // >= 4 independent accumulator chains hide vpdpbusd's latency
+  const uint32_t kb_max = static_cast<uint32_t>(w.kb - 1);
+  __m512 vsx[T];
+  for (int t = 0; t < T; ++t) vsx[t] = _mm512_maskz_loadu_ps(mask16(rows - t * kVec), sx + t * kVec);
+  Staging<T> st;
+  for (int64_t g = n0; g < n1; g += 16) {
+    const int nr = n1 - g < 16 ? static_cast<int>(n1 - g) : 16;
+    for (int i = 0; i < nr; ++i) {
+      const int64_t n = g + i;
+      __m512i acc[kSets][T];
+      for (int s = 0; s < kSets; ++s)
+        for (int t = 0; t < T; ++t) acc[s][t] = _mm512_setzero_si512();
+      int32_t b = w.row_ptr[n];
+      const int32_t e = w.row_ptr[n + 1];
+      for (; b + kSets <= e; b += kSets) {
+        for (int s = 0; s < kSets; ++s) {
+          uint32_t c = w.cols[b + s];
+          c = c < kb_max ? c : kb_max;  // never read outside the tile, whatever the indices hold
+          const uint8_t* p = tile + c * kStride;
+          const __m512i wv = _mm512_set1_epi32(w.values[b + s]);
+          for (int t = 0; t < T; ++t) {
+            acc[s][t] = _mm512_dpbusd_epi32(acc[s][t], _mm512_load_si512(p + 64 * t), wv);
+          }
+        }
+      }
+      for (; b < e; ++b) {
+        uint32_t c = w.cols[b];
+        c = c < kb_max ? c : kb_max;
+        const uint8_t* p = tile + c * kStride;
+        const __m512i wv = _mm512_set1_epi32(w.values[b]);
+        for (int t = 0; t < T; ++t) acc[0][t] = _mm512_dpbusd_epi32(acc[0][t], _mm512_load_si512(p + 64 * t), wv);
+      }
+      const __m512i corr = _mm512_set1_epi32(128 * w.weight_sum[n]);
+      const __m512 sw = _mm512_set1_ps(w.scale[n]);
+      const __m512 bias = _mm512_set1_ps(w.bias ? w.bias[n] : 0.0f);
+      for (int t = 0; t < T; ++t) {
+        __m512i a = kSets == 2 ? _mm512_add_epi32(acc[0][t], acc[kSets - 1][t]) : acc[0][t];
+        a = _mm512_sub_epi32(a, corr);
+        if (out.yi) {
+          _mm512_store_si512(st.v[t][i], a);
+          continue;
+        }
+        // ((acc * scale_x) * scale_w) + bias, rounded in that order like the reference.
+        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), vsx[t]), sw);
+        if (w.bias) v = _mm512_add_ps(v, bias);
+        _mm512_store_ps(reinterpret_cast<float*>(st.v[t][i]), activate(v, out.act));
+      }
+    }
+    store_group<T>(st, nr, rows, g, out);
+  }
+}
+
+void i8_sparse(const SparseI8& w, const void* tile, int mtp, int rows, const float* sx, int64_t n0, int64_t n1,
+               const Output& out) {
+  const uint8_t* t = static_cast<const uint8_t*>(tile);
+  switch (mtp / kVec) {
+    case 1: return i8_sparse_t<1>(w, t, rows, sx, n0, n1, out);
+    case 2: return i8_sparse_t<2>(w, t, rows, sx, n0, n1, out);
+    case 3: return i8_sparse_t<3>(w, t, rows, sx, n0, n1, out);
+    default: return i8_sparse_t<4>(w, t, rows, sx, n0, n1, out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dense int8: MR tokens x NP panels of 16 channels; activations broadcast 4 bytes at a time, weights loaded as
+// 64-byte (16 channels x 4 features) vectors.
+
+template <int MR, int NP>
+void dense_micro(const DenseI8& w, const uint8_t* xq, int64_t ldq, const float* sx, int64_t p, int64_t m,
+                 const Output& out) {
+  __m512i acc[MR][NP];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_si512();
+  const int8_t* wp = w.packed + p * w.kb * 64;
+  const int64_t pstride = w.kb * 64;
+  const uint8_t* xr = xq + m * ldq;
+  for (int64_t b = 0; b < w.kb; ++b) {
+    __m512i wv[NP];
+    for (int j = 0; j < NP; ++j) wv[j] = _mm512_loadu_si512(wp + j * pstride + b * 64);
+    for (int i = 0; i < MR; ++i) {
+      int32_t xw;
+      std::memcpy(&xw, xr + i * ldq + b * 4, 4);
+      const __m512i xv = _mm512_set1_epi32(xw);
+      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv, wv[j]);
+    }
+  }
+  for (int j = 0; j < NP; ++j) {
+    const int64_t n = (p + j) * 16;
+    const __mmask16 cm = mask16(w.n - n);
+    const __m512i corr = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(cm, w.weight_sum + n), 7);
+    const __m512 sw = _mm512_maskz_loadu_ps(cm, w.scale + n);
+    const __m512 bias = w.bias ? _mm512_maskz_loadu_ps(cm, w.bias + n) : _mm512_setzero_ps();
+    for (int i = 0; i < MR; ++i) {
+      const __m512i a = _mm512_sub_epi32(acc[i][j], corr);
+      const int64_t row = out.m0 + m + i;
+      if (out.yi) {
+        _mm512_mask_storeu_epi32(out.yi + row * out.ldy + n, cm, a);
+        continue;
+      }
+      __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(sx[m + i])), sw);
+      if (w.bias) v = _mm512_add_ps(v, bias);
+      _mm512_mask_storeu_ps(out.y + row * out.ldy + n, cm, activate(v, out.act));
+    }
+  }
+}
+
+template <int NP>
+void dense_panels(const DenseI8& w, const uint8_t* xq, int64_t ldq, int rows, const float* sx, int64_t p,
+                  int64_t m0, int64_t m1, const Output& out) {
+  constexpr int kMR = 6;
+  int64_t m = m0;
+  for (; m + kMR <= m1; m += kMR) dense_micro<kMR, NP>(w, xq, ldq, sx, p, m, out);
+  switch (m1 - m) {
+    case 5: return dense_micro<5, NP>(w, xq, ldq, sx, p, m, out);
+    case 4: return dense_micro<4, NP>(w, xq, ldq, sx, p, m, out);
+    case 3: return dense_micro<3, NP>(w, xq, ldq, sx, p, m, out);
+    case 2: return dense_micro<2, NP>(w, xq, ldq, sx, p, m, out);
+    case 1: return dense_micro<1, NP>(w, xq, ldq, sx, p, m, out);
+    default: return;
+  }
+  (void)rows;
+}
+
+void i8_dense(const DenseI8& w, const void* xq_, int64_t ldq, int rows, const float* sx, int64_t p0, int64_t p1,
+              const Output& out) {
+  const uint8_t* xq = static_cast<const uint8_t*>(xq_);
+  constexpr int64_t kMC = 120;  // tokens whose quantized rows stay in L2 while a panel group streams past
+  for (int64_t mc = 0; mc < rows; mc += kMC) {
+    const int64_t me = mc + kMC < rows ? mc + kMC : rows;
+    for (int64_t p = p0; p < p1; p += 4) {
+      switch (p1 - p >= 4 ? 4 : p1 - p) {
+        case 4: dense_panels<4>(w, xq, ldq, rows, sx, p, mc, me, out); break;
+        case 3: dense_panels<3>(w, xq, ldq, rows, sx, p, mc, me, out); break;
+        case 2: dense_panels<2>(w, xq, ldq, rows, sx, p, mc, me, out); break;
+        default: dense_panels<1>(w, xq, ldq, rows, sx, p, mc, me, out); break;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// fp32 CSR sparse x dense activations: the same weights-broadcast scheme with FMAs on [k][16 T] fp32 tiles.
+
+void f32_tile(const float* x, int64_t ldx, int rows, int64_t k, int mtp, float* tile) {
+  for (int g = 0; g < mtp; g += kVec) {
+    const int nrow = rows - g < kVec ? (rows - g > 0 ? rows - g : 0) : kVec;
+    for (int64_t k0 = 0; k0 < k; k0 += 16) {
+      const __mmask16 km = mask16(k - k0);
+      __m512i v[16];
+      for (int r = 0; r < kVec; ++r) {
+        v[r] = r < nrow ? _mm512_maskz_loadu_epi32(km, x + (g + r) * ldx + k0) : _mm512_setzero_si512();
+      }
+      transpose16(v);
+      const int kn = k - k0 < 16 ? static_cast<int>(k - k0) : 16;
+      for (int i = 0; i < kn; ++i) _mm512_store_si512(tile + (k0 + i) * mtp + g, v[i]);
+    }
+  }
+}
+
+template <int T>
+void f32_sparse_t(const SparseF32& w, const float* tile, int rows, int64_t n0, int64_t n1, const Output& out) {
+  constexpr int64_t kStride = kVec * T;  // floats per input feature in a tile
+  constexpr int kSets = T >= 3 ? 1 : 2;
+  const uint32_t k_max = static_cast<uint32_t>(w.k - 1);
+  Staging<T> st;
+  for (int64_t g = n0; g < n1; g += 16) {
+    const int nr = n1 - g < 16 ? static_cast<int>(n1 - g) : 16;
+    for (int i = 0; i < nr; ++i) {
+      const int64_t n = g + i;
+      __m512 acc[kSets][T];
+      for (int s = 0; s < kSets; ++s)
+        for (int t = 0; t < T; ++t) acc[s][t] = _mm512_setzero_ps();
+      int32_t b = w.row_ptr[n];
+      const int32_t e = w.row_ptr[n + 1];
+      for (; b + kSets <= e; b += kSets) {
+        for (int s = 0; s < kSets; ++s) {
+          uint32_t c = w.cols[b + s];
+          c = c < k_max ? c : k_max;
+          const float* p = tile + c * kStride;
+          const __m512 wv = _mm512_set1_ps(w.values[b + s]);
+          for (int t = 0; t < T; ++t) acc[s][t] = _mm512_fmadd_ps(wv, _mm512_load_ps(p + kVec * t), acc[s][t]);
+        }
+      }
+      for (; b < e; ++b) {
+        uint32_t c = w.cols[b];
+        c = c < k_max ? c : k_max;
+        const float* p = tile + c * kStride;
+        const __m512 wv = _mm512_set1_ps(w.values[b]);
+        for (int t = 0; t < T; ++t) acc[0][t] = _mm512_fmadd_ps(wv, _mm512_load_ps(p + kVec * t), acc[0][t]);
+      }
+      const __m512 bias = _mm512_set1_ps(w.bias ? w.bias[n] : 0.0f);
+      for (int t = 0; t < T; ++t) {
+        __m512 v = kSets == 2 ? _mm512_add_ps(acc[0][t], acc[kSets - 1][t]) : acc[0][t];
+        if (w.bias) v = _mm512_add_ps(v, bias);
+        _mm512_store_ps(reinterpret_cast<float*>(st.v[t][i]), activate(v, out.act));
+      }
+    }
+    Output o = out;
+    o.yi = nullptr;
+    store_group<T>(st, nr, rows, g, o);
+  }
+}
+
+void f32_sparse(const SparseF32& w, const float* tile, int mtp, int rows, int64_t n0, int64_t n1, const Output& out) {
+  switch (mtp / kVec) {
+    case 1: return f32_sparse_t<1>(w, tile, rows, n0, n1, out);
+    case 2: return f32_sparse_t<2>(w, tile, rows, n0, n1, out);
+    case 3: return f32_sparse_t<3>(w, tile, rows, n0, n1, out);
+    default: return f32_sparse_t<4>(w, tile, rows, n0, n1, out);
+  }
+}
+
+const IsaKernels kTable = {
+    "avx512_vnni", kVec, kVec * kMaxT, 1, 128, quant_tile, quant_rows, i8_sparse, i8_dense, f32_tile, f32_sparse,
+};
+
+}  // namespace
+
+const IsaKernels* avx512_vnni_kernels() { return &kTable; }
+
+}  // namespace hf_sparse

@@ -1,0 +1,21 @@
+// Drivers: split one linear call into tiles and thread shares, quantize activations, call the active ISA's kernels.
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace hf_sparse {
+
+// Every driver computes out[m][n] for m < m_rows, n < w.n from x (m_rows, w.k) row-major fp32 (row stride ldx),
+// using up to `nthreads` threads. out.ldy is the output row stride.
+void linear_i8_sparse(const SparseI8& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out,
+                      int nthreads);
+void linear_i8_dense(const DenseI8& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out, int nthreads);
+void linear_f32_sparse(const SparseF32& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out,
+                       int nthreads);
+
+// Quantize x per token like the kernels do (codes as int8, scales as fp32): a debug entry for the tests.
+void quantize_rows_i8(const float* x, int64_t ldx, int64_t m_rows, int64_t k, int8_t* q, float* scale);
+
+}  // namespace hf_sparse

@@ -1,0 +1,204 @@
+#include "thread_pool.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
+
+namespace hf_sparse {
+
+void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int env_spin_us() {
+  const char* s = std::getenv("HF_SPARSE_SPIN_US");
+  if (!s || !*s) return 50;
+  const int v = std::atoi(s);
+  return v < 0 ? 0 : v;
+}
+
+std::atomic<int> g_spin_us{env_spin_us()};
+
+// Spin on `done()` for about `us` microseconds, giving the core away now and then so that a thread of torch's
+// OpenMP pool that shares this core is not starved. Returns whether done() became true.
+template <class F>
+bool spin_until(F done, int us) {
+  if (us <= 0) return done();
+  const auto deadline = Clock::now() + std::chrono::microseconds(us);
+  for (int i = 1;; ++i) {
+    if (done()) return true;
+    cpu_relax();
+    if ((i & 63) == 0) {
+      if (Clock::now() > deadline) return done();
+      std::this_thread::yield();
+    }
+  }
+}
+
+class Pool {
+ public:
+  int run(int nthreads, JobFn fn, void* ctx) {
+    if (nthreads <= 1) {
+      fn(ctx, 0, 1);
+      return 1;
+    }
+    std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
+    if (!busy.owns_lock()) {
+      // Another thread is using the pool: every job accepts any thread count, so run it alone here.
+      fn(ctx, 0, 1);
+      return 1;
+    }
+    ensure_workers(nthreads - 1);
+    // Seqlock publication: an odd generation means "being written". A worker that took no part in the previous
+    // job may still be reading the fields; it sees the generation move and reads them again.
+    const uint64_t g = generation_.load(std::memory_order_relaxed);
+    generation_.store(g + 1, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_release);
+    fn_.store(fn, std::memory_order_relaxed);
+    ctx_.store(ctx, std::memory_order_relaxed);
+    nthreads_.store(nthreads, std::memory_order_relaxed);
+    pending_.store(nthreads - 1, std::memory_order_relaxed);
+    {
+      // Under the lock, so a worker about to sleep either sees the new generation or is woken below.
+      std::lock_guard<std::mutex> lk(sleep_mutex_);
+      generation_.store(g + 2, std::memory_order_release);
+    }
+    if (sleepers_.load(std::memory_order_acquire) > 0) sleep_cv_.notify_all();
+    fn(ctx, 0, nthreads);
+    // The workers are about to finish: spin, then yield; sleeping would cost more than it saves.
+    while (!spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; }, 200)) {
+      std::this_thread::yield();
+    }
+    return nthreads;
+  }
+
+  int size() {
+    std::lock_guard<std::mutex> lk(grow_mutex_);
+    return static_cast<int>(workers_.size());
+  }
+
+  // After fork() only the forking thread exists in the child: forget the workers without touching them (a
+  // std::thread destructor would terminate the child), and make the locks usable again.
+  void reset_after_fork() {
+    new (&run_mutex_) std::mutex();
+    new (&grow_mutex_) std::mutex();
+    new (&sleep_mutex_) std::mutex();
+    new (&sleep_cv_) std::condition_variable();
+    new (&workers_) std::vector<std::thread*>();
+    sleepers_.store(0);
+    pending_.store(0);
+  }
+
+ private:
+  void ensure_workers(int n) {
+    std::lock_guard<std::mutex> lk(grow_mutex_);
+    while (static_cast<int>(workers_.size()) < n) {
+      const int id = static_cast<int>(workers_.size()) + 1;
+      // The generation before this call publishes its job: a worker that started late must still run it.
+      const uint64_t seen = generation_.load(std::memory_order_acquire) & ~uint64_t{1};
+      auto* t = new std::thread([this, id, seen] { worker(id, seen); });
+      t->detach();
+      workers_.push_back(t);
+    }
+  }
+
+  bool published(uint64_t seen) const {
+    const uint64_t g = generation_.load(std::memory_order_acquire);
+    return g != seen && (g & 1) == 0;
+  }
+
+  void worker(int id, uint64_t seen) {
+    for (;;) {
+      if (!spin_until([&] { return published(seen); }, g_spin_us.load(std::memory_order_relaxed))) {
+        std::unique_lock<std::mutex> lk(sleep_mutex_);
+        sleepers_.fetch_add(1, std::memory_order_acq_rel);
+        sleep_cv_.wait(lk, [&] { return published(seen); });
+        sleepers_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+      JobFn fn;
+      void* ctx;
+      int nt;
+      uint64_t g;
+      for (;;) {
+        g = generation_.load(std::memory_order_acquire);
+        if (g & 1) {
+          cpu_relax();
+          continue;
+        }
+        fn = fn_.load(std::memory_order_relaxed);
+        ctx = ctx_.load(std::memory_order_relaxed);
+        nt = nthreads_.load(std::memory_order_relaxed);
+        std::atomic_thread_fence(std::memory_order_acquire);
+        if (generation_.load(std::memory_order_relaxed) == g) break;
+      }
+      seen = g;
+      if (id < nt) {
+        fn(ctx, id, nt);
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::mutex run_mutex_, grow_mutex_, sleep_mutex_;
+  std::condition_variable sleep_cv_;
+  std::vector<std::thread*> workers_;  // detached; kept only to count them
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<JobFn> fn_{nullptr};
+  std::atomic<void*> ctx_{nullptr};
+  std::atomic<int> nthreads_{0};
+};
+
+// Never destroyed: joining workers from a static destructor at interpreter exit can hang.
+Pool* pool() {
+  static Pool* p = [] {
+    Pool* created = new Pool();
+#if defined(__unix__) || defined(__APPLE__)
+    pthread_atfork(nullptr, nullptr, [] { pool()->reset_after_fork(); });
+#endif
+    return created;
+  }();
+  return p;
+}
+
+}  // namespace
+
+void SpinBarrier::wait() {
+  const int phase = phase_.load(std::memory_order_acquire);
+  if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+    count_.store(0, std::memory_order_relaxed);
+    phase_.store(phase + 1, std::memory_order_release);
+    return;
+  }
+  for (int i = 1; phase_.load(std::memory_order_acquire) == phase; ++i) {
+    cpu_relax();
+    if ((i & 255) == 0) std::this_thread::yield();
+  }
+}
+
+int parallel_run(int nthreads, JobFn fn, void* ctx) { return pool()->run(nthreads, fn, ctx); }
+
+void set_spin_us(int us) { g_spin_us.store(us < 0 ? 0 : us); }
+int spin_us() { return g_spin_us.load(); }
+int pool_size() { return pool()->size(); }
+
+}  // namespace hf_sparse

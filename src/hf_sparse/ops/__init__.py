@@ -1,0 +1,52 @@
+"""Sparse and int8 CPU kernels for Linear layers, as torch ops: pack a weight once, call it many times.
+
+    from hf_sparse.ops import pack_linear
+    packed = pack_linear(linear.weight, bias=linear.bias, scheme="int8")   # layout chosen from the zeros
+    y = packed(x)                                                           # (..., in) -> (..., out) float32
+
+`pack_linears([q, k, v])` packs weights that read the same input side by side (one activation quantization,
+outputs returned split); `activation="gelu"` fuses BERT's exact GELU into the kernel. docs/kernels.md has the
+numerics, the packed layouts, the dispatch rules, the threads and the environment variables.
+"""
+
+from ._extension import (
+    available_isas,
+    extension_available,
+    get_num_threads,
+    isa,
+    set_isa,
+    set_num_threads,
+    set_spin_us,
+)
+from .layouts import ACTIVATIONS, LAYOUTS, MAX_IN_FEATURES, Layout, block4_density, get_handler
+from .packed_linear import (
+    FP32_CSR_MAX_DENSITY,
+    INT8_BLOCK4_MAX_DENSITY,
+    PackedLinear,
+    pack_linear,
+    pack_linears,
+)
+from .quantize import quantize_activation
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "FP32_CSR_MAX_DENSITY",
+    "INT8_BLOCK4_MAX_DENSITY",
+    "LAYOUTS",
+    "MAX_IN_FEATURES",
+    "Layout",
+    "PackedLinear",
+    "available_isas",
+    "block4_density",
+    "extension_available",
+    "get_handler",
+    "get_num_threads",
+    "isa",
+    "pack_linear",
+    "pack_linears",
+    "quantize_activation",
+    "set_isa",
+    "set_num_threads",
+    "set_spin_us",
+]

@@ -1,0 +1,101 @@
+"""Loading the C++ extension `hf_sparse._C`, choosing its instruction set, and the thread count it uses.
+
+Environment variables (read when `hf_sparse.ops` is imported):
+    HF_SPARSE_ISA       auto | avx512_vnni | avx2_vnni | avx2 | scalar: force a lower instruction set.
+    HF_SPARSE_SPIN_US   microseconds the kernel threads spin waiting for the next call before they sleep (50).
+    HF_SPARSE_DISABLE_EXTENSION=1   run the pure-torch reference kernels (slow; for debugging and tests).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+
+_ABI_VERSION = 2
+_ISA_ENV = "HF_SPARSE_ISA"
+
+_C = None
+_load_error: str | None = None
+_num_threads: int | None = None
+
+
+def _load():
+    global _C, _load_error
+    if os.environ.get("HF_SPARSE_DISABLE_EXTENSION", "") not in ("", "0"):
+        _load_error = "disabled by HF_SPARSE_DISABLE_EXTENSION"
+        return
+    try:
+        from hf_sparse import _C as ext
+    except ImportError as e:
+        _load_error = (
+            f"the C++ extension hf_sparse._C is not built ({e}); reinstall with "
+            "`pip install -e . --no-build-isolation` (needs a C++17 compiler, cmake and nanobind)"
+        )
+        return
+    if ext.abi_version() != _ABI_VERSION:
+        _load_error = (
+            f"hf_sparse._C has ABI version {ext.abi_version()}, this Python code expects {_ABI_VERSION}: the "
+            "extension is stale; rebuild with `pip install -e . --no-build-isolation`"
+        )
+        return
+    requested = os.environ.get(_ISA_ENV, "auto").strip() or "auto"
+    try:
+        ext.set_isa(requested)
+    except ValueError as e:
+        raise ValueError(f"{_ISA_ENV}={requested!r}: {e}") from None
+    _C = ext
+
+
+_load()
+if _C is None:
+    warnings.warn(
+        f"hf_sparse.ops: {_load_error}. Falling back to the pure-torch reference kernels, which are correct but slow.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def extension_available() -> bool:
+    """Whether the C++ kernels are loaded (else every op runs its pure-torch reference)."""
+    return _C is not None
+
+
+def isa() -> str:
+    """The instruction set the kernels run: 'avx512_vnni', 'avx2_vnni', 'avx2', 'scalar', or 'reference' (torch)."""
+    return _C.isa() if _C is not None else "reference"
+
+
+def available_isas() -> list[str]:
+    """Instruction sets this machine and build can run, fastest first (empty without the extension)."""
+    return list(_C.supported_isas()) if _C is not None else []
+
+
+def set_isa(name: str = "auto") -> None:
+    """Switch the instruction set for all later calls ("auto" = the fastest). Packed weights stay valid."""
+    if _C is None:
+        raise RuntimeError(f"cannot select an instruction set: {_load_error}")
+    _C.set_isa(name)
+
+
+def set_num_threads(n: int | None) -> None:
+    """Threads the kernels use; None (the default) follows `torch.get_num_threads()` at each call."""
+    global _num_threads
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"set_num_threads(n): n must be a positive int or None, got {n!r}")
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    """Threads the next kernel call will use."""
+    return _num_threads if _num_threads is not None else torch.get_num_threads()
+
+
+def set_spin_us(us: int) -> None:
+    """Microseconds the kernel threads keep spinning for the next call before they sleep (HF_SPARSE_SPIN_US)."""
+    if isinstance(us, bool) or not isinstance(us, int) or us < 0:
+        raise ValueError(f"set_spin_us(us): us must be an int >= 0, got {us!r}")
+    if _C is not None:
+        _C.set_spin_us(us)
