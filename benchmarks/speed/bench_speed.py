@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import engines as engines_mod  # noqa: E402
+import engines_hf_sparse  # noqa: E402, F401  (registers the hf_sparse.ops engines)
 import results  # noqa: E402
 from deepsparse_client import DeepSparseClient  # noqa: E402
 from engines import ENGINES, EngineContext, EngineUnavailable, Runner  # noqa: E402
@@ -276,7 +277,9 @@ def _versions(args) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    # INFO for this script only: onnxruntime's quantizer logs every tensor at INFO
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logger.setLevel(logging.INFO)
     args = parse_args(argv)
     if args.list_engines:
         for name in engines_mod.ordered(list(ENGINES)):

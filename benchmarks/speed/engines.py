@@ -280,6 +280,8 @@ ENGINES_ORDER = [
     "ort_qoperator_int8",
     "deepsparse_fp32",
     "deepsparse_int8",
+    "hf_sparse_ops_fp32",
+    "hf_sparse_ops_int8",
 ]
 
 

@@ -105,7 +105,9 @@ def speed_table(rows: list[Row], deepsparse_name: dict[str, str]) -> str:
         eager = by_key.get((r.sparsity, r.pattern, r.batch, "torch_eager"))
         ds = by_key.get((r.sparsity, r.pattern, r.batch, deepsparse_name.get(r.precision, "")))
         if r.error:
-            lines.append(f"| {r.sparsity:g} | {r.pattern} | {r.batch} | {r.engine} | failed: {r.error} ||||||| ")
+            error = r.error.replace("|", "/")
+            lines.append(f"| {r.sparsity:g} | {r.pattern} | {r.batch} | {r.engine} ({r.precision}) | failed: {error} "
+                         "| - | 0 | - | - | - | - |")  # fmt: skip
             continue
         lines.append(
             f"| {r.sparsity:g} | {r.pattern} | {r.batch} | {r.engine} ({r.precision}) | {r.median_ms:.2f} "

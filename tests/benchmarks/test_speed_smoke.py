@@ -22,6 +22,14 @@ SCRIPT = SPEED / "bench_speed.py"
 HAS_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 
+def _has_kernels() -> bool:
+    try:
+        import hf_sparse.ops
+    except ImportError:
+        return False
+    return hf_sparse.ops.extension_available()
+
+
 def _run(args: list[str], tmp_path: Path, timeout: int = 300) -> dict:
     out = tmp_path / "out.json"
     # 1 thread: CI's two cores may be busy with other work, and a 2-thread OpenMP region then stalls
@@ -53,6 +61,8 @@ def test_torch_engines_agree_and_profile_adds_up(tmp_path):
     engines = ["torch_eager", "torch_onednn", "torch_dynamic_int8"]
     if HAS_ORT:
         engines += ["ort_fp32", "ort_dynamic_int8", "ort_qoperator_int8"]
+    kernels = ["hf_sparse_ops_fp32", "hf_sparse_ops_int8"] if _has_kernels() else []
+    engines += kernels
     out = _run(
         ["--engines", *engines, "--rounds", "1", "--sparsity", "0.8", "--batch", "2", "--pattern", "unstructured",
          "--round-seconds", "0.05", "--profile", "--profile-iters", "2"],
@@ -71,9 +81,13 @@ def test_torch_engines_agree_and_profile_adds_up(tmp_path):
         assert rows["ort_fp32"]["max_abs_diff"] < 1e-4
         assert 0 < rows["ort_dynamic_int8"]["max_abs_diff"] < 0.05
         assert 0 < rows["ort_qoperator_int8"]["max_abs_diff"] < 0.05
+    if kernels:
+        assert rows["hf_sparse_ops_fp32"]["max_abs_diff"] < 1e-4
+        assert 0 < rows["hf_sparse_ops_int8"]["max_abs_diff"] < 0.05
 
     profiles = {p["engine"]: p for p in out["profiles"]}
-    assert sorted(profiles) == ["torch_dynamic_int8", "torch_eager", "torch_onednn"]  # ORT has no torch module
+    # ORT has no torch module to profile
+    assert sorted(profiles) == sorted(["torch_dynamic_int8", "torch_eager", "torch_onednn", *kernels])
     for name, p in profiles.items():
         # tiny BERT: 2 layers x 6 encoder Linears + pooler + classifier; one self-attention per layer
         assert p["modules"] == {"linear": 14, "attention": 2, "other": 0}, name
@@ -84,7 +98,16 @@ def test_torch_engines_agree_and_profile_adds_up(tmp_path):
 @pytest.fixture
 def bench_speed():
     """benchmarks/speed/bench_speed.py imported in this process, its flat module names removed again afterwards."""
-    names = ["models", "onnx_models", "deepsparse_client", "engines", "results", "profile_torch", "bench_speed"]
+    names = [
+        "models",
+        "onnx_models",
+        "deepsparse_client",
+        "engines",
+        "engines_hf_sparse",
+        "results",
+        "profile_torch",
+        "bench_speed",
+    ]
     saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
     path = list(sys.path)
     sys.path.insert(0, str(SPEED))
