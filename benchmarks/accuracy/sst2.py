@@ -57,10 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hardness", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--cache-dir", type=Path, help="datasets cache folder (default: the datasets library's)")
     return p.parse_args(argv)
 
 
-def load_sst2(data_dir: Path):
+def load_sst2(data_dir: Path, cache_dir: Path | None = None):
     import datasets
 
     files = {"train": data_dir / "train.tsv", "validation": data_dir / "dev.tsv"}
@@ -73,6 +74,7 @@ def load_sst2(data_dir: Path):
         delimiter="\t",
         quoting=csv.QUOTE_NONE,
         keep_default_na=False,
+        cache_dir=str(cache_dir) if cache_dir else None,
     )
     for split, path in files.items():
         missing = {"sentence", "label"} - set(ds[split].column_names)
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--method {args.method} needs --dense-dir pointing at a finished dense run (with model/)")
     init = args.dense_dir / "model" if pruned else args.model_path
 
-    ds = load_sst2(args.data_dir)
+    ds = load_sst2(args.data_dir, args.cache_dir)
     if args.train_samples:
         ds["train"] = ds["train"].shuffle(seed=args.seed).select(range(min(args.train_samples, len(ds["train"]))))
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
