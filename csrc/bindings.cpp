@@ -30,7 +30,7 @@ using namespace nb::literals;
 namespace hf_sparse {
 namespace {
 
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 enum Kind : int { kI8Sparse = 0, kI8Dense = 1, kF32Sparse = 2 };
 
@@ -42,6 +42,7 @@ struct FreeDeleter {
 };
 using Owned = std::unique_ptr<char, FreeDeleter>;
 
+// 64-byte aligned copy of `bytes` bytes of src (uninitialised when src is null).
 Owned alloc_copy(const void* src, size_t bytes) {
   const size_t cap = ((bytes ? bytes : 1) + 63) & ~size_t{63};
 #if defined(_MSC_VER)
@@ -50,26 +51,33 @@ Owned alloc_copy(const void* src, size_t bytes) {
   char* p = static_cast<char*>(std::aligned_alloc(64, cap));
 #endif
   if (!p) throw std::bad_alloc();
-  if (bytes) std::memcpy(p, src, bytes);
+  if (bytes && src) std::memcpy(p, src, bytes);
   return Owned(p);
 }
 
 std::string str(int64_t v) { return std::to_string(v); }
 
-void check_row_ptr(const int32_t* rp, int64_t n, int64_t nnz, const char* what) {
-  if (rp[0] != 0) throw nb::value_error((std::string(what) + ": row_ptr[0] is " + str(rp[0]) + ", must be 0").c_str());
-  for (int64_t i = 0; i < n; ++i) {
-    if (rp[i + 1] < rp[i]) {
-      throw nb::value_error((std::string(what) + ": row_ptr decreases at index " + str(i + 1) + " (" + str(rp[i]) +
-                             " -> " + str(rp[i + 1]) + ")")
+// ptr (count + 1 entries) must start at 0, never decrease and end at nnz: then every range the kernels walk lies
+// inside cols and values.
+void check_ptr(const int32_t* ptr, int64_t count, int64_t nnz, const char* what) {
+  if (ptr[0] != 0) throw nb::value_error((std::string(what) + ": ptr[0] is " + str(ptr[0]) + ", must be 0").c_str());
+  for (int64_t i = 0; i < count; ++i) {
+    if (ptr[i + 1] < ptr[i]) {
+      throw nb::value_error((std::string(what) + ": ptr decreases at index " + str(i + 1) + " (" + str(ptr[i]) +
+                             " -> " + str(ptr[i + 1]) + ")")
                                 .c_str());
     }
   }
-  if (rp[n] != nnz) {
-    throw nb::value_error((std::string(what) + ": row_ptr[-1] is " + str(rp[n]) + " but there are " + str(nnz) +
+  if (ptr[count] != nnz) {
+    throw nb::value_error((std::string(what) + ": ptr[-1] is " + str(ptr[count]) + " but there are " + str(nnz) +
                            " stored entries")
                               .c_str());
   }
+}
+
+int64_t panels_of(int kind, int64_t k) {
+  const int64_t cols = kind == 0 ? (k + 3) / 4 : k;  // int8: 4-blocks; fp32: features
+  return (cols + kPanel - 1) / kPanel;
 }
 
 void check_dims(int64_t n, int64_t k) {
@@ -96,22 +104,24 @@ Output make_output(uintptr_t out, int64_t ldy, int act, bool accum) {
 
 class Packed {
  public:
-  // All arrays are copied. Sparse kinds: row_ptr (n+1,) int32, cols (nnz,) uint16, values (nnz,) int32 (4 int8
-  // codes) or float32. Dense int8: values = the (panels, kb, 16, 4) int8 panels, flattened.
-  Packed(int kind, int64_t n, int64_t k, In1<int32_t> row_ptr, In1<uint16_t> cols, nb::ndarray<nb::c_contig> values,
+  // All arrays are copied. Sparse kinds: ptr (column panels * n + 1,) int32, cols (nnz,) uint16, values (nnz,)
+  // int32 (4 int8 codes) or float32. Dense int8: values = the (panels, kb, 16, 4) int8 panels, flattened.
+  Packed(int kind, int64_t n, int64_t k, In1<int32_t> ptr, In1<uint16_t> cols, nb::ndarray<nb::c_contig> values,
          In1<int32_t> weight_sum, In1<float> scale, In1<float> bias, bool has_bias)
       : kind_(kind), n_(n), k_(k), kb_((k + 3) / 4), has_bias_(has_bias) {
     check_dims(n, k);
     const int64_t panels = (n + 15) / 16;
     if (kind == kI8Sparse || kind == kF32Sparse) {
       const char* what = kind == kI8Sparse ? "int8 4-block weight" : "fp32 CSR weight";
-      if (static_cast<int64_t>(row_ptr.shape(0)) != n + 1) {
-        throw nb::value_error((std::string(what) + ": row_ptr has " + str(row_ptr.shape(0)) + " entries, expected " +
-                               str(n + 1) + " (out_features + 1)")
+      panels_ = panels_of(kind, k);
+      const int64_t count = panels_ * n;
+      if (static_cast<int64_t>(ptr.shape(0)) != count + 1) {
+        throw nb::value_error((std::string(what) + ": ptr has " + str(ptr.shape(0)) + " entries, expected " +
+                               str(count + 1) + " (column panels x out_features + 1)")
                                   .c_str());
       }
       nnz_ = static_cast<int64_t>(cols.shape(0));
-      check_row_ptr(row_ptr.data(), n, nnz_, what);
+      check_ptr(ptr.data(), count, nnz_, what);
       const int64_t col_limit = kind == kI8Sparse ? kb_ : k;
       const uint16_t* c = cols.data();
       for (int64_t b = 0; b < nnz_; ++b) {
@@ -128,8 +138,18 @@ class Packed {
                                "column index (" + str(nnz_) + ")")
                                   .c_str());
       }
-      rp_kernel_ = alloc_copy(row_ptr.data(), (n + 1) * 4);
-      rp_public_ = alloc_copy(row_ptr.data(), (n + 1) * 4);
+      ptr_kernel_ = alloc_copy(ptr.data(), (count + 1) * 4);
+      ptr_public_ = alloc_copy(ptr.data(), (count + 1) * 4);
+      // Entries before each row, over all panels: balances the rows given to each thread.
+      prefix_ = alloc_copy(nullptr, (n + 1) * 8);
+      int64_t* prefix = reinterpret_cast<int64_t*>(prefix_.get());
+      const int32_t* p = ptr.data();
+      prefix[0] = 0;
+      for (int64_t r = 0; r < n; ++r) {
+        int64_t c = 0;
+        for (int64_t q = 0; q < panels_; ++q) c += p[q * n + r + 1] - p[q * n + r];
+        prefix[r + 1] = prefix[r] + c;
+      }
       cols_ = alloc_copy(cols.data(), nnz_ * 2);
       values_ = alloc_copy(values.data(), nnz_ * 4);
     } else if (kind == kI8Dense) {
@@ -160,14 +180,29 @@ class Packed {
     }
     // Kernel views
     if (kind == kI8Sparse) {
-      si8_ = SparseI8{n, k, kb_, as<int32_t>(rp_kernel_), as<uint16_t>(cols_), as<int32_t>(values_),
-                      as<int32_t>(wsum_), as<float>(scale_), has_bias ? as<float>(bias_) : nullptr};
+      si8_ = SparseI8{n,
+                      k,
+                      kb_,
+                      panels_,
+                      as<int32_t>(ptr_kernel_),
+                      as<uint16_t>(cols_),
+                      as<int32_t>(values_),
+                      as<int32_t>(wsum_),
+                      as<float>(scale_),
+                      has_bias ? as<float>(bias_) : nullptr,
+                      as<int64_t>(prefix_)};
     } else if (kind == kI8Dense) {
       di8_ = DenseI8{n, k, kb_, panels, as<int8_t>(values_), as<int32_t>(wsum_), as<float>(scale_),
                      has_bias ? as<float>(bias_) : nullptr};
     } else {
-      sf32_ = SparseF32{n, k, as<int32_t>(rp_kernel_), as<uint16_t>(cols_), as<float>(values_),
-                        has_bias ? as<float>(bias_) : nullptr};
+      sf32_ = SparseF32{n,
+                        k,
+                        panels_,
+                        as<int32_t>(ptr_kernel_),
+                        as<uint16_t>(cols_),
+                        as<float>(values_),
+                        has_bias ? as<float>(bias_) : nullptr,
+                        as<int64_t>(prefix_)};
     }
   }
 
@@ -195,7 +230,7 @@ class Packed {
     };
     const size_t n = static_cast<size_t>(n_);
     if (kind_ == kI8Sparse || kind_ == kF32Sparse) {
-      put("row_ptr", rp_public_, nb::dtype<int32_t>(), {n + 1});
+      put("ptr", ptr_public_, nb::dtype<int32_t>(), {static_cast<size_t>(panels_ * n_ + 1)});
       put("cols", cols_, nb::dtype<uint16_t>(), {static_cast<size_t>(nnz_)});
       put("values", values_, kind_ == kI8Sparse ? nb::dtype<int32_t>() : nb::dtype<float>(),
           {static_cast<size_t>(nnz_)});
@@ -219,9 +254,10 @@ class Packed {
   }
 
   int kind_;
-  int64_t n_, k_, kb_, nnz_ = 0;
+  int64_t n_, k_, kb_, nnz_ = 0, panels_ = 0;
   bool has_bias_;
-  Owned rp_kernel_, rp_public_, cols_, values_, wsum_, scale_, bias_;
+  // The kernels read ptr_kernel_, a private copy: editing the public `ptr` tensor cannot send them out of bounds.
+  Owned ptr_kernel_, ptr_public_, prefix_, cols_, values_, wsum_, scale_, bias_;
   SparseI8 si8_{};
   DenseI8 di8_{};
   SparseF32 sf32_{};
@@ -230,15 +266,24 @@ class Packed {
 // ------------------------------------------------------------------------------------------------------------------
 // Raw entry points for the torch ops (tensors checked in Python, row pointers checked here).
 
-void i8_sparse_raw(uintptr_t x, int64_t m, uintptr_t row_ptr, uintptr_t cols, uintptr_t values, uintptr_t wsum,
+void i8_sparse_raw(uintptr_t x, int64_t m, uintptr_t ptr, uintptr_t cols, uintptr_t values, uintptr_t wsum,
                    uintptr_t scale, uintptr_t bias, int64_t n, int64_t k, int64_t nnz, uintptr_t out, int act,
                    int nthreads, bool accum) {
   check_dims(n, k);
-  const int32_t* rp = reinterpret_cast<const int32_t*>(row_ptr);
-  check_row_ptr(rp, n, nnz, "int8 4-block weight");
-  const SparseI8 w{n, k, (k + 3) / 4, rp, reinterpret_cast<const uint16_t*>(cols),
-                   reinterpret_cast<const int32_t*>(values), reinterpret_cast<const int32_t*>(wsum),
-                   reinterpret_cast<const float*>(scale), reinterpret_cast<const float*>(bias)};
+  const int32_t* p = reinterpret_cast<const int32_t*>(ptr);
+  const int64_t panels = panels_of(kI8Sparse, k);
+  check_ptr(p, panels * n, nnz, "int8 4-block weight");
+  const SparseI8 w{n,
+                   k,
+                   (k + 3) / 4,
+                   panels,
+                   p,
+                   reinterpret_cast<const uint16_t*>(cols),
+                   reinterpret_cast<const int32_t*>(values),
+                   reinterpret_cast<const int32_t*>(wsum),
+                   reinterpret_cast<const float*>(scale),
+                   reinterpret_cast<const float*>(bias),
+                   nullptr};
   const Output o = make_output(out, n, act, accum);
   nb::gil_scoped_release release;
   linear_i8_sparse(w, reinterpret_cast<const float*>(x), k, m, o, clamp_threads(nthreads));
@@ -255,13 +300,20 @@ void i8_dense_raw(uintptr_t x, int64_t m, uintptr_t panels, uintptr_t wsum, uint
   linear_i8_dense(w, reinterpret_cast<const float*>(x), k, m, o, clamp_threads(nthreads));
 }
 
-void f32_sparse_raw(uintptr_t x, int64_t m, uintptr_t row_ptr, uintptr_t cols, uintptr_t values, uintptr_t bias,
+void f32_sparse_raw(uintptr_t x, int64_t m, uintptr_t ptr, uintptr_t cols, uintptr_t values, uintptr_t bias,
                     int64_t n, int64_t k, int64_t nnz, uintptr_t out, int act, int nthreads) {
   check_dims(n, k);
-  const int32_t* rp = reinterpret_cast<const int32_t*>(row_ptr);
-  check_row_ptr(rp, n, nnz, "fp32 CSR weight");
-  const SparseF32 w{n, k, rp, reinterpret_cast<const uint16_t*>(cols), reinterpret_cast<const float*>(values),
-                    reinterpret_cast<const float*>(bias)};
+  const int32_t* p = reinterpret_cast<const int32_t*>(ptr);
+  const int64_t panels = panels_of(kF32Sparse, k);
+  check_ptr(p, panels * n, nnz, "fp32 CSR weight");
+  const SparseF32 w{n,
+                    k,
+                    panels,
+                    p,
+                    reinterpret_cast<const uint16_t*>(cols),
+                    reinterpret_cast<const float*>(values),
+                    reinterpret_cast<const float*>(bias),
+                    nullptr};
   const Output o = make_output(out, n, act, false);
   nb::gil_scoped_release release;
   linear_f32_sparse(w, reinterpret_cast<const float*>(x), k, m, o, clamp_threads(nthreads));
@@ -282,6 +334,7 @@ NB_MODULE(_C, m) {
   m.doc() = "hf_sparse sparse CPU kernels (use hf_sparse.ops, which checks arguments before calling in here)";
   m.def("abi_version", []() { return kAbiVersion; });
   m.attr("MAX_IN_FEATURES") = kMaxInFeatures;
+  m.attr("PANEL") = kPanel;
   m.attr("ACT_NONE") = static_cast<int>(kActNone);
   m.attr("ACT_GELU") = static_cast<int>(kActGelu);
   m.attr("KIND_INT8_SPARSE") = static_cast<int>(kI8Sparse);
@@ -314,7 +367,7 @@ NB_MODULE(_C, m) {
   nb::class_<Packed>(m, "Packed")
       .def(nb::init<int, int64_t, int64_t, In1<int32_t>, In1<uint16_t>, nb::ndarray<nb::c_contig>, In1<int32_t>,
                     In1<float>, In1<float>, bool>(),
-           "kind"_a, "out_features"_a, "in_features"_a, "row_ptr"_a, "cols"_a, "values"_a, "weight_sum"_a, "scale"_a,
+           "kind"_a, "out_features"_a, "in_features"_a, "ptr"_a, "cols"_a, "values"_a, "weight_sum"_a, "scale"_a,
            "bias"_a, "has_bias"_a)
       .def("run", &Packed::run, "x"_a, "m"_a, "out"_a, "act"_a, "nthreads"_a, "accumulators"_a)
       .def("tensors", [](nb::handle self) { return nb::cast<const Packed&>(self).tensors(self); })

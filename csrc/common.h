@@ -20,16 +20,24 @@ enum Activation : int {
 // column-block indices are uint16.
 constexpr int64_t kMaxInFeatures = 65536;
 
-// int8 4-block sparse weight: row n holds the blocks row_ptr[n] .. row_ptr[n+1]-1; block b covers input
-// features 4*cols[b] .. 4*cols[b]+3 and holds 4 int8 codes packed little-endian in values[b].
+// Sparse layouts are CSR over column panels of kPanel columns (a column is a 4-block for int8, an input feature
+// for fp32): panel c holds columns kPanel*c .. kPanel*c + kPanel-1, and the entries of row n inside panel c are
+// ptr[c*N + n] .. ptr[c*N + n + 1] - 1 (panel-major). A kernel can then stream through one panel of the weight
+// for a group of rows while that panel's slice of the activation tile stays in L1.
+constexpr int64_t kPanel = 128;
+
+// int8 4-block sparse weight: block b covers input features 4*cols[b] .. 4*cols[b]+3 and holds 4 int8 codes
+// packed little-endian in values[b].
 struct SparseI8 {
   int64_t n = 0, k = 0, kb = 0;  // out_features, in_features, ceil(k / 4)
-  const int32_t* row_ptr = nullptr;  // (n + 1,)
-  const uint16_t* cols = nullptr;    // (nnzb,)
-  const int32_t* values = nullptr;   // (nnzb,)
+  int64_t panels = 0;            // ceil(kb / kPanel)
+  const int32_t* ptr = nullptr;       // (panels * n + 1,)
+  const uint16_t* cols = nullptr;     // (nnzb,)
+  const int32_t* values = nullptr;    // (nnzb,)
   const int32_t* weight_sum = nullptr;  // (n,) sum of the row's int8 codes, for the +128 activation shift
   const float* scale = nullptr;         // (n,) weight scale per output channel
   const float* bias = nullptr;          // (n,) or null
+  const int64_t* row_prefix = nullptr;  // (n + 1,) entries before row n (all panels), or null: balances threads
 };
 
 // int8 dense weight in panels of 16 output channels: packed[p][kb][c][j] = q_w[16 p + c][4 kb + j], zero-padded
@@ -42,13 +50,15 @@ struct DenseI8 {
   const float* bias = nullptr;          // (n,) or null
 };
 
-// fp32 CSR sparse weight: row n holds values[row_ptr[n] .. row_ptr[n+1]-1] at input features cols[...].
+// fp32 CSR sparse weight over panels of kPanel input features (see above).
 struct SparseF32 {
   int64_t n = 0, k = 0;
-  const int32_t* row_ptr = nullptr;  // (n + 1,)
-  const uint16_t* cols = nullptr;    // (nnz,)
-  const float* values = nullptr;     // (nnz,)
-  const float* bias = nullptr;       // (n,) or null
+  int64_t panels = 0;                 // ceil(k / kPanel)
+  const int32_t* ptr = nullptr;       // (panels * n + 1,)
+  const uint16_t* cols = nullptr;     // (nnz,)
+  const float* values = nullptr;      // (nnz,)
+  const float* bias = nullptr;        // (n,) or null
+  const int64_t* row_prefix = nullptr;  // (n + 1,) or null
 };
 
 // Where a kernel writes: y (fp32, row stride ldy) or, for the accumulator debug entry, yi (int32, exact sums).

@@ -73,17 +73,20 @@ inline __m256 activate(__m256 v, int act) {
 
 inline void transpose8(__m256i r[8]) {
   __m256i t[8];
+#pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {
     t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
   }
   __m256i u[8];
+#pragma GCC unroll 2
   for (int i = 0; i < 2; ++i) {
     u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
     u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
     u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
     u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
   }
+#pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {
     r[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
     r[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
@@ -174,11 +177,13 @@ void quant_tile(const float* x, int64_t ldx, int rows, int64_t k, int mtp, void*
 #if HF_SPARSE_VNNI
       // 8 tokens x 8 words of 4 u8 -> 8 words x 8 tokens
       __m256i v[8];
+#pragma GCC unroll 8
       for (int r = 0; r < kVec; ++r) {
         v[r] = r < nrow ? quant32(x + (g + r) * ldx + k0, k - k0, _mm256_set1_ps(inv[r]))
                         : _mm256_set1_epi8(static_cast<char>(0x80));
       }
       transpose8(v);
+#pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
         const int64_t b = k0 / 4 + j;
         if (b < kb) _mm256_store_si256(reinterpret_cast<__m256i*>(tile + (b * mtp + g) * 4), v[j]);
@@ -186,15 +191,18 @@ void quant_tile(const float* x, int64_t ldx, int rows, int64_t k, int mtp, void*
 #else
       // 8 tokens x 4 words of 4 s16 (64-bit) -> 4 words x 8 tokens, as two 4x4 transposes of 64-bit lanes
       __m256i v[8];
+#pragma GCC unroll 8
       for (int r = 0; r < kVec; ++r) {
         v[r] = r < nrow ? quant16(x + (g + r) * ldx + k0, k - k0, _mm256_set1_ps(inv[r])) : _mm256_setzero_si256();
       }
+#pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         const __m256i* q = v + 4 * h;
         const __m256i t0 = _mm256_unpacklo_epi64(q[0], q[1]), t1 = _mm256_unpackhi_epi64(q[0], q[1]);
         const __m256i t2 = _mm256_unpacklo_epi64(q[2], q[3]), t3 = _mm256_unpackhi_epi64(q[2], q[3]);
         const __m256i o[4] = {_mm256_permute2x128_si256(t0, t2, 0x20), _mm256_permute2x128_si256(t1, t3, 0x20),
                               _mm256_permute2x128_si256(t0, t2, 0x31), _mm256_permute2x128_si256(t1, t3, 0x31)};
+#pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) {
           const int64_t b = k0 / 4 + j;
           if (b < kb) _mm256_store_si256(reinterpret_cast<__m256i*>(tile + (b * mtp + g + 4 * h) * 8), o[j]);
@@ -247,10 +255,14 @@ inline void store_group(Staging<T>& st, int nr, int rows, int64_t n0, const Outp
   for (int t = 0; t < T; ++t) {
     if (t * kVec >= rows) break;
     __m256i r[8];
+#pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) r[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(st.v[t][i]));
     transpose8(r);
     const int nt = rows - t * kVec < kVec ? rows - t * kVec : kVec;
-    for (int j = 0; j < nt; ++j) {
+    // Constant indices only (a loop to nt would index r at run time and push it to memory).
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      if (j >= nt) break;
       const int64_t row = out.m0 + t * kVec + j;
       if (as_int) {
         _mm256_maskstore_epi32(reinterpret_cast<int*>(out.yi + row * out.ldy + n0), cm, r[j]);
@@ -264,79 +276,132 @@ inline void store_group(Staging<T>& st, int nr, int rows, int64_t n0, const Outp
 // ---------------------------------------------------------------------------------------------------------------
 // Sparse int8 (4-block)
 
+constexpr int64_t kPassBytes = 32768;  // tile bytes per pass over the column panels (see kernels_avx512.cpp)
+constexpr int kGroup = 64;              // rows per group that share a pass (a multiple of 8)
+
+#if HF_SPARSE_VNNI
+constexpr int kAcc = 1;
+constexpr int64_t kTokenBytes = 32;  // 8 tokens x 4 u8 per kb
+#else
+constexpr int kAcc = 2;              // tokens 0-3 and 4-7 of each vector, as pair sums of s16 products
+constexpr int64_t kTokenBytes = 64;  // 8 tokens x 4 s16 per kb
+#endif
+
+// Sums of row n over panels c0..c1-1 (see kernels_avx512.cpp's i8_row). res[t][a]: madd keeps two vectors of
+// pair sums per 8 tokens, VNNI one vector of sums.
+template <int T, int S>
+__attribute__((always_inline)) inline void i8_row(const SparseI8& w, const char* tile, int64_t n, int64_t c0,
+                                                  int64_t c1, const __m256i (*init)[kAcc], __m256i (*res)[kAcc]) {
+  constexpr int64_t kStride = kTokenBytes * T;
+  const uint32_t kb_max = static_cast<uint32_t>(w.kb - 1);
+  __m256i acc[S][T][kAcc];
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t)
+#pragma GCC unroll 2
+      for (int a = 0; a < kAcc; ++a) acc[s][t][a] = s == 0 ? init[t][a] : _mm256_setzero_si256();
+  const auto step = [&](int s, int32_t blk) __attribute__((always_inline)) {
+    uint32_t c = w.cols[blk];
+    c = c < kb_max ? c : kb_max;  // never read outside the tile, whatever the indices hold
+    const char* p = tile + c * kStride;
+#if HF_SPARSE_VNNI
+    const __m256i wv = _mm256_set1_epi32(w.values[blk]);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      acc[s][t][0] = dpbusd(acc[s][t][0], _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 32 * t)), wv);
+    }
+#else
+    const __m256i wv = _mm256_broadcastq_epi64(_mm_cvtepi8_epi16(_mm_cvtsi32_si128(w.values[blk])));
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+#pragma GCC unroll 2
+      for (int a = 0; a < 2; ++a) {
+        const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 64 * t + 32 * a));
+        acc[s][t][a] = _mm256_add_epi32(acc[s][t][a], _mm256_madd_epi16(xv, wv));
+      }
+    }
+#endif
+  };
+  for (int64_t c = c0; c < c1; ++c) {
+    int32_t b = w.ptr[c * w.n + n];
+    const int32_t e = w.ptr[c * w.n + n + 1];
+    for (; b + S <= e; b += S) {
+#pragma GCC unroll 8
+      for (int s = 0; s < S; ++s) step(s, b + s);
+    }
+#pragma GCC unroll 8
+    for (int s = 0; s + 1 < S; ++s) {
+      if (b + s < e) step(s, b + s);
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 2
+    for (int a = 0; a < kAcc; ++a) {
+      __m256i v = acc[0][t][a];
+#pragma GCC unroll 8
+      for (int s = 1; s < S; ++s) v = _mm256_add_epi32(v, acc[s][t][a]);
+      res[t][a] = v;
+    }
+}
+
 template <int T>
 void i8_sparse_t(const SparseI8& w, const char* tile, int rows, const float* sx, int64_t n0, int64_t n1,
                  const Output& out) {
-#if HF_SPARSE_VNNI
-  constexpr int64_t kStride = 32 * T;  // bytes per kb: 8 T tokens x 4 u8
-  constexpr int kAcc = 1;
-#else
-  constexpr int64_t kStride = 64 * T;  // 8 T tokens x 4 s16
-  constexpr int kAcc = 2;              // tokens 0-3 and 4-7 of each vector, as pair sums
-#endif
   constexpr int kSets = T * kAcc >= 4 ? 1 : 2;
-  const uint32_t kb_max = static_cast<uint32_t>(w.kb - 1);
+  constexpr int64_t kPanelBytes = kPanel * kTokenBytes * T;
+  const int64_t per_pass = kPassBytes / kPanelBytes > 1 ? kPassBytes / kPanelBytes : 1;
   __m256 vsx[T];
+#pragma GCC unroll 8
   for (int t = 0; t < T; ++t) vsx[t] = load_ps(sx + t * kVec, rows - t * kVec);
   Staging<T> st;
-  for (int64_t g = n0; g < n1; g += 8) {
-    const int nr = n1 - g < 8 ? static_cast<int>(n1 - g) : 8;
-    for (int i = 0; i < nr; ++i) {
-      const int64_t n = g + i;
-      __m256i acc[kSets][T][kAcc];
-      for (int s = 0; s < kSets; ++s)
+  alignas(32) __m256i part[kGroup][T][kAcc];
+  for (int64_t g0 = n0; g0 < n1; g0 += kGroup) {
+    const int gn = n1 - g0 < kGroup ? static_cast<int>(n1 - g0) : kGroup;
+    for (int64_t c0 = 0; c0 < w.panels; c0 += per_pass) {
+      const int64_t c1 = c0 + per_pass < w.panels ? c0 + per_pass : w.panels;
+      const bool last = c1 == w.panels;
+      for (int i = 0; i < gn; ++i) {
+        const int64_t n = g0 + i;
+        __m256i init[T][kAcc], acc[T][kAcc];
+        // VNNI starts from -128 * sum(w), which takes back the +128 shift of the u8 activations.
+        const __m256i corr = _mm256_set1_epi32(kVnni ? -128 * w.weight_sum[n] : 0);
+#pragma GCC unroll 8
         for (int t = 0; t < T; ++t)
-          for (int a = 0; a < kAcc; ++a) acc[s][t][a] = _mm256_setzero_si256();
-      const int32_t e = w.row_ptr[n + 1];
-      int32_t b = w.row_ptr[n];
-      const auto step = [&](int s, int32_t blk) {
-        uint32_t c = w.cols[blk];
-        c = c < kb_max ? c : kb_max;  // never read outside the tile, whatever the indices hold
-        const char* p = tile + c * kStride;
-#if HF_SPARSE_VNNI
-        const __m256i wv = _mm256_set1_epi32(w.values[blk]);
-        for (int t = 0; t < T; ++t) {
-          acc[s][t][0] = dpbusd(acc[s][t][0], _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 32 * t)), wv);
-        }
-#else
-        const __m256i wv = _mm256_broadcastq_epi64(_mm_cvtepi8_epi16(_mm_cvtsi32_si128(w.values[blk])));
-        for (int t = 0; t < T; ++t) {
-          for (int a = 0; a < 2; ++a) {
-            const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 64 * t + 32 * a));
-            acc[s][t][a] = _mm256_add_epi32(acc[s][t][a], _mm256_madd_epi16(xv, wv));
+#pragma GCC unroll 2
+          for (int a = 0; a < kAcc; ++a) {
+            init[t][a] = c0 == 0 ? (a == 0 ? corr : _mm256_setzero_si256()) : part[i][t][a];
           }
-        }
-#endif
-      };
-      for (; b + kSets <= e; b += kSets) {
-        for (int s = 0; s < kSets; ++s) step(s, b + s);
-      }
-      for (; b < e; ++b) step(0, b);
-      const __m256i corr = _mm256_set1_epi32(kVnni ? 128 * w.weight_sum[n] : 0);
-      const __m256 sw = _mm256_set1_ps(w.scale[n]);
-      const __m256 bias = _mm256_set1_ps(w.bias ? w.bias[n] : 0.0f);
-      for (int t = 0; t < T; ++t) {
-#if HF_SPARSE_VNNI
-        __m256i a = kSets == 2 ? _mm256_add_epi32(acc[0][t][0], acc[kSets - 1][t][0]) : acc[0][t][0];
-#else
-        __m256i lo = acc[0][t][0], hi = acc[0][t][1];
-        if (kSets == 2) {
-          lo = _mm256_add_epi32(lo, acc[kSets - 1][t][0]);
-          hi = _mm256_add_epi32(hi, acc[kSets - 1][t][1]);
-        }
-        __m256i a = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xd8);
-#endif
-        a = _mm256_sub_epi32(a, corr);
-        if (out.yi) {
-          _mm256_store_si256(reinterpret_cast<__m256i*>(st.v[t][i]), a);
+        i8_row<T, kSets>(w, tile, n, c0, c1, init, acc);
+        if (!last) {
+#pragma GCC unroll 8
+          for (int t = 0; t < T; ++t)
+#pragma GCC unroll 2
+            for (int a = 0; a < kAcc; ++a) part[i][t][a] = acc[t][a];
           continue;
         }
-        __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), vsx[t]), sw);
-        if (w.bias) v = _mm256_add_ps(v, bias);
-        _mm256_store_ps(reinterpret_cast<float*>(st.v[t][i]), activate(v, out.act));
+        const int r = i & 7;
+        const __m256 sw = _mm256_set1_ps(w.scale[n]);
+        const __m256 bias = _mm256_set1_ps(w.bias ? w.bias[n] : 0.0f);
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) {
+#if HF_SPARSE_VNNI
+          const __m256i a = acc[t][0];
+#else
+          const __m256i a = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[t][0], acc[t][1]), 0xd8);
+#endif
+          if (out.yi) {
+            _mm256_store_si256(reinterpret_cast<__m256i*>(st.v[t][r]), a);
+            continue;
+          }
+          __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), vsx[t]), sw);
+          if (w.bias) v = _mm256_add_ps(v, bias);
+          _mm256_store_ps(reinterpret_cast<float*>(st.v[t][r]), activate(v, out.act));
+        }
+        if (r == 7 || i == gn - 1) store_group<T>(st, r + 1, rows, n - r, out, out.yi != nullptr);
       }
     }
-    store_group<T>(st, nr, rows, g, out, out.yi != nullptr);
   }
 }
 
@@ -355,16 +420,18 @@ void i8_sparse(const SparseI8& w, const void* tile, int mtp, int rows, const flo
 // Dense int8: MR tokens x one panel of 16 channels per micro-kernel call.
 
 template <int MR>
-void dense_micro(const DenseI8& w, const char* xq, int64_t ldq, const float* sx, int64_t p, int64_t m,
-                 const Output& out) {
+__attribute__((always_inline)) inline void dense_acc(const DenseI8& w, const char* xq, int64_t ldq, int64_t p,
+                                                     int64_t m, __m256i (*res)[2]) {
   const int8_t* wp = w.packed + p * w.kb * 64;
 #if HF_SPARSE_VNNI
   __m256i acc[MR][2];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
   const char* xr = xq + m * ldq;
   for (int64_t b = 0; b < w.kb; ++b) {
     const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + b * 64));
     const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + b * 64 + 32));
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       int32_t xw;
       std::memcpy(&xw, xr + i * ldq + b * 4, 4);
@@ -373,7 +440,7 @@ void dense_micro(const DenseI8& w, const char* xq, int64_t ldq, const float* sx,
       acc[i][1] = dpbusd(acc[i][1], xv, w1);
     }
   }
-  __m256i res[MR][2];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     res[i][0] = acc[i][0];
     res[i][1] = acc[i][1];
@@ -381,27 +448,40 @@ void dense_micro(const DenseI8& w, const char* xq, int64_t ldq, const float* sx,
 #else
   // acc[i][q]: channels 4q..4q+3 of token i as pair sums
   __m256i acc[MR][4];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) acc[i][q] = _mm256_setzero_si256();
   const char* xr = xq + m * ldq * 2;
   for (int64_t b = 0; b < w.kb; ++b) {
     __m256i wq[4];
+#pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) {
       wq[q] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + b * 64 + 16 * q)));
     }
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       int64_t xw;
       std::memcpy(&xw, xr + (i * ldq + b * 4) * 2, 8);
       const __m256i xv = _mm256_set1_epi64x(xw);
+#pragma GCC unroll 4
       for (int q = 0; q < 4; ++q) acc[i][q] = _mm256_add_epi32(acc[i][q], _mm256_madd_epi16(wq[q], xv));
     }
   }
-  __m256i res[MR][2];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     res[i][0] = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[i][0], acc[i][1]), 0xd8);
     res[i][1] = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[i][2], acc[i][3]), 0xd8);
   }
 #endif
+}
+
+template <int MR>
+void dense_micro(const DenseI8& w, const char* xq, int64_t ldq, const float* sx, int64_t p, int64_t m,
+                 const Output& out) {
+  __m256i res[MR][2];
+  dense_acc<MR>(w, xq, ldq, p, m, res);
+#pragma GCC unroll 2
   for (int h = 0; h < 2; ++h) {
     const int64_t n = p * 16 + h * 8;
     if (n >= w.n) break;
@@ -410,6 +490,7 @@ void dense_micro(const DenseI8& w, const char* xq, int64_t ldq, const float* sx,
     if (kVnni) corr = _mm256_slli_epi32(_mm256_maskload_epi32(w.weight_sum + n, cm), 7);
     const __m256 sw = _mm256_maskload_ps(w.scale + n, cm);
     const __m256 bias = w.bias ? _mm256_maskload_ps(w.bias + n, cm) : _mm256_setzero_ps();
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m256i a = _mm256_sub_epi32(res[i][h], corr);
       const int64_t row = out.m0 + m + i;
@@ -447,50 +528,93 @@ void f32_tile(const float* x, int64_t ldx, int rows, int64_t k, int mtp, float* 
     const int nrow = rows - g < kVec ? (rows - g > 0 ? rows - g : 0) : kVec;
     for (int64_t k0 = 0; k0 < k; k0 += 8) {
       __m256i v[8];
+#pragma GCC unroll 8
       for (int r = 0; r < kVec; ++r) {
         v[r] = r < nrow ? _mm256_castps_si256(load_ps(x + (g + r) * ldx + k0, k - k0)) : _mm256_setzero_si256();
       }
       transpose8(v);
       const int kn = k - k0 < 8 ? static_cast<int>(k - k0) : 8;
-      for (int i = 0; i < kn; ++i) _mm256_store_si256(reinterpret_cast<__m256i*>(tile + (k0 + i) * mtp + g), v[i]);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        if (i < kn) _mm256_store_si256(reinterpret_cast<__m256i*>(tile + (k0 + i) * mtp + g), v[i]);
+      }
     }
+  }
+}
+
+template <int T, int S>
+__attribute__((always_inline)) inline void f32_row(const SparseF32& w, const float* tile, int64_t n, int64_t c0,
+                                                   int64_t c1, const __m256* init, __m256* res) {
+  constexpr int64_t kStride = kVec * T;
+  const uint32_t k_max = static_cast<uint32_t>(w.k - 1);
+  __m256 acc[S][T];
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) acc[s][t] = s == 0 ? init[t] : _mm256_setzero_ps();
+  const auto step = [&](int s, int32_t blk) __attribute__((always_inline)) {
+    uint32_t c = w.cols[blk];
+    c = c < k_max ? c : k_max;
+    const float* p = tile + c * kStride;
+    const __m256 wv = _mm256_set1_ps(w.values[blk]);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) acc[s][t] = _mm256_fmadd_ps(wv, _mm256_load_ps(p + kVec * t), acc[s][t]);
+  };
+  for (int64_t c = c0; c < c1; ++c) {
+    int32_t b = w.ptr[c * w.n + n];
+    const int32_t e = w.ptr[c * w.n + n + 1];
+    for (; b + S <= e; b += S) {
+#pragma GCC unroll 8
+      for (int s = 0; s < S; ++s) step(s, b + s);
+    }
+#pragma GCC unroll 8
+    for (int s = 0; s + 1 < S; ++s) {
+      if (b + s < e) step(s, b + s);
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) {
+    __m256 a = acc[0][t];
+#pragma GCC unroll 8
+    for (int s = 1; s < S; ++s) a = _mm256_add_ps(a, acc[s][t]);
+    res[t] = a;
   }
 }
 
 template <int T>
 void f32_sparse_t(const SparseF32& w, const float* tile, int rows, int64_t n0, int64_t n1, const Output& out) {
-  constexpr int64_t kStride = kVec * T;
   constexpr int kSets = T >= 3 ? 1 : 2;
-  const uint32_t k_max = static_cast<uint32_t>(w.k - 1);
+  constexpr int64_t kPanelBytes = kPanel * kVec * T * 4;
+  const int64_t per_pass = kPassBytes / kPanelBytes > 1 ? kPassBytes / kPanelBytes : 1;
   Staging<T> st;
-  for (int64_t g = n0; g < n1; g += 8) {
-    const int nr = n1 - g < 8 ? static_cast<int>(n1 - g) : 8;
-    for (int i = 0; i < nr; ++i) {
-      const int64_t n = g + i;
-      __m256 acc[kSets][T];
-      for (int s = 0; s < kSets; ++s)
-        for (int t = 0; t < T; ++t) acc[s][t] = _mm256_setzero_ps();
-      int32_t b = w.row_ptr[n];
-      const int32_t e = w.row_ptr[n + 1];
-      const auto step = [&](int s, int32_t blk) {
-        uint32_t c = w.cols[blk];
-        c = c < k_max ? c : k_max;
-        const float* p = tile + c * kStride;
-        const __m256 wv = _mm256_set1_ps(w.values[blk]);
-        for (int t = 0; t < T; ++t) acc[s][t] = _mm256_fmadd_ps(wv, _mm256_load_ps(p + kVec * t), acc[s][t]);
-      };
-      for (; b + kSets <= e; b += kSets) {
-        for (int s = 0; s < kSets; ++s) step(s, b + s);
-      }
-      for (; b < e; ++b) step(0, b);
-      const __m256 bias = _mm256_set1_ps(w.bias ? w.bias[n] : 0.0f);
-      for (int t = 0; t < T; ++t) {
-        __m256 v = kSets == 2 ? _mm256_add_ps(acc[0][t], acc[kSets - 1][t]) : acc[0][t];
-        if (w.bias) v = _mm256_add_ps(v, bias);
-        _mm256_store_ps(reinterpret_cast<float*>(st.v[t][i]), activate(v, out.act));
+  alignas(32) __m256 part[kGroup][T];
+  for (int64_t g0 = n0; g0 < n1; g0 += kGroup) {
+    const int gn = n1 - g0 < kGroup ? static_cast<int>(n1 - g0) : kGroup;
+    for (int64_t c0 = 0; c0 < w.panels; c0 += per_pass) {
+      const int64_t c1 = c0 + per_pass < w.panels ? c0 + per_pass : w.panels;
+      const bool last = c1 == w.panels;
+      for (int i = 0; i < gn; ++i) {
+        const int64_t n = g0 + i;
+        __m256 init[T], acc[T];
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) init[t] = c0 == 0 ? _mm256_setzero_ps() : part[i][t];
+        f32_row<T, kSets>(w, tile, n, c0, c1, init, acc);
+        if (!last) {
+#pragma GCC unroll 8
+          for (int t = 0; t < T; ++t) part[i][t] = acc[t];
+          continue;
+        }
+        const int r = i & 7;
+        const __m256 bias = _mm256_set1_ps(w.bias ? w.bias[n] : 0.0f);
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) {
+          __m256 v = acc[t];
+          if (w.bias) v = _mm256_add_ps(v, bias);
+          _mm256_store_ps(reinterpret_cast<float*>(st.v[t][r]), activate(v, out.act));
+        }
+        if (r == 7 || i == gn - 1) store_group<T>(st, r + 1, rows, n - r, out, false);
       }
     }
-    store_group<T>(st, nr, rows, g, out, false);
   }
 }
 

@@ -7,6 +7,7 @@
 // and the 16x16 result is transposed before it is stored as (M, N).
 #include <immintrin.h>
 
+#include <cstdlib>
 #include <cstring>
 
 #include "common.h"
@@ -16,6 +17,17 @@ namespace {
 
 constexpr int kVec = 16;
 constexpr int kMaxT = 4;  // 64 tokens per tile
+
+// acc += u8 x s8 dot products of 4 (vpdpbusd). Inline asm ties the accumulator to one register: with the
+// intrinsic GCC 12 copies every accumulator to a temporary and back (and with 24 of them, spills them).
+inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+#if defined(__GNUC__)
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+#else
+  return _mm512_dpbusd_epi32(acc, u8, s8);
+#endif
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Vector math
@@ -62,22 +74,26 @@ inline __m512 activate(__m512 v, int act) {
 // In-place transpose of 16 rows of 16 32-bit lanes.
 inline void transpose16(__m512i r[16]) {
   __m512i t[16];
+#pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
   }
+#pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {
     r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
     r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
     r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
     r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
   }
+#pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {
     t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
     t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
     t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
     t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
   }
+#pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {
     r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
     r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
@@ -126,6 +142,7 @@ inline void token_params(const float* x, int64_t k, float* inv, float* scale) {
 // 4 (w % 4) + w / 4: the lane order of packs; callers undo it (kUnpermute) or fold it into their stores.
 inline __m512i quant64(const float* x, int64_t valid, __m512 inv) {
   __m512i q[4];
+#pragma GCC unroll 4
   for (int j = 0; j < 4; ++j) {
     const __m512 v = _mm512_maskz_loadu_ps(mask16(valid - 16 * j), x + 16 * j);
     q[j] = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));  // round half to even (MXCSR default)
@@ -153,12 +170,14 @@ void quant_tile(const float* x, int64_t ldx, int rows, int64_t k, int mtp, void*
     }
     for (int64_t k0 = 0; k0 < k; k0 += 64) {
       __m512i v[16];
+#pragma GCC unroll 16
       for (int r = 0; r < kVec; ++r) {
         v[r] = r < nrow ? quant64(x + (g + r) * ldx + k0, k - k0, _mm512_set1_ps(inv[r]))
                         : _mm512_set1_epi8(static_cast<char>(0x80));
       }
       transpose16(v);
       const int64_t kb0 = k0 / 4;
+#pragma GCC unroll 16
       for (int p = 0; p < 16; ++p) {
         const int64_t b = kb0 + word_at(p);
         if (b < kb) _mm512_store_si512(tile + b * stride + g * 4, v[p]);
@@ -199,15 +218,20 @@ inline void store_group(Staging<T>& st, int nr, int rows, int64_t n0, const Outp
   for (int t = 0; t < T; ++t) {
     if (t * kVec >= rows) break;
     __m512i r[16];
+#pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(st.v[t][i]);
     transpose16(r);
     const int nt = rows - t * kVec < kVec ? rows - t * kVec : kVec;
-    for (int j = 0; j < nt; ++j) {
+    // Constant indices only (a loop to nt would index r at run time and push it to memory).
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      if (j >= nt) break;
       const int64_t row = out.m0 + t * kVec + j;
-      if (out.yi) {
-        _mm512_mask_storeu_epi32(out.yi + row * out.ldy + n0, cm, r[j]);
+      void* dst = out.yi ? static_cast<void*>(out.yi + row * out.ldy + n0) : static_cast<void*>(out.y + row * out.ldy + n0);
+      if (nr == 16) {
+        _mm512_storeu_si512(dst, r[j]);
       } else {
-        _mm512_mask_storeu_ps(out.y + row * out.ldy + n0, cm, _mm512_castsi512_ps(r[j]));
+        _mm512_mask_storeu_epi32(dst, cm, r[j]);
       }
     }
   }
@@ -216,59 +240,117 @@ inline void store_group(Staging<T>& st, int nr, int rows, int64_t n0, const Outp
 // ---------------------------------------------------------------------------------------------------------------
 // Sparse int8 (4-block) x dense activations
 
+// Tile bytes one pass over the column panels may span, so that the slice of the activation tile a group of rows
+// reads stays in L1: the activation loads are most of the kernel's memory operations, and from L2 they run at
+// about half speed. Larger tiles are cut into passes, with partial sums kept per row between passes.
+int64_t g_pass_bytes = [] {
+  const char* e = std::getenv("HF_SPARSE_PASS_BYTES");  // EXPERIMENT
+  return e ? std::atol(e) : 32768l;
+}();
+constexpr int kGroup = 64;  // rows per group that share a pass (a multiple of 16)
+constexpr int64_t kOnePassBytes = 49152;  // a tile up to this size is read in one pass (L1 + a little L2)
+
+// Panels per pass for a tile of `columns` columns of `bytes` bytes each.
+inline int64_t passes_of(int64_t columns, int64_t bytes, int64_t panels) {
+  if (columns * bytes <= kOnePassBytes) return panels;
+  const int64_t per = g_pass_bytes / (kPanel * bytes);
+  return per > 1 ? per : 1;
+}
+
+// Sums of row n over panels c0..c1-1 for a tile of 16 T tokens: res[t] = init[t] + sum_b dpbusd(tile[cols[b]]
+// [16 t ..], values[b]). S independent accumulator sets (consecutive blocks go to different sets) hide vpdpbusd's
+// latency and halve the loop overhead. Kept in its own function with constant-index arrays only: GCC then keeps
+// every accumulator in a register (with the epilogue in the same scope it spilled them).
+template <int T, int S>
+__attribute__((always_inline)) inline void i8_row(const SparseI8& w, const uint8_t* tile, int64_t n, int64_t c0,
+                                                  int64_t c1, const __m512i* init, __m512i* res) {
+  constexpr int64_t kStride = 64 * T;  // bytes per kb in a tile of 16 T tokens
+  const uint32_t kb_max = static_cast<uint32_t>(w.kb - 1);
+  const uint16_t* cols = w.cols;
+  const int32_t* vals = w.values;
+  __m512i acc[S][T];
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) acc[s][t] = s == 0 ? init[t] : _mm512_setzero_si512();
+  for (int64_t c = c0; c < c1; ++c) {
+    const int32_t e = w.ptr[c * w.n + n + 1];
+    // S blocks per iteration; past the end a step repeats block b with weight 0 (selects, not branches: the
+    // number of blocks per row varies, and a mispredicted exit costs as much as a few blocks).
+    for (int32_t b = w.ptr[c * w.n + n]; b < e; b += S) {
+#pragma GCC unroll 8
+      for (int s = 0; s < S; ++s) {
+        const bool valid = s == 0 || b + s < e;
+        const int32_t j = valid ? b + s : b;
+        uint32_t col = cols[j];
+        col = col < kb_max ? col : kb_max;  // never read outside the tile, whatever the indices hold
+        const uint8_t* p = tile + col * kStride;
+        const __m512i wv = _mm512_set1_epi32(valid ? vals[j] : 0);
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) acc[s][t] = dpbusd(acc[s][t], _mm512_load_si512(p + 64 * t), wv);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) {
+    __m512i a = acc[0][t];
+#pragma GCC unroll 8
+    for (int s = 1; s < S; ++s) a = _mm512_add_epi32(a, acc[s][t]);
+    res[t] = a;
+  }
+}
+
 template <int T>
 void i8_sparse_t(const SparseI8& w, const uint8_t* tile, int rows, const float* sx, int64_t n0, int64_t n1,
                  const Output& out) {
-  constexpr int64_t kStride = 64 * T;  // bytes per kb in a tile of 16 T tokens
-  constexpr int kSets = T >= 3 ? 1 : 2;  // >= 4 independent accumulator chains hide vpdpbusd's latency
-  const uint32_t kb_max = static_cast<uint32_t>(w.kb - 1);
+  constexpr int kSets = T >= 3 ? 2 : 4;
+  const int64_t per_pass = passes_of(w.kb, 64 * T, w.panels);
   __m512 vsx[T];
+#pragma GCC unroll 8
   for (int t = 0; t < T; ++t) vsx[t] = _mm512_maskz_loadu_ps(mask16(rows - t * kVec), sx + t * kVec);
   Staging<T> st;
-  for (int64_t g = n0; g < n1; g += 16) {
-    const int nr = n1 - g < 16 ? static_cast<int>(n1 - g) : 16;
-    for (int i = 0; i < nr; ++i) {
-      const int64_t n = g + i;
-      __m512i acc[kSets][T];
-      for (int s = 0; s < kSets; ++s)
-        for (int t = 0; t < T; ++t) acc[s][t] = _mm512_setzero_si512();
-      int32_t b = w.row_ptr[n];
-      const int32_t e = w.row_ptr[n + 1];
-      for (; b + kSets <= e; b += kSets) {
-        for (int s = 0; s < kSets; ++s) {
-          uint32_t c = w.cols[b + s];
-          c = c < kb_max ? c : kb_max;  // never read outside the tile, whatever the indices hold
-          const uint8_t* p = tile + c * kStride;
-          const __m512i wv = _mm512_set1_epi32(w.values[b + s]);
-          for (int t = 0; t < T; ++t) {
-            acc[s][t] = _mm512_dpbusd_epi32(acc[s][t], _mm512_load_si512(p + 64 * t), wv);
-          }
+  alignas(64) __m512i part[kGroup][T];  // partial sums of the group's rows between passes
+  for (int64_t g0 = n0; g0 < n1; g0 += kGroup) {
+    const int gn = n1 - g0 < kGroup ? static_cast<int>(n1 - g0) : kGroup;
+    for (int64_t c0 = 0; c0 < w.panels; c0 += per_pass) {
+      const int64_t c1 = c0 + per_pass < w.panels ? c0 + per_pass : w.panels;
+      const bool last = c1 == w.panels;
+      for (int i = 0; i < gn; ++i) {
+        const int64_t n = g0 + i;
+        __m512i init[T], acc[T];
+        if (c0 == 0) {
+          // Start from -128 * sum(w): takes back the +128 shift of the u8 activations.
+          const __m512i corr = _mm512_set1_epi32(-128 * w.weight_sum[n]);
+#pragma GCC unroll 8
+          for (int t = 0; t < T; ++t) init[t] = corr;
+        } else {
+#pragma GCC unroll 8
+          for (int t = 0; t < T; ++t) init[t] = _mm512_load_si512(&part[i][t]);
         }
-      }
-      for (; b < e; ++b) {
-        uint32_t c = w.cols[b];
-        c = c < kb_max ? c : kb_max;
-        const uint8_t* p = tile + c * kStride;
-        const __m512i wv = _mm512_set1_epi32(w.values[b]);
-        for (int t = 0; t < T; ++t) acc[0][t] = _mm512_dpbusd_epi32(acc[0][t], _mm512_load_si512(p + 64 * t), wv);
-      }
-      const __m512i corr = _mm512_set1_epi32(128 * w.weight_sum[n]);
-      const __m512 sw = _mm512_set1_ps(w.scale[n]);
-      const __m512 bias = _mm512_set1_ps(w.bias ? w.bias[n] : 0.0f);
-      for (int t = 0; t < T; ++t) {
-        __m512i a = kSets == 2 ? _mm512_add_epi32(acc[0][t], acc[kSets - 1][t]) : acc[0][t];
-        a = _mm512_sub_epi32(a, corr);
-        if (out.yi) {
-          _mm512_store_si512(st.v[t][i], a);
+        i8_row<T, kSets>(w, tile, n, c0, c1, init, acc);
+        if (!last) {
+#pragma GCC unroll 8
+          for (int t = 0; t < T; ++t) _mm512_store_si512(&part[i][t], acc[t]);
           continue;
         }
-        // ((acc * scale_x) * scale_w) + bias, rounded in that order like the reference.
-        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), vsx[t]), sw);
-        if (w.bias) v = _mm512_add_ps(v, bias);
-        _mm512_store_ps(reinterpret_cast<float*>(st.v[t][i]), activate(v, out.act));
+        const int r = i & 15;
+        if (out.yi) {
+#pragma GCC unroll 8
+          for (int t = 0; t < T; ++t) _mm512_store_si512(st.v[t][r], acc[t]);
+        } else {
+          const __m512 sw = _mm512_set1_ps(w.scale[n]);
+          const __m512 bias = _mm512_set1_ps(w.bias ? w.bias[n] : 0.0f);
+#pragma GCC unroll 8
+          for (int t = 0; t < T; ++t) {
+            // ((acc * scale_x) * scale_w) + bias, rounded in that order like the reference.
+            __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[t]), vsx[t]), sw);
+            if (w.bias) v = _mm512_add_ps(v, bias);
+            _mm512_store_ps(reinterpret_cast<float*>(st.v[t][r]), activate(v, out.act));
+          }
+        }
+        if (r == 15 || i == gn - 1) store_group<T>(st, r + 1, rows, n - r, out);
       }
     }
-    store_group<T>(st, nr, rows, g, out);
   }
 }
 
@@ -288,32 +370,47 @@ void i8_sparse(const SparseI8& w, const void* tile, int mtp, int rows, const flo
 // 64-byte (16 channels x 4 features) vectors.
 
 template <int MR, int NP>
-void dense_micro(const DenseI8& w, const uint8_t* xq, int64_t ldq, const float* sx, int64_t p, int64_t m,
-                 const Output& out) {
+__attribute__((always_inline)) inline void dense_acc(const int8_t* wp, int64_t pstride, const uint8_t* xr,
+                                                     int64_t ldq, int64_t kb, __m512i* res) {
   __m512i acc[MR][NP];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
     for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_si512();
-  const int8_t* wp = w.packed + p * w.kb * 64;
-  const int64_t pstride = w.kb * 64;
-  const uint8_t* xr = xq + m * ldq;
-  for (int64_t b = 0; b < w.kb; ++b) {
+  for (int64_t b = 0; b < kb; ++b) {
     __m512i wv[NP];
+#pragma GCC unroll 8
     for (int j = 0; j < NP; ++j) wv[j] = _mm512_loadu_si512(wp + j * pstride + b * 64);
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       int32_t xw;
       std::memcpy(&xw, xr + i * ldq + b * 4, 4);
       const __m512i xv = _mm512_set1_epi32(xw);
-      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv, wv[j]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NP; ++j) acc[i][j] = dpbusd(acc[i][j], xv, wv[j]);
     }
   }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) res[i * NP + j] = acc[i][j];
+}
+
+template <int MR, int NP>
+void dense_micro(const DenseI8& w, const uint8_t* xq, int64_t ldq, const float* sx, int64_t p, int64_t m,
+                 const Output& out) {
+  __m512i acc[MR * NP];
+  dense_acc<MR, NP>(w.packed + p * w.kb * 64, w.kb * 64, xq + m * ldq, ldq, w.kb, acc);
+#pragma GCC unroll 4
   for (int j = 0; j < NP; ++j) {
     const int64_t n = (p + j) * 16;
     const __mmask16 cm = mask16(w.n - n);
     const __m512i corr = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(cm, w.weight_sum + n), 7);
     const __m512 sw = _mm512_maskz_loadu_ps(cm, w.scale + n);
     const __m512 bias = w.bias ? _mm512_maskz_loadu_ps(cm, w.bias + n) : _mm512_setzero_ps();
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const __m512i a = _mm512_sub_epi32(acc[i][j], corr);
+      const __m512i a = _mm512_sub_epi32(acc[i * NP + j], corr);
       const int64_t row = out.m0 + m + i;
       if (out.yi) {
         _mm512_mask_storeu_epi32(out.yi + row * out.ldy + n, cm, a);
@@ -369,57 +466,94 @@ void f32_tile(const float* x, int64_t ldx, int rows, int64_t k, int mtp, float* 
     for (int64_t k0 = 0; k0 < k; k0 += 16) {
       const __mmask16 km = mask16(k - k0);
       __m512i v[16];
+#pragma GCC unroll 16
       for (int r = 0; r < kVec; ++r) {
         v[r] = r < nrow ? _mm512_maskz_loadu_epi32(km, x + (g + r) * ldx + k0) : _mm512_setzero_si512();
       }
       transpose16(v);
       const int kn = k - k0 < 16 ? static_cast<int>(k - k0) : 16;
-      for (int i = 0; i < kn; ++i) _mm512_store_si512(tile + (k0 + i) * mtp + g, v[i]);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        if (i < kn) _mm512_store_si512(tile + (k0 + i) * mtp + g, v[i]);
+      }
     }
+  }
+}
+
+template <int T, int S>
+__attribute__((always_inline)) inline void f32_row(const SparseF32& w, const float* tile, int64_t n, int64_t c0,
+                                                   int64_t c1, const __m512* init, __m512* res) {
+  constexpr int64_t kStride = kVec * T;  // floats per input feature in a tile
+  const uint32_t k_max = static_cast<uint32_t>(w.k - 1);
+  __m512 acc[S][T];
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) acc[s][t] = s == 0 ? init[t] : _mm512_setzero_ps();
+  const auto step = [&](int s, int32_t blk) __attribute__((always_inline)) {
+    uint32_t c = w.cols[blk];
+    c = c < k_max ? c : k_max;
+    const float* p = tile + c * kStride;
+    const __m512 wv = _mm512_set1_ps(w.values[blk]);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) acc[s][t] = _mm512_fmadd_ps(wv, _mm512_load_ps(p + kVec * t), acc[s][t]);
+  };
+  for (int64_t c = c0; c < c1; ++c) {
+    int32_t b = w.ptr[c * w.n + n];
+    const int32_t e = w.ptr[c * w.n + n + 1];
+    for (; b + S <= e; b += S) {
+#pragma GCC unroll 8
+      for (int s = 0; s < S; ++s) step(s, b + s);
+    }
+#pragma GCC unroll 8
+    for (int s = 0; s + 1 < S; ++s) {
+      if (b + s < e) step(s, b + s);
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) {
+    __m512 a = acc[0][t];
+#pragma GCC unroll 8
+    for (int s = 1; s < S; ++s) a = _mm512_add_ps(a, acc[s][t]);
+    res[t] = a;
   }
 }
 
 template <int T>
 void f32_sparse_t(const SparseF32& w, const float* tile, int rows, int64_t n0, int64_t n1, const Output& out) {
-  constexpr int64_t kStride = kVec * T;  // floats per input feature in a tile
-  constexpr int kSets = T >= 3 ? 1 : 2;
-  const uint32_t k_max = static_cast<uint32_t>(w.k - 1);
+  constexpr int kSets = T >= 3 ? 2 : 4;
+  const int64_t per_pass = passes_of(w.k, 64 * T, w.panels);
+  Output o = out;
+  o.yi = nullptr;
   Staging<T> st;
-  for (int64_t g = n0; g < n1; g += 16) {
-    const int nr = n1 - g < 16 ? static_cast<int>(n1 - g) : 16;
-    for (int i = 0; i < nr; ++i) {
-      const int64_t n = g + i;
-      __m512 acc[kSets][T];
-      for (int s = 0; s < kSets; ++s)
-        for (int t = 0; t < T; ++t) acc[s][t] = _mm512_setzero_ps();
-      int32_t b = w.row_ptr[n];
-      const int32_t e = w.row_ptr[n + 1];
-      for (; b + kSets <= e; b += kSets) {
-        for (int s = 0; s < kSets; ++s) {
-          uint32_t c = w.cols[b + s];
-          c = c < k_max ? c : k_max;
-          const float* p = tile + c * kStride;
-          const __m512 wv = _mm512_set1_ps(w.values[b + s]);
-          for (int t = 0; t < T; ++t) acc[s][t] = _mm512_fmadd_ps(wv, _mm512_load_ps(p + kVec * t), acc[s][t]);
+  alignas(64) __m512 part[kGroup][T];
+  for (int64_t g0 = n0; g0 < n1; g0 += kGroup) {
+    const int gn = n1 - g0 < kGroup ? static_cast<int>(n1 - g0) : kGroup;
+    for (int64_t c0 = 0; c0 < w.panels; c0 += per_pass) {
+      const int64_t c1 = c0 + per_pass < w.panels ? c0 + per_pass : w.panels;
+      const bool last = c1 == w.panels;
+      for (int i = 0; i < gn; ++i) {
+        const int64_t n = g0 + i;
+        __m512 init[T], acc[T];
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) init[t] = c0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(&part[i][t]);
+        f32_row<T, kSets>(w, tile, n, c0, c1, init, acc);
+        if (!last) {
+#pragma GCC unroll 8
+          for (int t = 0; t < T; ++t) _mm512_store_ps(&part[i][t], acc[t]);
+          continue;
         }
-      }
-      for (; b < e; ++b) {
-        uint32_t c = w.cols[b];
-        c = c < k_max ? c : k_max;
-        const float* p = tile + c * kStride;
-        const __m512 wv = _mm512_set1_ps(w.values[b]);
-        for (int t = 0; t < T; ++t) acc[0][t] = _mm512_fmadd_ps(wv, _mm512_load_ps(p + kVec * t), acc[0][t]);
-      }
-      const __m512 bias = _mm512_set1_ps(w.bias ? w.bias[n] : 0.0f);
-      for (int t = 0; t < T; ++t) {
-        __m512 v = kSets == 2 ? _mm512_add_ps(acc[0][t], acc[kSets - 1][t]) : acc[0][t];
-        if (w.bias) v = _mm512_add_ps(v, bias);
-        _mm512_store_ps(reinterpret_cast<float*>(st.v[t][i]), activate(v, out.act));
+        const int r = i & 15;
+        const __m512 bias = _mm512_set1_ps(w.bias ? w.bias[n] : 0.0f);
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) {
+          __m512 v = acc[t];
+          if (w.bias) v = _mm512_add_ps(v, bias);
+          _mm512_store_ps(reinterpret_cast<float*>(st.v[t][r]), activate(v, out.act));
+        }
+        if (r == 15 || i == gn - 1) store_group<T>(st, r + 1, rows, n - r, o);
       }
     }
-    Output o = out;
-    o.yi = nullptr;
-    store_group<T>(st, nr, rows, g, o);
   }
 }
 

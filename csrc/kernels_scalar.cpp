@@ -98,14 +98,16 @@ void i8_sparse(const SparseI8& w, const void* tile_, int mtp, int rows, const fl
   int32_t acc[kTile];
   for (int64_t n = n0; n < n1; ++n) {
     for (int r = 0; r < rows; ++r) acc[r] = 0;
-    for (int32_t b = w.row_ptr[n]; b < w.row_ptr[n + 1]; ++b) {
-      int64_t c = w.cols[b];
-      c = c < w.kb ? c : w.kb - 1;  // never read outside the tile, whatever the indices hold
-      int8_t q[4];
-      std::memcpy(q, &w.values[b], 4);
-      const int8_t* t = tile + c * mtp * 4;
-      for (int r = 0; r < rows; ++r) {
-        acc[r] += t[r * 4] * q[0] + t[r * 4 + 1] * q[1] + t[r * 4 + 2] * q[2] + t[r * 4 + 3] * q[3];
+    for (int64_t p = 0; p < w.panels; ++p) {
+      for (int32_t b = w.ptr[p * w.n + n]; b < w.ptr[p * w.n + n + 1]; ++b) {
+        int64_t c = w.cols[b];
+        c = c < w.kb ? c : w.kb - 1;  // never read outside the tile, whatever the indices hold
+        int8_t q[4];
+        std::memcpy(q, &w.values[b], 4);
+        const int8_t* t = tile + c * mtp * 4;
+        for (int r = 0; r < rows; ++r) {
+          acc[r] += t[r * 4] * q[0] + t[r * 4 + 1] * q[1] + t[r * 4 + 2] * q[2] + t[r * 4 + 3] * q[3];
+        }
       }
     }
     for (int r = 0; r < rows; ++r) store_i8(out, out.m0 + r, n, acc[r], sx[r], w.scale, w.bias);
@@ -142,12 +144,14 @@ void f32_sparse(const SparseF32& w, const float* tile, int mtp, int rows, int64_
   float acc[kTile];
   for (int64_t n = n0; n < n1; ++n) {
     for (int r = 0; r < rows; ++r) acc[r] = 0.0f;
-    for (int32_t b = w.row_ptr[n]; b < w.row_ptr[n + 1]; ++b) {
-      int64_t c = w.cols[b];
-      c = c < w.k ? c : w.k - 1;
-      const float v = w.values[b];
-      const float* t = tile + c * mtp;
-      for (int r = 0; r < rows; ++r) acc[r] += v * t[r];
+    for (int64_t p = 0; p < w.panels; ++p) {
+      for (int32_t b = w.ptr[p * w.n + n]; b < w.ptr[p * w.n + n + 1]; ++b) {
+        int64_t c = w.cols[b];
+        c = c < w.k ? c : w.k - 1;
+        const float v = w.values[b];
+        const float* t = tile + c * mtp;
+        for (int r = 0; r < rows; ++r) acc[r] += v * t[r];
+      }
     }
     for (int r = 0; r < rows; ++r) {
       float v = acc[r];

@@ -70,17 +70,18 @@ int threads_for(double ops, int nthreads) {
   return static_cast<int>(std::min<double>(nthreads, cap));
 }
 
-// Row ranges of about equal cost (blocks + kRowCost per row), boundaries on multiples of 16 rows so each thread
-// writes whole 16-column strips of the output.
-void split_rows(const int32_t* row_ptr, int64_t n, int parts, int part, int64_t* lo, int64_t* hi) {
+// Row ranges of about equal cost (entries + kRowCost per row; rows alone without a prefix), boundaries on
+// multiples of 16 rows so each thread writes whole 16-column strips of the output.
+void split_rows(const int64_t* prefix, int64_t n, int parts, int part, int64_t* lo, int64_t* hi) {
+  const auto cost = [&](int64_t r) { return (prefix ? static_cast<double>(prefix[r]) : 0.0) + kRowCost * r; };
   const auto bound = [&](int i) -> int64_t {
     if (i <= 0) return 0;
     if (i >= parts) return n;
-    const double target = (row_ptr[n] + kRowCost * static_cast<double>(n)) * i / parts;
+    const double target = cost(n) * i / parts;
     int64_t a = 0, b = n;
     while (a < b) {
       const int64_t mid = (a + b) / 2;
-      if (row_ptr[mid] + kRowCost * static_cast<double>(mid) < target) {
+      if (cost(mid) < target) {
         a = mid + 1;
       } else {
         b = mid;
@@ -116,7 +117,7 @@ struct SparseJob {
   float* sx;          // token split: mt scales per thread; row split: one per token
   SpinBarrier* barrier;
 
-  const int32_t* row_ptr() const { return int8 ? wi.row_ptr : wf.row_ptr; }
+  const int64_t* row_prefix() const { return int8 ? wi.row_prefix : wf.row_prefix; }
 
   void pack(const float* xt, int rows, int mtp, char* tile, float* s) const {
     if (int8) {
@@ -159,7 +160,7 @@ struct SparseJob {
     }
     if (nt > 1) barrier->wait();
     int64_t lo, hi;
-    split_rows(row_ptr(), n, nt, tid, &lo, &hi);
+    split_rows(row_prefix(), n, nt, tid, &lo, &hi);
     for (int64_t i = 0; i < ntiles; ++i) {
       const int rows = static_cast<int>(std::min(mt, m - i * mt));
       multiply(tiles + i * tile_bytes, static_cast<int>(round_up(rows, gran)), rows, sx + i * mt, lo, hi, i * mt);
@@ -173,6 +174,7 @@ void run_sparse(SparseJob& job, int64_t nnz, int nthreads) {
   const IsaKernels& isa = *job.isa;
   job.gran = isa.tile_tokens;
   job.mt = isa.max_tile;
+  if (const char* e = std::getenv("HF_SPARSE_MAX_TILE")) job.mt = std::atoi(e);  // EXPERIMENT
   const int64_t m = job.m;
   // Vector operations: one per stored group and token vector, plus quantization and the output epilogue.
   const double vec = static_cast<double>(ceil_div(m, 16));
@@ -225,8 +227,9 @@ void dense_job_fn(void* ctx, int tid, int nt) { static_cast<const DenseJob*>(ctx
 void linear_i8_sparse(const SparseI8& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out,
                       int nthreads) {
   if (m_rows <= 0 || w.n <= 0) return;
+  const IsaKernels& isa = active_kernels();
   SparseJob job{};
-  job.isa = &active_kernels();
+  job.isa = &isa;
   job.int8 = true;
   job.wi = w;
   job.x = x;
@@ -235,7 +238,7 @@ void linear_i8_sparse(const SparseI8& w, const float* x, int64_t ldx, int64_t m_
   job.n = w.n;
   job.k = w.k;
   job.out = out;
-  run_sparse(job, w.row_ptr[w.n], nthreads);
+  run_sparse(job, w.ptr[w.panels * w.n], nthreads);
 }
 
 void linear_f32_sparse(const SparseF32& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out,
@@ -251,7 +254,7 @@ void linear_f32_sparse(const SparseF32& w, const float* x, int64_t ldx, int64_t 
   job.n = w.n;
   job.k = w.k;
   job.out = out;
-  run_sparse(job, w.row_ptr[w.n], nthreads);
+  run_sparse(job, w.ptr[w.panels * w.n], nthreads);
 }
 
 void linear_i8_dense(const DenseI8& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out, int nthreads) {

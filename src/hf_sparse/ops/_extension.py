@@ -14,7 +14,7 @@ import warnings
 import torch
 
 
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _ISA_ENV = "HF_SPARSE_ISA"
 
 _C = None

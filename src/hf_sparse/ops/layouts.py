@@ -19,6 +19,7 @@ from ..utils.registry import Registry
 
 
 MAX_IN_FEATURES = 65536  # 255 * 127 * K must fit int32 (u8 x s8 sums), and block indices are uint16
+PANEL = 128  # columns per panel of the sparse layouts (4-blocks for int8, input features for fp32)
 
 
 class Layout(str, enum.Enum):
@@ -26,8 +27,9 @@ class Layout(str, enum.Enum):
 
     INT8_BLOCK4 = "int8_block4"
     """int8 4-block sparse. A 4-block is 4 consecutive input features of one output row (features 4c .. 4c+3);
-    the blocks holding a nonzero are stored row by row, in column order:
-    `row_ptr` int32 (N+1,): row n owns blocks row_ptr[n] .. row_ptr[n+1]-1;
+    the blocks holding a nonzero are stored in column panels of 64 blocks (256 features), panel by panel, then
+    row by row, then in column order (panel-major CSR):
+    `ptr` int32 (P*N+1,), P = ceil(ceil(K/4) / 64): row n's blocks in panel p are ptr[p*N+n] .. ptr[p*N+n+1]-1;
     `cols` uint16 (nnzb,): block column c; `values` int32 (nnzb,): the 4 int8 codes, byte j = feature 4c+j
     (little-endian; 0 past in_features); `weight_sum` int32 (N,): sum of row n's codes;
     `weight_scale` float32 (N,). Unstructured int8 weights are padded to 4-blocks."""
@@ -38,7 +40,9 @@ class Layout(str, enum.Enum):
     Plus `weight_sum` int32 (N,) and `weight_scale` float32 (N,)."""
 
     FP32_CSR = "fp32_csr"
-    """float32 CSR sparse: `row_ptr` int32 (N+1,), `cols` uint16 (nnz,) input feature, `values` float32 (nnz,)."""
+    """float32 sparse, panel-major CSR over panels of 64 input features: `ptr` int32 (P*N+1,), P = ceil(K/64),
+    row n's entries in panel p are ptr[p*N+n] .. ptr[p*N+n+1]-1; `cols` uint16 (nnz,) input feature;
+    `values` float32 (nnz,)."""
 
     FP32_DENSE = "fp32_dense"
     """float32 dense `weight` (N, K), run by torch (F.linear)."""
@@ -80,15 +84,18 @@ def _check_tensor(
     _check(t.is_contiguous(), f"{where}: {name} must be contiguous; call .contiguous() on it")
 
 
-def _check_row_ptr(row_ptr: torch.Tensor, nnz: int, where: str) -> None:
-    rp = row_ptr.to(torch.int64)
-    _check(int(rp[0]) == 0, f"{where}: row_ptr[0] is {int(rp[0])}, must be 0")
-    steps = rp[1:] - rp[:-1]
-    bad = torch.nonzero(steps < 0)
+def _check_ptr(ptr: torch.Tensor, nnz: int, where: str) -> None:
+    p = ptr.to(torch.int64)
+    _check(int(p[0]) == 0, f"{where}: ptr[0] is {int(p[0])}, must be 0")
+    bad = torch.nonzero(p[1:] < p[:-1])
     if bad.numel():
         i = int(bad[0, 0]) + 1
-        raise ValueError(f"{where}: row_ptr decreases at index {i} ({int(rp[i - 1])} -> {int(rp[i])})")
-    _check(int(rp[-1]) == nnz, f"{where}: row_ptr[-1] is {int(rp[-1])} but there are {nnz} stored entries")
+        raise ValueError(f"{where}: ptr decreases at index {i} ({int(p[i - 1])} -> {int(p[i])})")
+    _check(int(p[-1]) == nnz, f"{where}: ptr[-1] is {int(p[-1])} but there are {nnz} stored entries")
+
+
+def num_panels(columns: int) -> int:
+    return math.ceil(columns / PANEL)
 
 
 def _check_cols(cols: torch.Tensor, limit: int, what: str, where: str) -> None:
@@ -177,13 +184,25 @@ def get_handler(layout: Layout | str) -> LayoutHandler:
     return handler
 
 
-def _csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row pointers and column indices of the True entries of a 2-D mask, row-major."""
-    counts = mask.sum(1, dtype=torch.int64)
-    row_ptr = torch.zeros(mask.shape[0] + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=row_ptr[1:])
-    cols = torch.nonzero(mask)[:, 1]
-    return row_ptr.to(torch.int32), cols.to(torch.int32).to(torch.uint16)
+def _panel_csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Panel-major CSR of the True entries of a 2-D (N, columns) mask: (ptr int32, cols uint16, order), where
+    `order` indexes the entries in the flattened mask, in storage order."""
+    n, columns = mask.shape
+    p = num_panels(columns)
+    panels = F.pad(mask, (0, p * PANEL - columns)).reshape(n, p, PANEL).permute(1, 0, 2)  # (P, N, PANEL)
+    counts = panels.sum(-1, dtype=torch.int64).reshape(-1)
+    ptr = torch.zeros(p * n + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    idx = torch.nonzero(panels)  # (panel, row, column in panel), in storage order
+    cols = idx[:, 0] * PANEL + idx[:, 2]
+    order = idx[:, 1] * columns + cols
+    return ptr.to(torch.int32), cols.to(torch.int32).to(torch.uint16), order
+
+
+def _entry_rows(ptr: torch.Tensor, n: int) -> torch.Tensor:
+    """The output row of each stored entry of a panel-major CSR."""
+    counts = (ptr[1:] - ptr[:-1]).to(torch.int64)
+    return torch.repeat_interleave(torch.arange(counts.numel()) % n, counts)
 
 
 @LAYOUTS.register(Layout.INT8_BLOCK4.value)
@@ -195,12 +214,11 @@ class Int8Block4(LayoutHandler):
     def pack(self, weight, scale):
         n, k = weight.shape
         kb = math.ceil(k / 4)
-        blocks = _pad_to(weight, n, 4 * kb).reshape(n, kb, 4)
-        mask = (blocks != 0).any(-1)
-        row_ptr, cols = _csr(mask)
-        values = blocks[mask].contiguous().view(torch.int32).reshape(-1)
+        blocks = _pad_to(weight, n, 4 * kb).reshape(n * kb, 4)
+        ptr, cols, order = _panel_csr((blocks != 0).any(-1).reshape(n, kb))
+        values = blocks[order].contiguous().view(torch.int32).reshape(-1)
         return {
-            "row_ptr": row_ptr,
+            "ptr": ptr,
             "cols": cols,
             "values": values.contiguous(),
             "weight_sum": weight.sum(1, dtype=torch.int32),
@@ -209,19 +227,18 @@ class Int8Block4(LayoutHandler):
 
     def validate(self, t, out_features, in_features, where):
         n, kb = out_features, math.ceil(in_features / 4)
-        _check_tensor("row_ptr", t.get("row_ptr"), torch.int32, (n + 1,), where)
+        _check_tensor("ptr", t.get("ptr"), torch.int32, (num_panels(kb) * n + 1,), where)
         cols, values = t.get("cols"), t.get("values")
         _check_tensor("cols", cols, torch.uint16, None, where)
         _check_tensor("values", values, torch.int32, (cols.shape[0],), where)
-        _check_row_ptr(t["row_ptr"], cols.shape[0], where)
+        _check_ptr(t["ptr"], cols.shape[0], where)
         _check_cols(cols, kb, "4-blocks per row", where)
         self._validate_epilogue(t, n, where)
 
     def dense_codes(self, t, out_features, in_features):
         n, kb = out_features, math.ceil(in_features / 4)
         codes = torch.zeros(n, kb, 4, dtype=torch.int8)
-        rows = torch.repeat_interleave(torch.arange(n), (t["row_ptr"][1:] - t["row_ptr"][:-1]).to(torch.int64))
-        codes[rows, t["cols"].to(torch.int64)] = t["values"].view(torch.int8).reshape(-1, 4)
+        codes[_entry_rows(t["ptr"], n), t["cols"].to(torch.int64)] = t["values"].view(torch.int8).reshape(-1, 4)
         return codes.reshape(n, 4 * kb)[:, :in_features].contiguous()
 
     def nnz(self, t, out_features, in_features):
@@ -264,24 +281,21 @@ class Fp32Csr(LayoutHandler):
     kind = 2
 
     def pack(self, weight, scale):
-        mask = weight != 0
-        row_ptr, cols = _csr(mask)
-        return {"row_ptr": row_ptr, "cols": cols, "values": weight[mask].float().contiguous()}
+        ptr, cols, order = _panel_csr(weight != 0)
+        return {"ptr": ptr, "cols": cols, "values": weight.reshape(-1)[order].float().contiguous()}
 
     def validate(self, t, out_features, in_features, where):
-        _check_tensor("row_ptr", t.get("row_ptr"), torch.int32, (out_features + 1,), where)
+        _check_tensor("ptr", t.get("ptr"), torch.int32, (num_panels(in_features) * out_features + 1,), where)
         cols, values = t.get("cols"), t.get("values")
         _check_tensor("cols", cols, torch.uint16, None, where)
         _check_tensor("values", values, torch.float32, (cols.shape[0],), where)
-        _check_row_ptr(t["row_ptr"], cols.shape[0], where)
+        _check_ptr(t["ptr"], cols.shape[0], where)
         _check_cols(cols, in_features, "in_features", where)
         self._validate_epilogue(t, out_features, where)
 
     def dense_codes(self, t, out_features, in_features):
         w = torch.zeros(out_features, in_features, dtype=torch.float32)
-        counts = (t["row_ptr"][1:] - t["row_ptr"][:-1]).to(torch.int64)
-        rows = torch.repeat_interleave(torch.arange(out_features), counts)
-        w[rows, t["cols"].to(torch.int64)] = t["values"]
+        w[_entry_rows(t["ptr"], out_features), t["cols"].to(torch.int64)] = t["values"]
         return w
 
     def nnz(self, t, out_features, in_features):

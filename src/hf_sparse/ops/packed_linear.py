@@ -80,7 +80,7 @@ class PackedLinear:
             empty_i32, empty_f32 = torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.float32)
             values = tensors.get("values", tensors.get("panels"))
             self._handle = ext._C.Packed(
-                handler.kind, self.out_features, self.in_features, tensors.get("row_ptr", empty_i32),
+                handler.kind, self.out_features, self.in_features, tensors.get("ptr", empty_i32),
                 tensors.get("cols", torch.empty(0, dtype=torch.uint16)), values.reshape(-1),
                 tensors.get("weight_sum", empty_i32), tensors.get("weight_scale", empty_f32),
                 tensors.get("bias", empty_f32), "bias" in tensors,
@@ -122,7 +122,7 @@ class PackedLinear:
 
     def _call_op(self, x: torch.Tensor) -> torch.Tensor:
         if self._op is not None:
-            return self._op(x, *self._op_args, self.in_features, self.activation)
+            return self._op(x, *self._op_args, self.in_features, self.out_features, self.activation)
         # FP32_DENSE: torch itself (oneDNN/MKL); torch.compile sees plain torch ops.
         if not isinstance(x, torch.Tensor) or x.shape[-1:] != (self.in_features,):
             as_rows(x, self.in_features, "PackedLinear")  # raises the error that names the problem
