@@ -332,6 +332,8 @@ void quantize_raw(uintptr_t x, int64_t m, int64_t k, uintptr_t q, uintptr_t scal
 NB_MODULE(_C, m) {
   using namespace hf_sparse;
   m.doc() = "hf_sparse sparse CPU kernels (use hf_sparse.ops, which checks arguments before calling in here)";
+  // Packed weights held by modules that outlive the interpreter's teardown are reported as leaks otherwise.
+  nb::set_leak_warnings(false);
   m.def("abi_version", []() { return kAbiVersion; });
   m.attr("MAX_IN_FEATURES") = kMaxInFeatures;
   m.attr("PANEL") = kPanel;
@@ -363,6 +365,11 @@ NB_MODULE(_C, m) {
   m.def("set_spin_us", &set_spin_us, "us"_a);
   m.def("spin_us", &spin_us);
   m.def("pool_size", &pool_size);
+  m.def("kernel_calls", []() {
+    nb::dict d;
+    for (const auto& kv : kernel_calls()) d[kv.first.c_str()] = kv.second;
+    return d;
+  }, "Kernel calls so far per instruction set.");
 
   nb::class_<Packed>(m, "Packed")
       .def(nb::init<int, int64_t, int64_t, In1<int32_t>, In1<uint16_t>, nb::ndarray<nb::c_contig>, In1<int32_t>,

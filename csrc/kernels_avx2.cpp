@@ -160,6 +160,22 @@ inline __m256i quant16(const float* x, int64_t valid, __m256 inv) {
 constexpr int kQuantStep = 16;
 #endif
 
+// A token whose amax is subnormal gets inv = inf (1 / amax overflows), exactly as in torch; its codes are then
+// sign(x) * 127 (and 0 for x = 0, from NaN = 0 * inf). Rare enough to patch after the vector pass.
+inline int saturated_code(float v) { return v > 0.0f ? 127 : (v < 0.0f ? -127 : 0); }
+inline bool is_inf(float v) { return v > 3.4028234663852886e38f; }
+
+// Writes code c of feature i of a token whose first element sits at `base` in a tile with kb stride `stride`
+// elements (row-major rows: stride 0, consecutive features).
+inline void put_code(char* tile, int64_t index, int c) {
+#if HF_SPARSE_VNNI
+  tile[index] = static_cast<char>(c + 128);
+#else
+  const int16_t v = static_cast<int16_t>(c);
+  std::memcpy(tile + 2 * index, &v, 2);
+#endif
+}
+
 void quant_tile(const float* x, int64_t ldx, int rows, int64_t k, int mtp, void* tile_, float* sx) {
   char* tile = static_cast<char*>(tile_);
   const int64_t kb = (k + 3) / 4;
@@ -210,6 +226,11 @@ void quant_tile(const float* x, int64_t ldx, int rows, int64_t k, int mtp, void*
       }
 #endif
     }
+    for (int r = 0; r < nrow; ++r) {
+      if (!is_inf(inv[r])) continue;
+      const float* xr = x + (g + r) * ldx;
+      for (int64_t i = 0; i < k; ++i) put_code(tile, ((i >> 2) * mtp + g + r) * 4 + (i & 3), saturated_code(xr[i]));
+    }
   }
 }
 
@@ -237,6 +258,9 @@ void quant_rows(const float* x, int64_t ldx, int rows, int64_t k, void* out_, in
         _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), q);
         std::memcpy(o, tmp, static_cast<size_t>(bytes));
       }
+    }
+    if (is_inf(inv)) {
+      for (int64_t i = 0; i < k; ++i) put_code(out, r * ldo + i, saturated_code(xr[i]));
     }
   }
 }

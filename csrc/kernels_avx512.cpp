@@ -154,6 +154,11 @@ inline __m512i quant64(const float* x, int64_t valid, __m512 inv) {
 
 inline int word_at(int p) { return 4 * (p % 4) + p / 4; }
 
+// A token whose amax is subnormal gets inv = inf (1 / amax overflows), exactly as in torch; its codes are then
+// sign(x) * 127 (and 0 for x = 0, from NaN = 0 * inf). Rare enough to patch after the vector pass.
+inline uint8_t saturated_u8(float v) { return static_cast<uint8_t>((v > 0.0f ? 127 : (v < 0.0f ? -127 : 0)) + 128); }
+inline bool is_inf(float v) { return v > 3.4028234663852886e38f; }
+
 void quant_tile(const float* x, int64_t ldx, int rows, int64_t k, int mtp, void* tile_, float* sx) {
   uint8_t* tile = static_cast<uint8_t*>(tile_);
   const int64_t kb = (k + 3) / 4;
@@ -183,6 +188,11 @@ void quant_tile(const float* x, int64_t ldx, int rows, int64_t k, int mtp, void*
         if (b < kb) _mm512_store_si512(tile + b * stride + g * 4, v[p]);
       }
     }
+    for (int r = 0; r < nrow; ++r) {
+      if (!is_inf(inv[r])) continue;
+      const float* xr = x + (g + r) * ldx;
+      for (int64_t i = 0; i < k; ++i) tile[(i >> 2) * stride + (g + r) * 4 + (i & 3)] = saturated_u8(xr[i]);
+    }
   }
 }
 
@@ -199,6 +209,9 @@ void quant_rows(const float* x, int64_t ldx, int rows, int64_t k, void* out_, in
     for (int64_t k0 = 0; k0 < kp; k0 += 64) {
       const __m512i q = _mm512_permutexvar_epi32(unpermute, quant64(xr + k0, k - k0, vinv));
       _mm512_mask_storeu_epi8(o + k0, mask64(kp - k0), q);
+    }
+    if (is_inf(inv)) {
+      for (int64_t i = 0; i < k; ++i) o[i] = saturated_u8(xr[i]);
     }
   }
 }

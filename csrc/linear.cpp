@@ -1,6 +1,7 @@
 #include "linear.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -59,6 +60,16 @@ class Buffer {
 };
 
 thread_local Buffer t_scratch;
+
+// Calls per instruction set (tests check that the kernel they meant to test ran), indexed like all_isa_names().
+constexpr const char* kCallNames[4] = {"avx512_vnni", "avx2_vnni", "avx2", "scalar"};
+std::atomic<int64_t> g_calls[4];
+
+void count_call(const IsaKernels& isa) {
+  for (int i = 0; i < 4; ++i) {
+    if (std::strcmp(kCallNames[i], isa.name) == 0) g_calls[i].fetch_add(1, std::memory_order_relaxed);
+  }
+}
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -192,6 +203,7 @@ void run_sparse(SparseJob& job, int64_t nnz, int nthreads) {
   job.sx = reinterpret_cast<float*>(buf + tiles_bytes);
   SpinBarrier barrier(nt);
   job.barrier = &barrier;
+  count_call(isa);
   parallel_run(nt, sparse_job_fn, &job);
 }
 
@@ -275,7 +287,14 @@ void linear_i8_dense(const DenseI8& w, const float* x, int64_t ldx, int64_t m_ro
   job.sx = reinterpret_cast<float*>(buf + q_bytes);
   SpinBarrier barrier(nt);
   job.barrier = &barrier;
+  count_call(*job.isa);
   parallel_run(nt, dense_job_fn, &job);
+}
+
+std::vector<std::pair<std::string, int64_t>> kernel_calls() {
+  std::vector<std::pair<std::string, int64_t>> out;
+  for (int i = 0; i < 4; ++i) out.emplace_back(kCallNames[i], g_calls[i].load());
+  return out;
 }
 
 void quantize_rows_i8(const float* x, int64_t ldx, int64_t m_rows, int64_t k, int8_t* q, float* scale) {

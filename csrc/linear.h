@@ -2,6 +2,9 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "common.h"
 
@@ -14,6 +17,9 @@ void linear_i8_sparse(const SparseI8& w, const float* x, int64_t ldx, int64_t m_
 void linear_i8_dense(const DenseI8& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out, int nthreads);
 void linear_f32_sparse(const SparseF32& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out,
                        int nthreads);
+
+// Kernel calls so far per instruction set name (tests assert that the fast path ran).
+std::vector<std::pair<std::string, int64_t>> kernel_calls();
 
 // Quantize x per token like the kernels do (codes as int8, scales as fp32): a debug entry for the tests.
 void quantize_rows_i8(const float* x, int64_t ldx, int64_t m_rows, int64_t k, int8_t* q, float* scale);

@@ -93,6 +93,11 @@ def get_num_threads() -> int:
     return _num_threads if _num_threads is not None else torch.get_num_threads()
 
 
+def kernel_calls() -> dict[str, int]:
+    """Kernel calls so far per instruction set (all zero without the extension): tests assert the fast path ran."""
+    return dict(_C.kernel_calls()) if _C is not None else {}
+
+
 def set_spin_us(us: int) -> None:
     """Microseconds the kernel threads keep spinning for the next call before they sleep (HF_SPARSE_SPIN_US)."""
     if isinstance(us, bool) or not isinstance(us, int) or us < 0:

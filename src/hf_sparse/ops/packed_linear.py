@@ -100,20 +100,29 @@ class PackedLinear:
 
     def __call__(self, x: torch.Tensor):
         h = self._handle
+        # Straight to the kernel unless something traces: torch.compile (checked first, so that Dynamo stops
+        # here), fake or subclass tensors, dispatch or function modes, autograd.
         if (
             h is not None
+            and not torch.compiler.is_compiling()
             and type(x) is torch.Tensor
             and x.is_cpu
             and not (x.requires_grad and torch.is_grad_enabled())
             and not _len_torch_dispatch_stack()
             and not _is_torch_function_mode_enabled()
-            and not torch.compiler.is_compiling()
         ):
             k, shape = self.in_features, x.shape
             if x.dtype is not torch.float32 or len(shape) == 0 or shape[-1] != k or not x.is_contiguous():
                 x = as_rows(x, k, "PackedLinear")  # float32, contiguous; raises naming a wrong shape or dtype
             out = torch.empty((*shape[:-1], self.out_features), dtype=torch.float32)
-            h.run(x.data_ptr(), x.numel() // k, out.data_ptr(), self._act, ext._num_threads or torch.get_num_threads(), False)
+            h.run(
+                x.data_ptr(),
+                x.numel() // k,
+                out.data_ptr(),
+                self._act,
+                ext._num_threads or torch.get_num_threads(),
+                False,
+            )
         else:
             out = self._call_op(x)
         if self.splits is not None:

@@ -1,0 +1,122 @@
+"""Every kernel under every instruction set this machine runs, against the pure-torch references.
+
+int8: outputs must be bit-identical to numerics.int8_linear_reference (no fused activation) and the int32 sums
+exact; fp32 and the fused GELU within tight tolerances. Shapes are odd on purpose (tails of every vector, tile,
+panel and pass), sparsity runs 0 .. 100%, patterns unstructured / 4-block / dense.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_sparse import ops
+from hf_sparse.ops import Layout
+from hf_sparse.quantization.numerics import int8_linear_reference, quantize_activation_int8
+from tests.ops.conftest import ISAS, PATTERNS, assert_close, assert_same, make_weight, using_isa
+
+
+def _cases(count: int, seed: int):
+    rng = random.Random(seed)
+    rows = [1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 100, 127, 129, 200]
+    ks = [1, 2, 3, 4, 5, 7, 8, 13, 16, 31, 63, 64, 65, 127, 130, 255, 257, 300, 513, 600, 1030]
+    for i in range(count):
+        m, k = rng.choice(rows), rng.choice(ks)
+        n = rng.choice([1, 2, 15, 16, 17, 33, 48, rng.randint(1, 150)])
+        sparsity = rng.choice([0.0, 0.3, 0.5, 0.8, 0.9, 0.97, 0.99, 1.0])
+        yield pytest.param(
+            i, m, n, k, sparsity, PATTERNS[i % 3], id=f"{i}-m{m}-n{n}-k{k}-s{sparsity}-{PATTERNS[i % 3]}"
+        )
+
+
+CASES = list(_cases(96, seed=0))
+
+
+def _inputs(i, m, n, k, sparsity, pattern):
+    gen = torch.Generator().manual_seed(1000 + i)
+    w = make_weight(n, k, sparsity, pattern, gen)
+    x = torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4
+    if i % 5 == 0:
+        x[0] = 0.0  # an all-zero token: scale 0
+    bias = torch.randn(n, generator=gen) if i % 4 else None
+    return w, x, bias
+
+
+@pytest.mark.parametrize("i, m, n, k, sparsity, pattern", CASES)
+def test_int8_kernels_are_exact(i, m, n, k, sparsity, pattern):
+    w, x, bias = _inputs(i, m, n, k, sparsity, pattern)
+    for layout in (Layout.INT8_BLOCK4, Layout.INT8_DENSE):
+        packed = ops.pack_linear(w, bias=bias, layout=layout)
+        codes = ops.get_handler(layout).dense_codes(packed.tensors, n, k)
+        expected = int8_linear_reference(x, codes, packed.tensors["weight_scale"], bias)
+        q_x, _ = quantize_activation_int8(x)
+        expected_acc = (q_x.to(torch.int64) @ codes.to(torch.int64).t()).to(torch.int32)
+        for isa in ISAS:
+            with using_isa(isa):
+                calls = ops.kernel_calls().get(isa, 0)
+                y, acc = packed(x), packed.accumulators(x)
+                if isa != "reference":
+                    assert ops.kernel_calls()[isa] == calls + 2, f"the {isa} kernel did not run"
+            assert_same(acc, expected_acc, f"int32 sums, {layout.value} on {isa}")
+            assert_same(y, expected, f"output, {layout.value} on {isa}")
+
+
+@pytest.mark.parametrize("i, m, n, k, sparsity, pattern", CASES[::2])
+def test_fp32_csr_kernel(i, m, n, k, sparsity, pattern):
+    w, x, bias = _inputs(i, m, n, k, sparsity, pattern)
+    packed = ops.pack_linear(w, bias=bias, scheme="fp32", layout=Layout.FP32_CSR)
+    expected = F.linear(x.double(), w.double(), bias.double() if bias is not None else None)
+    scale = float(x.abs().sum(1).max()) * float(w.abs().max()) + 1.0  # bound on |partial sums|
+    for isa in ISAS:
+        with using_isa(isa):
+            y = packed(x)
+        assert_close(y, expected.float(), f"fp32 CSR on {isa}", rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("i, m, n, k, sparsity, pattern", CASES[1::3])
+def test_fused_gelu(i, m, n, k, sparsity, pattern):
+    w, x, bias = _inputs(i, m, n, k, sparsity, pattern)
+    for layout, scheme in ((Layout.INT8_BLOCK4, "int8"), (Layout.INT8_DENSE, "int8"), (Layout.FP32_CSR, "fp32")):
+        plain = ops.pack_linear(w, bias=bias, scheme=scheme, layout=layout)
+        fused = ops.pack_linear(w, bias=bias, scheme=scheme, layout=layout, activation="gelu")
+        for isa in ISAS:
+            with using_isa(isa):
+                pre = plain(x)
+                y = fused(x)
+            expected = F.gelu(pre.double(), approximate="none").float()
+            assert_close(y, expected, f"GELU {layout.value} on {isa}", rtol=2e-6, atol=2e-6)
+
+
+def test_sparsity_sweep_on_a_bert_shape():
+    """One realistic shape (K = 768 spans two column panels) over sparsities 0 .. 99%."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(70, 768, generator=gen)
+    for sparsity in (0.0, 0.5, 0.8, 0.9, 0.97, 0.99):
+        w = make_weight(96, 768, sparsity, "4-block", gen)
+        packed = ops.pack_linear(w, layout=Layout.INT8_BLOCK4)
+        expected = packed.reference(x)
+        for isa in ISAS:
+            with using_isa(isa):
+                assert_same(packed(x), expected, f"sparsity {sparsity} on {isa}")
+
+
+def test_nonfinite_token_gives_nan_row_and_leaves_others_exact():
+    gen = torch.Generator().manual_seed(3)
+    w = make_weight(40, 70, 0.5, "4-block", gen)
+    x = torch.randn(20, 70, generator=gen)
+    x[3, 5] = float("inf")
+    x[11, 0] = float("nan")
+    finite = [r for r in range(20) if r not in (3, 11)]
+    for layout in (Layout.INT8_BLOCK4, Layout.INT8_DENSE):
+        packed = ops.pack_linear(w, layout=layout)
+        expected = packed.reference(x[finite])
+        for isa in ISAS:
+            if isa == "reference":
+                continue
+            with using_isa(isa):
+                y = packed(x)
+            assert torch.isnan(y[[3, 11]]).all(), f"{layout.value} on {isa}: a token with inf/NaN must give NaN"
+            assert_same(y[finite], expected, f"finite tokens, {layout.value} on {isa}")
