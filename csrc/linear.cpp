@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <thread>
 
 #include "isa.h"
 #include "thread_pool.h"
@@ -14,8 +15,12 @@ namespace {
 
 // Below about this many vector operations per thread, waking another thread costs more than it saves.
 constexpr double kGrainOps = 12000.0;
-// Cost of a row's epilogue, in units of one 4-block (one vector multiply-add per token vector).
+// Cost of a row's epilogue, in units of one stored entry (one vector multiply-add per token vector).
 constexpr double kRowCost = 2.0;
+// Work items per thread when tiles alone are too few: enough for a thread that runs late (another process on
+// its core) to leave its share to the others, few enough to keep per-item costs small.
+constexpr int64_t kItemsPerThread = 4;
+constexpr int64_t kMinRowsPerItem = 64;
 
 void* aligned_malloc(size_t bytes) {
 #if defined(_MSC_VER)
@@ -81,38 +86,54 @@ int threads_for(double ops, int nthreads) {
   return static_cast<int>(std::min<double>(nthreads, cap));
 }
 
-// Row ranges of about equal cost (entries + kRowCost per row; rows alone without a prefix), boundaries on
-// multiples of 16 rows so each thread writes whole 16-column strips of the output.
-void split_rows(const int64_t* prefix, int64_t n, int parts, int part, int64_t* lo, int64_t* hi) {
+// Boundary i of `parts` row ranges of about equal cost (entries + kRowCost per row; rows alone without a prefix),
+// on a multiple of 16 rows so that each range writes whole 16-column strips of the output.
+int64_t row_bound(const int64_t* prefix, int64_t n, int64_t parts, int64_t i) {
+  if (i <= 0) return 0;
+  if (i >= parts) return n;
   const auto cost = [&](int64_t r) { return (prefix ? static_cast<double>(prefix[r]) : 0.0) + kRowCost * r; };
-  const auto bound = [&](int i) -> int64_t {
-    if (i <= 0) return 0;
-    if (i >= parts) return n;
-    const double target = cost(n) * i / parts;
-    int64_t a = 0, b = n;
-    while (a < b) {
-      const int64_t mid = (a + b) / 2;
-      if (cost(mid) < target) {
-        a = mid + 1;
-      } else {
-        b = mid;
-      }
+  const double target = cost(n) * static_cast<double>(i) / static_cast<double>(parts);
+  int64_t a = 0, b = n;
+  while (a < b) {
+    const int64_t mid = (a + b) / 2;
+    if (cost(mid) < target) {
+      a = mid + 1;
+    } else {
+      b = mid;
     }
-    return std::min<int64_t>(n, (a + 8) / 16 * 16);
-  };
-  *lo = bound(part);
-  *hi = std::max(*lo, bound(part + 1));
+  }
+  return std::min<int64_t>(n, (a + 8) / 16 * 16);
 }
 
-// Whether to give each thread its own tokens (private tiles, no barrier) rather than its own output rows: when
-// the token granules spread evenly enough over the threads.
-bool split_tokens(int64_t m, int64_t gran, int nt) {
-  const int64_t granules = ceil_div(m, gran);
-  if (nt <= 1) return true;
-  return (granules % nt == 0 && granules / nt >= 2) || granules >= 8 * nt;
-}
+// Claims and prepares shared inputs once: the first thread that needs input `i` prepares it, the others wait.
+class OnceFlags {
+ public:
+  OnceFlags(std::atomic<int>* flags, int64_t count) : flags_(flags) {
+    for (int64_t i = 0; i < count; ++i) flags_[i].store(0, std::memory_order_relaxed);
+  }
+  template <class F>
+  void ensure(int64_t i, F prepare) const {
+    int state = flags_[i].load(std::memory_order_acquire);
+    if (state == 2) return;
+    if (state == 0 && flags_[i].compare_exchange_strong(state, 1, std::memory_order_acq_rel)) {
+      prepare();
+      flags_[i].store(2, std::memory_order_release);
+      return;
+    }
+    for (int spins = 1; flags_[i].load(std::memory_order_acquire) != 2; ++spins) {
+      cpu_relax();
+      if ((spins & 255) == 0) std::this_thread::yield();
+    }
+  }
 
-// One sparse product (int8 4-block or fp32 CSR): the two share the tiling and the work split.
+ private:
+  std::atomic<int>* flags_;
+};
+
+// One sparse product (int8 4-block or fp32 CSR). Work items (tile, row block) are handed out from an atomic
+// counter, tiles interleaved, so threads start on different tiles; each tile is quantized (or transposed) by the
+// first thread that needs it. No barrier and no fixed shares: a thread that runs late (another process on its
+// core) just takes fewer items.
 struct SparseJob {
   const IsaKernels* isa;
   bool int8;
@@ -121,92 +142,82 @@ struct SparseJob {
   const float* x;
   int64_t ldx, m, n, k;
   Output out;
-  int64_t gran, mt;
-  bool token_split;
-  char* tiles;        // token split: one private tile per thread; row split: all tiles, shared
-  size_t tile_bytes;  // bytes of one tile of mt tokens
-  float* sx;          // token split: mt scales per thread; row split: one per token
-  SpinBarrier* barrier;
+  int64_t gran, mt, ntiles, row_blocks;
+  const int64_t* bounds;  // row_blocks + 1 row boundaries
+  char* tiles;            // ntiles tiles of tile_bytes
+  size_t tile_bytes;
+  float* sx;  // mt scales per tile
+  OnceFlags* ready;
+  std::atomic<int64_t>* next;
 
-  const int64_t* row_prefix() const { return int8 ? wi.row_prefix : wf.row_prefix; }
-
-  void pack(const float* xt, int rows, int mtp, char* tile, float* s) const {
-    if (int8) {
-      isa->quant_tile(xt, ldx, rows, k, mtp, tile, s);
-    } else {
-      isa->f32_tile(xt, ldx, rows, k, mtp, reinterpret_cast<float*>(tile));
-    }
-  }
-
-  void multiply(const char* tile, int mtp, int rows, const float* s, int64_t n0, int64_t n1, int64_t m0) const {
-    if (n0 >= n1) return;
-    Output o = out;
-    o.m0 = m0;
-    if (int8) {
-      isa->i8_sparse(wi, tile, mtp, rows, s, n0, n1, o);
-    } else {
-      isa->f32_sparse(wf, reinterpret_cast<const float*>(tile), mtp, rows, n0, n1, o);
-    }
-  }
-
-  void run(int tid, int nt) const {
-    if (token_split) {
-      const int64_t granules = ceil_div(m, gran);
-      const int64_t a = granules * tid / nt * gran;
-      const int64_t b = std::min(m, granules * (tid + 1) / nt * gran);
-      char* tile = tiles + tid * tile_bytes;
-      float* s = sx + tid * mt;
-      for (int64_t t0 = a; t0 < b; t0 += mt) {
-        const int rows = static_cast<int>(std::min(mt, b - t0));
-        const int mtp = static_cast<int>(round_up(rows, gran));
-        pack(x + t0 * ldx, rows, mtp, tile, s);
-        multiply(tile, mtp, rows, s, 0, n, t0);
+  void run() const {
+    const int64_t items = ntiles * row_blocks;
+    for (;;) {
+      const int64_t item = next->fetch_add(1, std::memory_order_relaxed);
+      if (item >= items) return;
+      const int64_t t = item % ntiles, r = item / ntiles;
+      const int rows = static_cast<int>(std::min(mt, m - t * mt));
+      const int mtp = static_cast<int>(round_up(rows, gran));
+      char* tile = tiles + t * tile_bytes;
+      float* s = sx + t * mt;
+      ready->ensure(t, [&] {
+        if (int8) {
+          isa->quant_tile(x + t * mt * ldx, ldx, rows, k, mtp, tile, s);
+        } else {
+          isa->f32_tile(x + t * mt * ldx, ldx, rows, k, mtp, reinterpret_cast<float*>(tile));
+        }
+      });
+      const int64_t n0 = bounds[r], n1 = bounds[r + 1];
+      if (n0 >= n1) continue;
+      Output o = out;
+      o.m0 = t * mt;
+      if (int8) {
+        isa->i8_sparse(wi, tile, mtp, rows, s, n0, n1, o);
+      } else {
+        isa->f32_sparse(wf, reinterpret_cast<const float*>(tile), mtp, rows, n0, n1, o);
       }
-      return;
-    }
-    const int64_t ntiles = ceil_div(m, mt);
-    for (int64_t i = tid; i < ntiles; i += nt) {
-      const int rows = static_cast<int>(std::min(mt, m - i * mt));
-      pack(x + i * mt * ldx, rows, static_cast<int>(round_up(rows, gran)), tiles + i * tile_bytes, sx + i * mt);
-    }
-    if (nt > 1) barrier->wait();
-    int64_t lo, hi;
-    split_rows(row_prefix(), n, nt, tid, &lo, &hi);
-    for (int64_t i = 0; i < ntiles; ++i) {
-      const int rows = static_cast<int>(std::min(mt, m - i * mt));
-      multiply(tiles + i * tile_bytes, static_cast<int>(round_up(rows, gran)), rows, sx + i * mt, lo, hi, i * mt);
     }
   }
 };
 
-void sparse_job_fn(void* ctx, int tid, int nt) { static_cast<const SparseJob*>(ctx)->run(tid, nt); }
+void sparse_job_fn(void* ctx, int, int) { static_cast<const SparseJob*>(ctx)->run(); }
 
-void run_sparse(SparseJob& job, int64_t nnz, int nthreads) {
+void run_sparse(SparseJob& job, int64_t nnz, const int64_t* prefix, int nthreads) {
   const IsaKernels& isa = *job.isa;
   job.gran = isa.tile_tokens;
   job.mt = isa.max_tile;
-  if (const char* e = std::getenv("HF_SPARSE_MAX_TILE")) job.mt = std::atoi(e);  // EXPERIMENT
   const int64_t m = job.m;
-  // Vector operations: one per stored group and token vector, plus quantization and the output epilogue.
+  // Vector operations: one per stored entry and token vector, plus quantization and the output epilogue.
   const double vec = static_cast<double>(ceil_div(m, 16));
   const double ops = vec * (static_cast<double>(nnz) + kRowCost * job.n + job.k / 4.0);
   const int nt = threads_for(ops, std::max(1, nthreads));
-  job.token_split = split_tokens(m, job.gran, nt);
+  job.ntiles = ceil_div(m, job.mt);
+  const int64_t want = nt > 1 ? kItemsPerThread * nt : 1;
+  job.row_blocks = job.ntiles >= want ? 1 : std::min(ceil_div(want, job.ntiles), ceil_div(job.n, kMinRowsPerItem));
+  job.row_blocks = std::max<int64_t>(1, job.row_blocks);
   const size_t elem = job.int8 ? static_cast<size_t>(isa.act_bytes) * 4 : sizeof(float);
   const int64_t rows_per_tile = job.int8 ? ceil_div(job.k, 4) : job.k;
   job.tile_bytes = align64(static_cast<size_t>(rows_per_tile) * job.mt * elem);
-  const int64_t ntiles = job.token_split ? nt : ceil_div(m, job.mt);
-  const size_t tiles_bytes = job.tile_bytes * ntiles;
-  const size_t sx_count = job.token_split ? static_cast<size_t>(nt * job.mt) : static_cast<size_t>(ntiles * job.mt);
-  char* buf = t_scratch.get(tiles_bytes + align64(sx_count * sizeof(float)));
+  const size_t tiles_bytes = job.tile_bytes * job.ntiles;
+  const size_t sx_bytes = align64(static_cast<size_t>(job.ntiles * job.mt) * sizeof(float));
+  const size_t bounds_bytes = align64(static_cast<size_t>(job.row_blocks + 1) * sizeof(int64_t));
+  const size_t flags_bytes = align64(static_cast<size_t>(job.ntiles) * sizeof(std::atomic<int>));
+  char* buf = t_scratch.get(tiles_bytes + sx_bytes + bounds_bytes + flags_bytes);
   job.tiles = buf;
   job.sx = reinterpret_cast<float*>(buf + tiles_bytes);
-  SpinBarrier barrier(nt);
-  job.barrier = &barrier;
+  int64_t* bounds = reinterpret_cast<int64_t*>(buf + tiles_bytes + sx_bytes);
+  for (int64_t i = 0; i <= job.row_blocks; ++i) bounds[i] = row_bound(prefix, job.n, job.row_blocks, i);
+  job.bounds = bounds;
+  auto* flags = new (buf + tiles_bytes + sx_bytes + bounds_bytes) std::atomic<int>[job.ntiles];
+  OnceFlags ready(flags, job.ntiles);
+  std::atomic<int64_t> next{0};
+  job.ready = &ready;
+  job.next = &next;
   count_call(isa);
   parallel_run(nt, sparse_job_fn, &job);
 }
 
+// Dense int8: items (token block, group of 4 panels = 64 channels), token blocks quantized once on demand.
 struct DenseJob {
   const IsaKernels* isa;
   DenseI8 w;
@@ -216,32 +227,36 @@ struct DenseJob {
   char* xq;
   int64_t ldq;  // elements per quantized row
   float* sx;
-  SpinBarrier* barrier;
+  int64_t mb, blocks, groups;  // tokens per block, token blocks, panel groups
+  OnceFlags* ready;
+  std::atomic<int64_t>* next;
 
-  void run(int tid, int nt) const {
-    const int64_t a = m * tid / nt, b = m * (tid + 1) / nt;
-    if (b > a) {
-      isa->quant_rows(x + a * ldx, ldx, static_cast<int>(b - a), w.k, xq + a * ldq * isa->act_bytes, ldq, sx + a);
+  void run() const {
+    const int64_t items = blocks * groups;
+    for (;;) {
+      const int64_t item = next->fetch_add(1, std::memory_order_relaxed);
+      if (item >= items) return;
+      const int64_t b = item % blocks, g = item / blocks;
+      const int64_t m0 = b * mb, rows = std::min(mb, m - m0);
+      char* q = xq + m0 * ldq * isa->act_bytes;
+      ready->ensure(b, [&] { isa->quant_rows(x + m0 * ldx, ldx, static_cast<int>(rows), w.k, q, ldq, sx + m0); });
+      Output o = out;
+      o.m0 = m0;
+      const int64_t p0 = g * 4, p1 = std::min(w.panels, p0 + 4);
+      isa->i8_dense(w, q, ldq, static_cast<int>(rows), sx + m0, p0, p1, o);
     }
-    if (nt > 1) barrier->wait();
-    // Panels in groups of 4 (64 channels), the width of the AVX-512 micro-kernel.
-    const int64_t groups = ceil_div(w.panels, 4);
-    const int64_t p0 = std::min(w.panels, groups * tid / nt * 4);
-    const int64_t p1 = std::min(w.panels, groups * (tid + 1) / nt * 4);
-    if (p1 > p0) isa->i8_dense(w, xq, ldq, static_cast<int>(m), sx, p0, p1, out);
   }
 };
 
-void dense_job_fn(void* ctx, int tid, int nt) { static_cast<const DenseJob*>(ctx)->run(tid, nt); }
+void dense_job_fn(void* ctx, int, int) { static_cast<const DenseJob*>(ctx)->run(); }
 
 }  // namespace
 
 void linear_i8_sparse(const SparseI8& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out,
                       int nthreads) {
   if (m_rows <= 0 || w.n <= 0) return;
-  const IsaKernels& isa = active_kernels();
   SparseJob job{};
-  job.isa = &isa;
+  job.isa = &active_kernels();
   job.int8 = true;
   job.wi = w;
   job.x = x;
@@ -250,7 +265,7 @@ void linear_i8_sparse(const SparseI8& w, const float* x, int64_t ldx, int64_t m_
   job.n = w.n;
   job.k = w.k;
   job.out = out;
-  run_sparse(job, w.ptr[w.panels * w.n], nthreads);
+  run_sparse(job, w.ptr[w.panels * w.n], w.row_prefix, nthreads);
 }
 
 void linear_f32_sparse(const SparseF32& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out,
@@ -266,7 +281,7 @@ void linear_f32_sparse(const SparseF32& w, const float* x, int64_t ldx, int64_t 
   job.n = w.n;
   job.k = w.k;
   job.out = out;
-  run_sparse(job, w.ptr[w.panels * w.n], nthreads);
+  run_sparse(job, w.ptr[w.panels * w.n], w.row_prefix, nthreads);
 }
 
 void linear_i8_dense(const DenseI8& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out, int nthreads) {
@@ -281,12 +296,25 @@ void linear_i8_dense(const DenseI8& w, const float* x, int64_t ldx, int64_t m_ro
   job.ldq = round_up(w.kb * 4, 64);  // whole cache lines per token
   const double ops = static_cast<double>(m_rows) * w.panels * w.kb / 4.0 + ceil_div(m_rows, 16) * (w.k / 4.0);
   const int nt = threads_for(ops, std::max(1, nthreads));
+  job.groups = ceil_div(w.panels, 4);
+  // Token blocks of up to 120 (their quantized rows stay in L2 while panel groups stream past), smaller when
+  // the panel groups alone give too few items to share.
+  const int64_t want = nt > 1 ? kItemsPerThread * nt : 1;
+  const int64_t blocks_wanted = ceil_div(want, job.groups);
+  job.mb = std::min<int64_t>(120, std::max<int64_t>(6, round_up(ceil_div(m_rows, blocks_wanted), 6)));
+  job.mb = std::min(job.mb, m_rows);
+  job.blocks = ceil_div(m_rows, job.mb);
   const size_t q_bytes = align64(static_cast<size_t>(m_rows * job.ldq) * job.isa->act_bytes);
-  char* buf = t_scratch.get(q_bytes + align64(static_cast<size_t>(m_rows) * sizeof(float)));
+  const size_t sx_bytes = align64(static_cast<size_t>(m_rows) * sizeof(float));
+  const size_t flags_bytes = align64(static_cast<size_t>(job.blocks) * sizeof(std::atomic<int>));
+  char* buf = t_scratch.get(q_bytes + sx_bytes + flags_bytes);
   job.xq = buf;
   job.sx = reinterpret_cast<float*>(buf + q_bytes);
-  SpinBarrier barrier(nt);
-  job.barrier = &barrier;
+  auto* flags = new (buf + q_bytes + sx_bytes) std::atomic<int>[job.blocks];
+  OnceFlags ready(flags, job.blocks);
+  std::atomic<int64_t> next{0};
+  job.ready = &ready;
+  job.next = &next;
   count_call(*job.isa);
   parallel_run(nt, dense_job_fn, &job);
 }

@@ -55,39 +55,40 @@ bool spin_until(F done, int us) {
 
 class Pool {
  public:
-  int run(int nthreads, JobFn fn, void* ctx) {
+  void run(int nthreads, JobFn fn, void* ctx) {
     if (nthreads <= 1) {
       fn(ctx, 0, 1);
-      return 1;
+      return;
     }
     std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
     if (!busy.owns_lock()) {
-      // Another thread is using the pool: every job accepts any thread count, so run it alone here.
+      // Another thread is using the pool: this caller does the whole job alone.
       fn(ctx, 0, 1);
-      return 1;
+      return;
     }
     ensure_workers(nthreads - 1);
-    // Seqlock publication: an odd generation means "being written". A worker that took no part in the previous
-    // job may still be reading the fields; it sees the generation move and reads them again.
+    // Seqlock publication: an odd generation means "being written"; a worker reads the fields (and `closed_`)
+    // between two equal even generations, else again, so it never pairs one job's context with another's state.
     const uint64_t g = generation_.load(std::memory_order_relaxed);
-    generation_.store(g + 1, std::memory_order_relaxed);
-    std::atomic_thread_fence(std::memory_order_release);
-    fn_.store(fn, std::memory_order_relaxed);
-    ctx_.store(ctx, std::memory_order_relaxed);
-    nthreads_.store(nthreads, std::memory_order_relaxed);
-    pending_.store(nthreads - 1, std::memory_order_relaxed);
+    generation_.store(g + 1, std::memory_order_seq_cst);
+    fn_.store(fn, std::memory_order_seq_cst);
+    ctx_.store(ctx, std::memory_order_seq_cst);
+    nthreads_.store(nthreads, std::memory_order_seq_cst);
+    closed_.store(false, std::memory_order_seq_cst);
     {
       // Under the lock, so a worker about to sleep either sees the new generation or is woken below.
       std::lock_guard<std::mutex> lk(sleep_mutex_);
-      generation_.store(g + 2, std::memory_order_release);
+      generation_.store(g + 2, std::memory_order_seq_cst);
     }
     if (sleepers_.load(std::memory_order_acquire) > 0) sleep_cv_.notify_all();
     fn(ctx, 0, nthreads);
-    // The workers are about to finish: spin, then yield; sleeping would cost more than it saves.
-    while (!spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; }, 200)) {
-      std::this_thread::yield();
+    // Shut the door, then wait for the workers inside. A worker increments `active_` before it looks at `closed_`
+    // (both sequentially consistent), so it either is counted here or sees the door shut and stays out.
+    closed_.store(true, std::memory_order_seq_cst);
+    for (int i = 1; active_.load(std::memory_order_seq_cst) != 0; ++i) {
+      cpu_relax();
+      if ((i & 255) == 0) std::this_thread::yield();
     }
-    return nthreads;
   }
 
   int size() {
@@ -104,7 +105,7 @@ class Pool {
     new (&sleep_cv_) std::condition_variable();
     new (&workers_) std::vector<std::thread*>();
     sleepers_.store(0);
-    pending_.store(0);
+    active_.store(0);
   }
 
  private:
@@ -112,7 +113,7 @@ class Pool {
     std::lock_guard<std::mutex> lk(grow_mutex_);
     while (static_cast<int>(workers_.size()) < n) {
       const int id = static_cast<int>(workers_.size()) + 1;
-      // The generation before this call publishes its job: a worker that started late must still run it.
+      // The generation before this call publishes its job: a worker that starts late must still see that job.
       const uint64_t seen = generation_.load(std::memory_order_acquire) & ~uint64_t{1};
       auto* t = new std::thread([this, id, seen] { worker(id, seen); });
       t->detach();
@@ -133,27 +134,28 @@ class Pool {
         sleep_cv_.wait(lk, [&] { return published(seen); });
         sleepers_.fetch_sub(1, std::memory_order_acq_rel);
       }
+      active_.fetch_add(1, std::memory_order_seq_cst);
       JobFn fn;
       void* ctx;
       int nt;
+      bool closed;
       uint64_t g;
       for (;;) {
-        g = generation_.load(std::memory_order_acquire);
+        g = generation_.load(std::memory_order_seq_cst);
         if (g & 1) {
           cpu_relax();
           continue;
         }
-        fn = fn_.load(std::memory_order_relaxed);
-        ctx = ctx_.load(std::memory_order_relaxed);
-        nt = nthreads_.load(std::memory_order_relaxed);
-        std::atomic_thread_fence(std::memory_order_acquire);
-        if (generation_.load(std::memory_order_relaxed) == g) break;
+        fn = fn_.load(std::memory_order_seq_cst);
+        ctx = ctx_.load(std::memory_order_seq_cst);
+        nt = nthreads_.load(std::memory_order_seq_cst);
+        closed = closed_.load(std::memory_order_seq_cst);
+        if (generation_.load(std::memory_order_seq_cst) == g) break;
       }
       seen = g;
-      if (id < nt) {
-        fn(ctx, id, nt);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
-      }
+      // Join only a job that is still open (the caller may have finished it alone) and that wants this worker.
+      if (!closed && id < nt) fn(ctx, id, nt);
+      active_.fetch_sub(1, std::memory_order_seq_cst);
     }
   }
 
@@ -162,7 +164,8 @@ class Pool {
   std::vector<std::thread*> workers_;  // detached; kept only to count them
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> sleepers_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<int> active_{0};    // workers inside the current job
+  std::atomic<bool> closed_{true};  // the caller is done: late workers stay out
   std::atomic<JobFn> fn_{nullptr};
   std::atomic<void*> ctx_{nullptr};
   std::atomic<int> nthreads_{0};
@@ -182,20 +185,7 @@ Pool* pool() {
 
 }  // namespace
 
-void SpinBarrier::wait() {
-  const int phase = phase_.load(std::memory_order_acquire);
-  if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
-    count_.store(0, std::memory_order_relaxed);
-    phase_.store(phase + 1, std::memory_order_release);
-    return;
-  }
-  for (int i = 1; phase_.load(std::memory_order_acquire) == phase; ++i) {
-    cpu_relax();
-    if ((i & 255) == 0) std::this_thread::yield();
-  }
-}
-
-int parallel_run(int nthreads, JobFn fn, void* ctx) { return pool()->run(nthreads, fn, ctx); }
+void parallel_run(int nthreads, JobFn fn, void* ctx) { pool()->run(nthreads, fn, ctx); }
 
 void set_spin_us(int us) { g_spin_us.store(us < 0 ? 0 : us); }
 int spin_us() { return g_spin_us.load(); }

@@ -11,24 +11,14 @@
 
 namespace hf_sparse {
 
-// A job: fn(ctx, tid, nthreads) runs once for each tid in 0..nthreads-1; tid 0 runs on the calling thread.
+// A job: fn(ctx, tid, nthreads) runs on the calling thread (tid 0) and on the workers that join in time. A job
+// must take its work from a shared counter, never rely on a fixed share per tid: a worker whose core is busy with
+// another process may join late or not at all, and the caller does not wait for it.
 using JobFn = void (*)(void* ctx, int tid, int nthreads);
 
-// A reusable spin barrier for the threads of one job (phase 1: quantize, phase 2: multiply).
-class SpinBarrier {
- public:
-  explicit SpinBarrier(int n) : n_(n) {}
-  void wait();
-
- private:
-  const int n_;
-  std::atomic<int> count_{0};
-  std::atomic<int> phase_{0};
-};
-
-// Runs fn on up to nthreads threads (fewer when the pool is busy) and returns when all are done. Returns the
-// number of threads that ran it.
-int parallel_run(int nthreads, JobFn fn, void* ctx);
+// Runs fn on the caller and up to nthreads - 1 workers, and returns when the caller is done and every worker that
+// joined has finished (workers that had not joined by then stay out).
+void parallel_run(int nthreads, JobFn fn, void* ctx);
 
 // Microseconds a worker spins before sleeping (HF_SPARSE_SPIN_US, default 50; 0 sleeps at once).
 void set_spin_us(int us);
