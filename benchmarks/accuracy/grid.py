@@ -27,7 +27,7 @@ GRID: dict[str, list[str]] = {
     "dense": ["--method", "dense"],
     **{
         f"{method}-{tag}-{round(s * 100)}": ["--method", method, "--pattern", pattern, "--sparsity", str(s)]
-        for s in (0.8, 0.9)
+        for s in (0.9, 0.8)
         for method, pattern, tag in (
             ("magnitude", "unstructured", "unstructured"),
             ("obert", "unstructured", "unstructured"),
@@ -35,7 +35,10 @@ GRID: dict[str, list[str]] = {
             ("movement", "unstructured", "unstructured"),
         )
     },
-}
+    "movement-soft-unstructured-90": [
+        "--method", "movement", "--sparsity", "0.9", "--method-args", '{"variant": "soft", "regularization": 1.0}',
+    ],
+}  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -47,8 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="pruned runs at a time (each uses --threads torch threads)")
     p.add_argument("--only", default="", help="comma-separated run names (default: the whole grid)")
     p.add_argument("--dense-steps", type=int, default=1500)
-    p.add_argument("--max-steps", type=int, default=1500, help="optimizer steps of every pruned run")
-    p.add_argument("--obert-args", default='{"num_grads": 256, "grad_batch_size": 8}', help="method_args (JSON)")
+    p.add_argument("--dense-batch-size", type=int, default=32)
+    p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps of every pruned run")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size of every pruned run")
+    p.add_argument("--obert-args", default='{"num_grads": 128, "grad_batch_size": 16}', help="method_args (JSON)")
     p.add_argument("--table", action="store_true", help="only print the table of finished runs")
     p.add_argument("extra", nargs="*", help="more sst2.py arguments, after --")
     return p.parse_args(argv)
@@ -64,9 +69,10 @@ def run_one(name: str, args) -> tuple[str, float, int]:
         *GRID[name], *args.extra,
     ]  # fmt: skip
     if name == "dense":
-        cmd += ["--max-steps", str(args.dense_steps)]
+        cmd += ["--max-steps", str(args.dense_steps), "--batch-size", str(args.dense_batch_size)]
     else:
-        cmd += ["--max-steps", str(args.max_steps), "--dense-dir", str(args.work_dir / "dense")]
+        cmd += ["--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size)]
+        cmd += ["--dense-dir", str(args.work_dir / "dense")]
         if "obert" in name:
             cmd += ["--method-args", args.obert_args]
     args.log_dir.mkdir(parents=True, exist_ok=True)
