@@ -365,6 +365,16 @@ NB_MODULE(_C, m) {
   m.def("set_spin_us", &set_spin_us, "us"_a);
   m.def("spin_us", &spin_us);
   m.def("pool_size", &pool_size);
+  m.def(
+      "set_threads_backend",
+      [](const std::string& name) {
+        if (name == "auto") return set_backend(kBackendAuto);
+        if (name == "pool") return set_backend(kBackendPool);
+        if (name == "openmp") return set_backend(kBackendOpenMP);
+        throw nb::value_error(("unknown threads backend '" + name + "'; known: auto, pool, openmp").c_str());
+      },
+      "name"_a);
+  m.def("threads_backend", []() { return std::string(backend_name()); });
   m.def("kernel_calls", []() {
     nb::dict d;
     for (const auto& kv : kernel_calls()) d[kv.first.c_str()] = kv.second;

@@ -4,6 +4,8 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -11,7 +13,9 @@
 #include <immintrin.h>
 #endif
 #if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
 #include <pthread.h>
+#define HF_SPARSE_POSIX 1
 #endif
 
 namespace hf_sparse {
@@ -171,21 +175,82 @@ class Pool {
   std::atomic<int> nthreads_{0};
 };
 
+std::atomic<bool> g_forked{false};
+
 // Never destroyed: joining workers from a static destructor at interpreter exit can hang.
 Pool* pool() {
   static Pool* p = [] {
     Pool* created = new Pool();
-#if defined(__unix__) || defined(__APPLE__)
-    pthread_atfork(nullptr, nullptr, [] { pool()->reset_after_fork(); });
+#if HF_SPARSE_POSIX
+    pthread_atfork(nullptr, nullptr, [] {
+      g_forked.store(true);
+      pool()->reset_after_fork();
+    });
 #endif
     return created;
   }();
   return p;
 }
 
+// torch's own OpenMP runtime, when the process has one (torch's Linux wheels load libgomp globally): running the
+// jobs on its threads means no second set of threads competing for the cores with torch's spinning OpenMP
+// workers between torch ops and ours. Looked up, never linked: no second OpenMP runtime is ever loaded.
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+
+GompParallel gomp_parallel() {
+#if HF_SPARSE_POSIX
+  static const GompParallel f = reinterpret_cast<GompParallel>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
+  return f;
+#else
+  return nullptr;
+#endif
+}
+
+int env_backend() {
+  const char* s = std::getenv("HF_SPARSE_THREADS");
+  if (s && std::string(s) == "pool") return kBackendPool;
+  if (s && std::string(s) == "openmp") return kBackendOpenMP;
+  return kBackendAuto;
+}
+
+std::atomic<int> g_backend{env_backend()};
+
+struct GompJob {
+  JobFn fn;
+  void* ctx;
+  int nthreads;
+  std::atomic<int> next_tid{0};
+};
+
+void gomp_entry(void* p) {
+  auto* job = static_cast<GompJob*>(p);
+  job->fn(job->ctx, job->next_tid.fetch_add(1, std::memory_order_relaxed), job->nthreads);
+}
+
 }  // namespace
 
-void parallel_run(int nthreads, JobFn fn, void* ctx) { pool()->run(nthreads, fn, ctx); }
+bool uses_openmp() {
+  // Not in a forked child: libgomp's threads did not survive the fork (torch's own ops hang there too).
+  return g_backend.load(std::memory_order_relaxed) != kBackendPool && gomp_parallel() != nullptr && !g_forked.load();
+}
+
+void parallel_run(int nthreads, JobFn fn, void* ctx) {
+  if (nthreads > 1 && uses_openmp()) {
+    GompJob job{fn, ctx, nthreads};
+    gomp_parallel()(gomp_entry, &job, static_cast<unsigned>(nthreads), 0);
+    return;
+  }
+  pool()->run(nthreads, fn, ctx);
+}
+
+void set_backend(int backend) {
+  if (backend == kBackendOpenMP && gomp_parallel() == nullptr) {
+    throw std::invalid_argument("threads='openmp': no OpenMP runtime (GOMP_parallel) is loaded in this process");
+  }
+  g_backend.store(backend);
+}
+
+const char* backend_name() { return uses_openmp() ? "openmp" : "pool"; }
 
 void set_spin_us(int us) { g_spin_us.store(us < 0 ? 0 : us); }
 int spin_us() { return g_spin_us.load(); }

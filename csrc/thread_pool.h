@@ -20,6 +20,13 @@ using JobFn = void (*)(void* ctx, int tid, int nthreads);
 // joined has finished (workers that had not joined by then stay out).
 void parallel_run(int nthreads, JobFn fn, void* ctx);
 
+// Where the threads come from. auto: torch's OpenMP threads when the process has libgomp loaded (found with
+// dlsym, never linked), else the pool. pool: always the pool. openmp: torch's OpenMP or an error.
+// HF_SPARSE_THREADS=auto|pool|openmp sets it at load time.
+enum : int { kBackendAuto = 0, kBackendPool = 1, kBackendOpenMP = 2 };
+void set_backend(int backend);
+const char* backend_name();  // what parallel calls use now: "openmp" or "pool"
+
 // Microseconds a worker spins before sleeping (HF_SPARSE_SPIN_US, default 50; 0 sleeps at once).
 void set_spin_us(int us);
 int spin_us();

@@ -19,12 +19,42 @@ from tests.ops.conftest import assert_close, assert_same, make_weight
 needs_extension = pytest.mark.skipif(not ops.extension_available(), reason="needs the C++ extension")
 
 
+def _backends():
+    if not ops.extension_available():
+        return ["none"]
+    from hf_sparse import _C
+
+    names = ["pool"]
+    try:
+        _C.set_threads_backend("openmp")
+        names.append("openmp")
+    except ValueError:
+        pass
+    finally:
+        _C.set_threads_backend("auto")
+    return names
+
+
+BACKENDS = _backends()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Run the test on hf_sparse's thread pool and, where torch's OpenMP is loaded, on torch's threads."""
+    if request.param != "none":
+        ops.set_threads_backend(request.param)
+        assert ops.threads_backend() == request.param
+    yield request.param
+    if request.param != "none":
+        ops.set_threads_backend("auto")
+
+
 def _weight(n=256, k=384, seed=0):
     return make_weight(n, k, 0.8, "4-block", torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("layout", [Layout.INT8_BLOCK4, Layout.INT8_DENSE, Layout.FP32_CSR])
-def test_results_do_not_depend_on_the_thread_count(layout):
+def test_results_do_not_depend_on_the_thread_count(layout, backend):
     scheme = "int8" if layout.value.startswith("int8") else "fp32"
     packed = pack_linear(_weight(), bias=torch.randn(256), scheme=scheme, layout=layout)
     results = []
@@ -53,6 +83,7 @@ def test_thread_count_follows_torch():
 
     before = torch.get_num_threads()
     torch.set_num_threads(3)
+    ops.set_threads_backend("pool")
     try:
         assert ops.get_num_threads() == 3
         packed = pack_linear(_weight(n=512, k=512))
@@ -63,11 +94,12 @@ def test_thread_count_follows_torch():
     finally:
         ops.set_num_threads(None)
         torch.set_num_threads(before)
+        ops.set_threads_backend("auto")
     with pytest.raises(ValueError, match="positive int"):
         ops.set_num_threads(0)
 
 
-def test_concurrent_callers_share_a_packed_weight():
+def test_concurrent_callers_share_a_packed_weight(backend):
     packed = pack_linear(_weight(), bias=torch.randn(256))
     xs = [torch.randn(m, 384, generator=torch.Generator().manual_seed(m)) for m in (3, 64, 130, 200)]
     expected = [packed(x) for x in xs]
@@ -133,13 +165,15 @@ def test_environment_variables():
         "w = torch.randn(40, 70); x = torch.randn(5, 70)\n"
         "p = ops.pack_linear(w)\n"
         "err = float((p(x) - p.reference(x)).abs().max())\n"
-        "print(ops.isa(), ops.kernel_calls().get(ops.isa(), 0), err)\n"
+        "print(ops.isa(), ops.kernel_calls().get(ops.isa(), 0), err, ops.threads_backend())\n"
     )
-    forced = _run_python(code, HF_SPARSE_ISA="scalar")
+    forced = _run_python(code, HF_SPARSE_ISA="scalar", HF_SPARSE_THREADS="pool")
     assert forced.returncode == 0, forced.stderr
-    isa, calls, err = forced.stdout.split()
-    assert isa == "scalar" and int(calls) == 1 and float(err) == 0.0
+    isa, calls, err, threads = forced.stdout.split()
+    assert isa == "scalar" and int(calls) == 1 and float(err) == 0.0 and threads == "pool"
 
+    bad = _run_python(code, HF_SPARSE_ISA="avx9000", HF_SPARSE_THREADS="fibers")
+    assert bad.returncode != 0 and "HF_SPARSE_THREADS='fibers'" in bad.stderr and "known: auto, pool" in bad.stderr
     bad = _run_python(code, HF_SPARSE_ISA="avx9000")
     assert bad.returncode != 0 and "HF_SPARSE_ISA='avx9000'" in bad.stderr and "known: auto" in bad.stderr
 

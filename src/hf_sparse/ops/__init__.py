@@ -18,6 +18,8 @@ from ._extension import (
     set_isa,
     set_num_threads,
     set_spin_us,
+    set_threads_backend,
+    threads_backend,
 )
 from .layouts import ACTIVATIONS, LAYOUTS, MAX_IN_FEATURES, Layout, block4_density, get_handler
 from .packed_linear import (
@@ -51,4 +53,6 @@ __all__ = [
     "set_isa",
     "set_num_threads",
     "set_spin_us",
+    "set_threads_backend",
+    "threads_backend",
 ]

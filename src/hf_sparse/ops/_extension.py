@@ -2,7 +2,10 @@
 
 Environment variables (read when `hf_sparse.ops` is imported):
     HF_SPARSE_ISA       auto | avx512_vnni | avx2_vnni | avx2 | scalar: force a lower instruction set.
-    HF_SPARSE_SPIN_US   microseconds the kernel threads spin waiting for the next call before they sleep (50).
+    HF_SPARSE_THREADS   auto | openmp | pool: where the kernel threads come from. auto (default) runs them on
+                        torch's own OpenMP threads when the process has libgomp loaded (torch's Linux wheels),
+                        looked up at run time, never linked; else on hf_sparse's small std::thread pool.
+    HF_SPARSE_SPIN_US   microseconds the pool's threads spin waiting for the next call before they sleep (50).
     HF_SPARSE_DISABLE_EXTENSION=1   run the pure-torch reference kernels (slow; for debugging and tests).
 """
 
@@ -41,6 +44,11 @@ def _load():
             "extension is stale; rebuild with `pip install -e . --no-build-isolation`"
         )
         return
+    threads = os.environ.get("HF_SPARSE_THREADS", "auto").strip() or "auto"
+    try:
+        ext.set_threads_backend(threads)
+    except ValueError as e:
+        raise ValueError(f"HF_SPARSE_THREADS={threads!r}: {e}") from None
     requested = os.environ.get(_ISA_ENV, "auto").strip() or "auto"
     try:
         ext.set_isa(requested)
@@ -96,6 +104,18 @@ def get_num_threads() -> int:
 def kernel_calls() -> dict[str, int]:
     """Kernel calls so far per instruction set (all zero without the extension): tests assert the fast path ran."""
     return dict(_C.kernel_calls()) if _C is not None else {}
+
+
+def threads_backend() -> str:
+    """Where parallel kernel calls get their threads now: "openmp" (torch's OpenMP threads) or "pool"."""
+    return _C.threads_backend() if _C is not None else "none"
+
+
+def set_threads_backend(name: str) -> None:
+    """ "auto", "openmp" or "pool" (see HF_SPARSE_THREADS in this module's docstring)."""
+    if _C is None:
+        raise RuntimeError(f"cannot select a threads backend: {_load_error}")
+    _C.set_threads_backend(name)
 
 
 def set_spin_us(us: int) -> None:
