@@ -50,7 +50,9 @@ def main():
     torch.set_grad_enabled(False)
     gen = torch.Generator().manual_seed(0)
     print(f"isa={ops.isa()}, 1 thread, M={args.m}")
-    print("| shape | density | int8 4-block ms | int8 dense ms | 4-block / dense | fp32 csr ms | F.linear ms | csr / dense |")
+    print(
+        "| shape | density | int8 4-block ms | int8 dense ms | 4-block / dense | fp32 csr ms | F.linear ms | csr / dense |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for n, k in [(768, 768), (3072, 768), (768, 3072)]:
         x = torch.randn(args.m, k, generator=gen)

@@ -38,7 +38,6 @@ CONFIGS = {
 
 def child(iters: int) -> dict:
     import torch
-    import torch.nn.functional as F
 
     from hf_sparse import ops
 

@@ -8,6 +8,7 @@ each figure is the median over rounds of the mean time per call in that round.
     python benchmarks/kernels/bench_linear.py                      # the full grid (~5 min on 2 busy cores)
     python benchmarks/kernels/bench_linear.py --quick              # M=128 and 2048, sparsity 0.9 only
     python benchmarks/kernels/bench_linear.py --bert-only          # the 12-layer BERT-base linear stack only
+    python benchmarks/kernels/bench_linear.py --threads 1 --cpu-time   # one thread, CPU time: robust to other load
 
 Small M (1 and 8) also runs "cold": the calls cycle through 12 copies of the weight, as a model's forward does,
 so dense weights stream from L3/DRAM instead of sitting in L2.
@@ -68,14 +69,17 @@ def engines_for(w_list, b_list, sparsity, with_fp32_sparse=True):
     return engines
 
 
+CLOCK = time.perf_counter  # --cpu-time: time.thread_time (1 thread only)
+
+
 def time_round(fns, x, budget_s: float) -> float:
     """Mean seconds per call over about `budget_s`, cycling through `fns`."""
-    calls, start = 0, time.perf_counter()
+    calls, start = 0, CLOCK()
     while True:
         for fn in fns:
             fn(x)
         calls += len(fns)
-        elapsed = time.perf_counter() - start
+        elapsed = CLOCK() - start
         if elapsed >= budget_s:
             return elapsed / calls
 
@@ -214,7 +218,18 @@ def main():
     p.add_argument("--bert-only", action="store_true")
     p.add_argument("--no-bert", action="store_true")
     p.add_argument("--quick", action="store_true", help="M=128,2048 at sparsity 0.9, fewer rounds")
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time this thread's CPU time instead of the wall clock: with --threads 1, figures that other processes "
+        "on the machine do not inflate",
+    )
     args = p.parse_args()
+    if args.cpu_time:
+        if args.threads != 1:
+            p.error("--cpu-time measures one thread: use it with --threads 1")
+        global CLOCK
+        CLOCK = time.thread_time
     if args.quick:
         args.ms, args.sparsities, args.rounds, args.cold_copies = [128, 2048], [0.9], 3, 1
     torch.set_num_threads(args.threads)
@@ -226,7 +241,7 @@ def main():
         commit = "?"
     print(
         f"hf_sparse.ops isa={ops.isa()} (available: {', '.join(ops.available_isas())}), threads={args.threads}, "
-        f"torch {torch.__version__}, commit {commit}"
+        f"torch {torch.__version__}, commit {commit}, clock {'thread CPU time' if args.cpu_time else 'wall'}"
     )
     torch.set_grad_enabled(False)
     if not args.bert_only:
