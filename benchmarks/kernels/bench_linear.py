@@ -106,6 +106,7 @@ def grid(args) -> list[str]:
         "hf int8 4-block ms | hf fp32 csr ms | 4-block vs fp32 | vs int8 dyn | vs hf dense |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    print("\n".join(lines), flush=True)
     for n, k in SHAPES:
         for m in args.ms:
             for sparsity in args.sparsities:
@@ -191,6 +192,7 @@ def bert_stack(args) -> list[str]:
         f"| M | torch fp32 ms | torch int8 dyn ms | hf_sparse int8 ({sparsity:.0%} 4-block) ms | vs fp32 | vs int8 dyn |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
+    print("\n".join(lines), flush=True)
     for m in args.bert_ms:
         x = torch.randn(m, 768, generator=gen)
         engines = {"fp32": [torch_forward(fp32)], "dyn": [torch_forward(dyn)], "hf": [hf_forward]}
