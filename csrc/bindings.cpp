@@ -174,7 +174,8 @@ class Packed {
     }
     if (has_bias) {
       if (static_cast<int64_t>(bias.shape(0)) != n) {
-        throw nb::value_error(("bias must have out_features = " + str(n) + " entries, got " + str(bias.shape(0))).c_str());
+        throw nb::value_error(
+            ("bias must have out_features = " + str(n) + " entries, got " + str(bias.shape(0))).c_str());
       }
       bias_ = alloc_copy(bias.data(), n * 4);
     }
@@ -224,7 +225,8 @@ class Packed {
 
   nb::dict tensors(nb::handle self) const {
     nb::dict d;
-    const auto put = [&](const char* name, const Owned& buf, nb::dlpack::dtype dt, std::initializer_list<size_t> shape) {
+    const auto put = [&](const char* name, const Owned& buf, nb::dlpack::dtype dt,
+                         std::initializer_list<size_t> shape) {
       if (!buf) return;
       d[name] = nb::ndarray<nb::pytorch>(buf.get(), shape.size(), shape.begin(), self, nullptr, dt).cast();
     };

@@ -53,7 +53,8 @@ inline __m256 exp_ps(__m256 x) {
 inline __m256 erf_ps(__m256 x) {
   const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
   const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, _mm256_set1_ps(1.0f)));
+  const __m256 den = _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, _mm256_set1_ps(1.0f));
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), den);
   __m256 r = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t, _mm256_set1_ps(-1.453152027f));
   r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(1.421413741f));
   r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284496736f));
@@ -111,8 +112,10 @@ inline void token_params(const float* x, int64_t k, float* inv, float* scale) {
   __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
   int64_t i = 0;
   for (; i + 16 <= k; i += 16) {
-    m0 = _mm256_max_epu32(m0, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), abs_mask));
-    m1 = _mm256_max_epu32(m1, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 8)), abs_mask));
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 8));
+    m0 = _mm256_max_epu32(m0, _mm256_and_si256(a, abs_mask));
+    m1 = _mm256_max_epu32(m1, _mm256_and_si256(b, abs_mask));
   }
   for (; i < k; i += 8) {
     m0 = _mm256_max_epu32(m0, _mm256_and_si256(_mm256_castps_si256(load_ps(x + i, k - i)), abs_mask));
@@ -165,8 +168,7 @@ constexpr int kQuantStep = 16;
 inline int saturated_code(float v) { return v > 0.0f ? 127 : (v < 0.0f ? -127 : 0); }
 inline bool is_inf(float v) { return v > 3.4028234663852886e38f; }
 
-// Writes code c of feature i of a token whose first element sits at `base` in a tile with kb stride `stride`
-// elements (row-major rows: stride 0, consecutive features).
+// Writes code c as packed activation element number `index` (u8 code + 128 for VNNI, s16 otherwise).
 inline void put_code(char* tile, int64_t index, int c) {
 #if HF_SPARSE_VNNI
   tile[index] = static_cast<char>(c + 128);

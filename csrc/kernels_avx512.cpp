@@ -7,7 +7,6 @@
 // and the 16x16 result is transposed before it is stored as (M, N).
 #include <immintrin.h>
 
-#include <cstdlib>
 #include <cstring>
 
 #include "common.h"
@@ -53,7 +52,8 @@ inline __m512 exp_ps(__m512 x) {
 inline __m512 erf_ps(__m512 x) {
   const __m512 sign = _mm512_and_ps(x, _mm512_set1_ps(-0.0f));
   const __m512 a = _mm512_abs_ps(x);
-  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, _mm512_set1_ps(1.0f)));
+  const __m512 den = _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, _mm512_set1_ps(1.0f));
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), den);
   __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
   r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
   r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
@@ -240,7 +240,8 @@ inline void store_group(Staging<T>& st, int nr, int rows, int64_t n0, const Outp
     for (int j = 0; j < 16; ++j) {
       if (j >= nt) break;
       const int64_t row = out.m0 + t * kVec + j;
-      void* dst = out.yi ? static_cast<void*>(out.yi + row * out.ldy + n0) : static_cast<void*>(out.y + row * out.ldy + n0);
+      void* dst = out.yi ? static_cast<void*>(out.yi + row * out.ldy + n0)
+                         : static_cast<void*>(out.y + row * out.ldy + n0);
       if (nr == 16) {
         _mm512_storeu_si512(dst, r[j]);
       } else {
@@ -256,17 +257,14 @@ inline void store_group(Staging<T>& st, int nr, int rows, int64_t n0, const Outp
 // Tile bytes one pass over the column panels may span, so that the slice of the activation tile a group of rows
 // reads stays in L1: the activation loads are most of the kernel's memory operations, and from L2 they run at
 // about half speed. Larger tiles are cut into passes, with partial sums kept per row between passes.
-int64_t g_pass_bytes = [] {
-  const char* e = std::getenv("HF_SPARSE_PASS_BYTES");  // EXPERIMENT
-  return e ? std::atol(e) : 32768l;
-}();
+constexpr int64_t kPassBytes = 32768;
 constexpr int kGroup = 64;  // rows per group that share a pass (a multiple of 16)
 constexpr int64_t kOnePassBytes = 49152;  // a tile up to this size is read in one pass (L1 + a little L2)
 
 // Panels per pass for a tile of `columns` columns of `bytes` bytes each.
 inline int64_t passes_of(int64_t columns, int64_t bytes, int64_t panels) {
   if (columns * bytes <= kOnePassBytes) return panels;
-  const int64_t per = g_pass_bytes / (kPanel * bytes);
+  const int64_t per = kPassBytes / (kPanel * bytes);
   return per > 1 ? per : 1;
 }
 

@@ -129,7 +129,9 @@ void i8_dense(const DenseI8& w, const void* xq_, int64_t ldq, int rows, const fl
           acc[c] += xb[0] * wb[c * 4] + xb[1] * wb[c * 4 + 1] + xb[2] * wb[c * 4 + 2] + xb[3] * wb[c * 4 + 3];
         }
       }
-      for (int c = 0; c < 16 && p * 16 + c < w.n; ++c) store_i8(out, out.m0 + r, p * 16 + c, acc[c], sx[r], w.scale, w.bias);
+      for (int c = 0; c < 16 && p * 16 + c < w.n; ++c) {
+        store_i8(out, out.m0 + r, p * 16 + c, acc[c], sx[r], w.scale, w.bias);
+      }
     }
   }
 }
