@@ -172,6 +172,9 @@ def test_bad_inputs_name_the_problem():
         packed(torch.randn(3, 69))
     with pytest.raises(TypeError, match="torch.int64"):
         packed(torch.ones(3, 70, dtype=torch.int64))
+    if torch.cuda.is_available():  # pragma: no cover - CPU-only CI
+        with pytest.raises(ValueError, match="must be on the CPU"):
+            packed(torch.randn(3, 70, device="cuda"))
     with pytest.raises(ValueError, match="in_features 5 differs"):
         pack_linears([torch.randn(3, 4), torch.randn(3, 5)])
 

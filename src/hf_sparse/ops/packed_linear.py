@@ -132,6 +132,8 @@ class PackedLinear:
         return out
 
     def _call_op(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.device.type not in ("cpu", "meta"):
+            as_rows(x, self.in_features, "PackedLinear")  # a clear error rather than the dispatcher's
         if self._op is not None:
             return self._op(x, *self._op_args, self.in_features, self.out_features, self.activation)
         # FP32_DENSE: torch itself (oneDNN/MKL); torch.compile sees plain torch ops.
