@@ -91,6 +91,11 @@ struct IsaKernels {
   // Panels p0..p1-1 of the dense int8 product for tokens 0..rows-1 of a row-major quantized block.
   void (*i8_dense)(const DenseI8& w, const void* xq, int64_t ldq, int rows, const float* sx, int64_t p0, int64_t p1,
                    const Output& out);
+  // Few tokens (decoding: rows <= few_rows; 0 = not provided): rows n0..n1-1 of the sparse int8 product from
+  // row-major quantized tokens (quant_rows' layout, ldq bytes apart), vectorized over the blocks of a row.
+  int few_rows;
+  void (*i8_sparse_few)(const SparseI8& w, const void* xq, int64_t ldq, int rows, const float* sx, int64_t n0,
+                        int64_t n1, const Output& out);
   // Transposed fp32 tile: tile[k][r] = x[r][k], padding tokens are zero.
   void (*f32_tile)(const float* x, int64_t ldx, int rows, int64_t k, int mtp, float* tile);
   void (*f32_sparse)(const SparseF32& w, const float* tile, int mtp, int rows, int64_t n0, int64_t n1,

@@ -663,6 +663,8 @@ const IsaKernels kTable = {
     quant_rows,
     i8_sparse,
     i8_dense,
+    0,
+    nullptr,
     f32_tile,
     f32_sparse,
 };

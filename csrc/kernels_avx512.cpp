@@ -377,6 +377,96 @@ void i8_sparse(const SparseI8& w, const void* tile, int mtp, int rows, const flo
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Sparse int8 for a few tokens (decoding). The broadcast kernel above would use one vector lane per token; here
+// the lanes are 16 blocks of a row instead. Their activations are "gathered" from registers: one column panel of
+// a token is 128 words of 4 bytes, i.e. 8 zmm, and vpermt2d picks words from them (memory gathers cost ~28
+// cycles each on Zen 4). Indices are wrapped into the panel, so no index reaches memory at all.
+
+constexpr int kFewRows = 2;  // from 3 tokens on, the broadcast kernel is faster (measured)
+
+// The 16 words of the 8-register panel `xw` at positions idx (0..127); b5/b6: idx bits 5 and 6.
+inline __m512i panel_words(const __m512i* xw, __m512i idx, __mmask16 b5, __mmask16 b6) {
+  const __m512i w01 = _mm512_permutex2var_epi32(xw[0], idx, xw[1]);
+  const __m512i w23 = _mm512_permutex2var_epi32(xw[2], idx, xw[3]);
+  const __m512i w45 = _mm512_permutex2var_epi32(xw[4], idx, xw[5]);
+  const __m512i w67 = _mm512_permutex2var_epi32(xw[6], idx, xw[7]);
+  const __m512i lo = _mm512_mask_blend_epi32(b5, w01, w23);
+  const __m512i hi = _mm512_mask_blend_epi32(b5, w45, w67);
+  return _mm512_mask_blend_epi32(b6, lo, hi);
+}
+
+// R (1 or 2) tokens; sums[r][n - n0] accumulates over panels (started at -128 * weight_sum). Wrapped indices:
+// a corrupted column index gives a wrong word of the same panel, never a read outside the registers.
+template <int R>
+void few_panel_pass(const SparseI8& w, const uint8_t* xq, int64_t ldq, int64_t p, int64_t n0, int64_t n1,
+                    int32_t* const* sums) {
+  __m512i xw[R][8];
+  const int64_t word0 = p * kPanel;
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < 8; ++j) {
+      xw[r][j] = _mm512_maskz_loadu_epi32(mask16(w.kb - word0 - 16 * j), xq + r * ldq + (word0 + 16 * j) * 4);
+    }
+  }
+  const __m512i base = _mm512_set1_epi32(static_cast<int>(word0));
+  const __m512i wrap = _mm512_set1_epi32(kPanel - 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int32_t e = w.ptr[p * w.n + n + 1];
+    __m512i acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+    for (int32_t b = w.ptr[p * w.n + n]; b < e; b += 16) {
+      const __mmask16 m = mask16(e - b);
+      const __m512i col = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w.cols + b));
+      const __m512i idx = _mm512_and_si512(_mm512_sub_epi32(col, base), wrap);
+      const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+      const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+      const __m512i wv = _mm512_maskz_loadu_epi32(m, w.values + b);  // absent lanes multiply by 0
+      for (int r = 0; r < R; ++r) acc[r] = dpbusd(acc[r], panel_words(xw[r], idx, b5, b6), wv);
+    }
+    for (int r = 0; r < R; ++r) sums[r][n - n0] += _mm512_reduce_add_epi32(acc[r]);
+  }
+}
+
+void i8_sparse_few(const SparseI8& w, const void* xq_, int64_t ldq, int rows, const float* sx, int64_t n0,
+                   int64_t n1, const Output& out) {
+  const uint8_t* xq = static_cast<const uint8_t*>(xq_);
+  constexpr int64_t kChunk = 256;  // rows whose sums live on the stack
+  alignas(64) int32_t sums[kFewRows][kChunk];
+  for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
+    const int64_t c1 = c0 + kChunk < n1 ? c0 + kChunk : n1;
+    for (int r = 0; r < rows; ++r) {
+      for (int64_t n = c0; n < c1; ++n) sums[r][n - c0] = -128 * w.weight_sum[n];
+    }
+    for (int64_t p = 0; p < w.panels; ++p) {
+      for (int r = 0; r < rows; r += 2) {
+        int32_t* s[2] = {sums[r], sums[r + 1 < rows ? r + 1 : r]};
+        if (r + 1 < rows) {
+          few_panel_pass<2>(w, xq + r * ldq, ldq, p, c0, c1, s);
+        } else {
+          few_panel_pass<1>(w, xq + r * ldq, ldq, p, c0, c1, s);
+        }
+      }
+    }
+    // Epilogue on 16 output channels at a time: they are contiguous in each token's output row.
+    for (int64_t g = c0; g < c1; g += 16) {
+      const __mmask16 cm = mask16(c1 - g);
+      const __m512 sw = _mm512_maskz_loadu_ps(cm, w.scale + g);
+      const __m512 bias = w.bias ? _mm512_maskz_loadu_ps(cm, w.bias + g) : _mm512_setzero_ps();
+      for (int r = 0; r < rows; ++r) {
+        const __m512i a = _mm512_maskz_loadu_epi32(cm, sums[r] + (g - c0));
+        const int64_t row = out.m0 + r;
+        if (out.yi) {
+          _mm512_mask_storeu_epi32(out.yi + row * out.ldy + g, cm, a);
+          continue;
+        }
+        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(sx[r])), sw);
+        if (w.bias) v = _mm512_add_ps(v, bias);
+        _mm512_mask_storeu_ps(out.y + row * out.ldy + g, cm, activate(v, out.act));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Dense int8: MR tokens x NP panels of 16 channels; activations broadcast 4 bytes at a time, weights loaded as
 // 64-byte (16 channels x 4 features) vectors.
 
@@ -578,7 +668,8 @@ void f32_sparse(const SparseF32& w, const float* tile, int mtp, int rows, int64_
 }
 
 const IsaKernels kTable = {
-    "avx512_vnni", kVec, kVec * kMaxT, 1, 128, quant_tile, quant_rows, i8_sparse, i8_dense, f32_tile, f32_sparse,
+    "avx512_vnni", kVec, kVec * kMaxT, 1, 128, quant_tile, quant_rows, i8_sparse, i8_dense, kFewRows,
+    i8_sparse_few, f32_tile, f32_sparse,
 };
 
 }  // namespace

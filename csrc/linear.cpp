@@ -250,13 +250,76 @@ struct DenseJob {
 
 void dense_job_fn(void* ctx, int, int) { static_cast<const DenseJob*>(ctx)->run(); }
 
+// A few tokens: quantized row-major once (they are tiny), then blocks of output rows handed out.
+struct FewJob {
+  const IsaKernels* isa;
+  SparseI8 w;
+  const float* x;
+  int64_t ldx, m;
+  Output out;
+  char* xq;
+  int64_t ldq;
+  float* sx;
+  int64_t row_blocks;
+  const int64_t* bounds;
+  OnceFlags* ready;
+  std::atomic<int64_t>* next;
+
+  void run() const {
+    for (;;) {
+      const int64_t r = next->fetch_add(1, std::memory_order_relaxed);
+      if (r >= row_blocks) return;
+      ready->ensure(0, [&] { isa->quant_rows(x, ldx, static_cast<int>(m), w.k, xq, ldq, sx); });
+      if (bounds[r] < bounds[r + 1]) {
+        isa->i8_sparse_few(w, xq, ldq, static_cast<int>(m), sx, bounds[r], bounds[r + 1], out);
+      }
+    }
+  }
+};
+
+void few_job_fn(void* ctx, int, int) { static_cast<const FewJob*>(ctx)->run(); }
+
+void run_few(const IsaKernels& isa, const SparseI8& w, const float* x, int64_t ldx, int64_t m, const Output& out,
+             int nthreads) {
+  FewJob job{};
+  job.isa = &isa;
+  job.w = w;
+  job.x = x;
+  job.ldx = ldx;
+  job.m = m;
+  job.out = out;
+  job.ldq = round_up(w.kb * 4, 64);
+  const double ops = static_cast<double>(w.ptr[w.panels * w.n]) / 16.0 * 12.0 * m + w.n * w.panels * 8.0;
+  const int nt = threads_for(ops, std::max(1, nthreads));
+  job.row_blocks = nt > 1 ? std::min<int64_t>(kItemsPerThread * nt, ceil_div(w.n, kMinRowsPerItem)) : 1;
+  job.row_blocks = std::max<int64_t>(1, job.row_blocks);
+  const size_t q_bytes = align64(static_cast<size_t>(m * job.ldq));
+  const size_t sx_bytes = align64(static_cast<size_t>(m) * sizeof(float));
+  const size_t bounds_bytes = align64(static_cast<size_t>(job.row_blocks + 1) * sizeof(int64_t));
+  char* buf = t_scratch.get(q_bytes + sx_bytes + bounds_bytes + 64);
+  job.xq = buf;
+  job.sx = reinterpret_cast<float*>(buf + q_bytes);
+  int64_t* bounds = reinterpret_cast<int64_t*>(buf + q_bytes + sx_bytes);
+  for (int64_t i = 0; i <= job.row_blocks; ++i) bounds[i] = row_bound(w.row_prefix, w.n, job.row_blocks, i);
+  job.bounds = bounds;
+  auto* flags = new (buf + q_bytes + sx_bytes + bounds_bytes) std::atomic<int>[1];
+  OnceFlags ready(flags, 1);
+  std::atomic<int64_t> next{0};
+  job.ready = &ready;
+  job.next = &next;
+  count_call(isa);
+  parallel_run(nt, few_job_fn, &job);
+}
+
 }  // namespace
 
 void linear_i8_sparse(const SparseI8& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out,
                       int nthreads) {
   if (m_rows <= 0 || w.n <= 0) return;
+  const IsaKernels& isa = active_kernels();
+  if (m_rows <= isa.few_rows && isa.i8_sparse_few) return run_few(isa, w, x, ldx, m_rows, out, nthreads);
   SparseJob job{};
-  job.isa = &active_kernels();
+  job.isa = &isa;
   job.int8 = true;
   job.wi = w;
   job.x = x;
