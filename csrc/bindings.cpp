@@ -30,7 +30,7 @@ using namespace nb::literals;
 namespace hf_sparse {
 namespace {
 
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 enum Kind : int { kI8Sparse = 0, kI8Dense = 1, kF32Sparse = 2 };
 
@@ -223,6 +223,25 @@ class Packed {
     }
   }
 
+  // Fused FFN: y (m, second.n) = second(act1(first(x))), both int8 4-block, first.n == second.k.
+  static void run_ffn(const Packed& first, const Packed& second, uintptr_t x, int64_t m, uintptr_t out, int act1,
+                      int act2, int nthreads) {
+    if (m < 0) throw nb::value_error("number of rows must be >= 0");
+    if (first.kind_ != kI8Sparse || second.kind_ != kI8Sparse) {
+      throw nb::value_error("the fused FFN takes two int8 4-block weights");
+    }
+    if (first.n_ != second.k_) {
+      throw nb::value_error(("the first weight has " + str(first.n_) + " outputs but the second takes " +
+                             str(second.k_) + " inputs")
+                                .c_str());
+    }
+    make_output(0, 0, act1, false);  // checks the code
+    const Output o = make_output(out, second.n_, act2, false);
+    const float* xf = reinterpret_cast<const float*>(x);
+    nb::gil_scoped_release release;
+    linear_i8_ffn(first.si8_, act1, second.si8_, xf, first.k_, m, o, clamp_threads(nthreads));
+  }
+
   nb::dict tensors(nb::handle self) const {
     nb::dict d;
     const auto put = [&](const char* name, const Owned& buf, nb::dlpack::dtype dt,
@@ -289,6 +308,37 @@ void i8_sparse_raw(uintptr_t x, int64_t m, uintptr_t ptr, uintptr_t cols, uintpt
   const Output o = make_output(out, n, act, accum);
   nb::gil_scoped_release release;
   linear_i8_sparse(w, reinterpret_cast<const float*>(x), k, m, o, clamp_threads(nthreads));
+}
+
+void i8_ffn_raw(uintptr_t x, int64_t m, const std::vector<uintptr_t>& w1, const std::vector<uintptr_t>& w2,
+                int64_t k, int64_t hidden, int64_t n, int64_t nnz1, int64_t nnz2, uintptr_t out, int act1, int act2,
+                int nthreads) {
+  // w1, w2: addresses of ptr, cols, values, weight_sum, weight_scale, bias (0: none).
+  if (w1.size() != 6 || w2.size() != 6) throw nb::value_error("i8_ffn_raw: 6 arrays per weight");
+  check_dims(hidden, k);
+  check_dims(n, hidden);
+  const auto view = [](const std::vector<uintptr_t>& a, int64_t rows, int64_t cols, int64_t nnz, const char* what) {
+    const int32_t* p = reinterpret_cast<const int32_t*>(a[0]);
+    const int64_t panels = panels_of(kI8Sparse, cols);
+    check_ptr(p, panels * rows, nnz, what);
+    return SparseI8{rows,
+                    cols,
+                    (cols + 3) / 4,
+                    panels,
+                    p,
+                    reinterpret_cast<const uint16_t*>(a[1]),
+                    reinterpret_cast<const int32_t*>(a[2]),
+                    reinterpret_cast<const int32_t*>(a[3]),
+                    reinterpret_cast<const float*>(a[4]),
+                    reinterpret_cast<const float*>(a[5]),
+                    nullptr};
+  };
+  const SparseI8 first = view(w1, hidden, k, nnz1, "first int8 4-block weight");
+  const SparseI8 second = view(w2, n, hidden, nnz2, "second int8 4-block weight");
+  make_output(0, 0, act1, false);
+  const Output o = make_output(out, n, act2, false);
+  nb::gil_scoped_release release;
+  linear_i8_ffn(first, act1, second, reinterpret_cast<const float*>(x), k, m, o, clamp_threads(nthreads));
 }
 
 void i8_dense_raw(uintptr_t x, int64_t m, uintptr_t panels, uintptr_t wsum, uintptr_t scale, uintptr_t bias,
@@ -389,11 +439,14 @@ NB_MODULE(_C, m) {
            "kind"_a, "out_features"_a, "in_features"_a, "ptr"_a, "cols"_a, "values"_a, "weight_sum"_a, "scale"_a,
            "bias"_a, "has_bias"_a)
       .def("run", &Packed::run, "x"_a, "m"_a, "out"_a, "act"_a, "nthreads"_a, "accumulators"_a)
+      .def_static("run_ffn", &Packed::run_ffn, "first"_a, "second"_a, "x"_a, "m"_a, "out"_a, "act1"_a, "act2"_a,
+                  "nthreads"_a)
       .def("tensors", [](nb::handle self) { return nb::cast<const Packed&>(self).tensors(self); })
       .def_prop_ro("kind", &Packed::kind)
       .def_prop_ro("nnz", &Packed::nnz);
 
   m.def("i8_sparse_raw", &i8_sparse_raw);
+  m.def("i8_ffn_raw", &i8_ffn_raw);
   m.def("i8_dense_raw", &i8_dense_raw);
   m.def("f32_sparse_raw", &f32_sparse_raw);
   m.def("quantize_raw", &quantize_raw);

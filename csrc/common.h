@@ -100,6 +100,11 @@ struct IsaKernels {
   void (*f32_tile)(const float* x, int64_t ldx, int rows, int64_t k, int mtp, float* tile);
   void (*f32_sparse)(const SparseF32& w, const float* tile, int mtp, int rows, int64_t n0, int64_t n1,
                      const Output& out);
+  // Fused FFN, optional (null: the driver composes i8_sparse and quant_tile, with the same results): the whole
+  // first layer w1 for one tile, activation `act`, into the second layer's activation tile (w1.n / 4 4-blocks x
+  // mtp tokens, the layout quant_tile writes) and its scales sx2; h is scratch of w1.n * mtp floats.
+  void (*i8_ffn_hidden)(const SparseI8& w1, const void* tile1, int mtp, int rows, const float* sx1, int act,
+                        float* h, void* tile2, float* sx2);
 };
 
 // Per-ISA tables, defined in kernels_<isa>.cpp (null when that file is not built for this target).

@@ -667,6 +667,7 @@ const IsaKernels kTable = {
     nullptr,
     f32_tile,
     f32_sparse,
+    nullptr,  // fused FFN: composed by the driver
 };
 
 }  // namespace

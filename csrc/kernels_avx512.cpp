@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <limits>
 
 #include "common.h"
 #include "gelu_table.h"
@@ -239,12 +240,13 @@ inline void store_group(Staging<T>& st, int nr, int rows, int64_t n0, const Outp
 // ---------------------------------------------------------------------------------------------------------------
 // Sparse int8 (4-block) x dense activations
 
-// Tile bytes one pass over the column panels may span, so that the slice of the activation tile a group of rows
-// reads stays in L1: the activation loads are most of the kernel's memory operations, and from L2 they run at
-// about half speed. Larger tiles are cut into passes, with partial sums kept per row between passes.
-constexpr int64_t kPassBytes = 32768;
+// Tile bytes one pass over the column panels may span. The slice of the activation tile a group of rows reads
+// should stay close (L1, spilling into L2), but every pass also stores and reloads each row's partial sums and
+// exits each row's loop once more: measured on BERT shapes (T = 4), passes of two panels (64 KB) beat both one
+// panel (32 KB, all of L1) and three or more.
+constexpr int64_t kPassBytes = 65536;
 constexpr int kGroup = 64;  // rows per group that share a pass (a multiple of 16)
-constexpr int64_t kOnePassBytes = 49152;  // a tile up to this size is read in one pass (L1 + a little L2)
+constexpr int64_t kOnePassBytes = 65536;  // a tile up to this size is read in one pass
 
 // Panels per pass for a tile of `columns` columns of `bytes` bytes each.
 inline int64_t passes_of(int64_t columns, int64_t bytes, int64_t panels) {
@@ -296,15 +298,13 @@ __attribute__((always_inline)) inline void i8_row(const SparseI8& w, const uint8
   }
 }
 
-template <int T>
-void i8_sparse_t(const SparseI8& w, const uint8_t* tile, int rows, const float* sx, int64_t n0, int64_t n1,
-                 const Output& out) {
+// Rows n0..n1-1 of the sparse product for one tile: the accumulators of each row (T vectors of 16 tokens, started
+// at -128 * weight_sum) go to epi.row(n, acc) when the row is complete. Rows run in groups of kGroup over passes
+// of column panels whose slice of the tile stays in L1, with partial sums kept per row between passes.
+template <int T, class Epi>
+void sparse_rows(const SparseI8& w, const uint8_t* tile, int64_t n0, int64_t n1, Epi& epi) {
   constexpr int kSets = T >= 3 ? 2 : 4;
   const int64_t per_pass = passes_of(w.kb, 64 * T, w.panels);
-  __m512 vsx[T];
-#pragma GCC unroll 8
-  for (int t = 0; t < T; ++t) vsx[t] = _mm512_maskz_loadu_ps(mask16(rows - t * kVec), sx + t * kVec);
-  Staging<T> st;
   alignas(64) __m512i part[kGroup][T];  // partial sums of the group's rows between passes
   for (int64_t g0 = n0; g0 < n1; g0 += kGroup) {
     const int gn = n1 - g0 < kGroup ? static_cast<int>(n1 - g0) : kGroup;
@@ -324,30 +324,69 @@ void i8_sparse_t(const SparseI8& w, const uint8_t* tile, int rows, const float* 
           for (int t = 0; t < T; ++t) init[t] = _mm512_load_si512(&part[i][t]);
         }
         i8_row<T, kSets>(w, tile, n, c0, c1, init, acc);
-        if (!last) {
+        if (last) {
+          epi.row(n, acc);
+        } else {
 #pragma GCC unroll 8
           for (int t = 0; t < T; ++t) _mm512_store_si512(&part[i][t], acc[t]);
-          continue;
         }
-        const int r = i & 15;
-        if (out.yi) {
-#pragma GCC unroll 8
-          for (int t = 0; t < T; ++t) _mm512_store_si512(st.v[t][r], acc[t]);
-        } else {
-          const __m512 sw = _mm512_set1_ps(w.scale[n]);
-          const __m512 bias = _mm512_set1_ps(w.bias ? w.bias[n] : 0.0f);
-#pragma GCC unroll 8
-          for (int t = 0; t < T; ++t) {
-            // ((acc * scale_x) * scale_w) + bias, rounded in that order like the reference.
-            __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[t]), vsx[t]), sw);
-            if (w.bias) v = _mm512_add_ps(v, bias);
-            _mm512_store_ps(reinterpret_cast<float*>(st.v[t][r]), activate(v, out.act));
-          }
-        }
-        if (r == 15 || i == gn - 1) store_group<T>(st, r + 1, rows, n - r, out);
       }
     }
   }
+}
+
+// y = ((acc * scale_x) * scale_w) + bias, rounded in that order like the reference, then the activation.
+template <int T>
+struct Dequant {
+  __m512 sx[T];
+  Dequant(const float* scale_x, int rows) {
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) sx[t] = _mm512_maskz_loadu_ps(mask16(rows - t * kVec), scale_x + t * kVec);
+  }
+  __attribute__((always_inline)) void apply(const SparseI8& w, int64_t n, int act, const __m512i* acc,
+                                            __m512* y) const {
+    const __m512 sw = _mm512_set1_ps(w.scale[n]);
+    const __m512 bias = _mm512_set1_ps(w.bias ? w.bias[n] : 0.0f);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[t]), sx[t]), sw);
+      if (w.bias) v = _mm512_add_ps(v, bias);
+      y[t] = activate(v, act);
+    }
+  }
+};
+
+// Epilogue to (M, N): rows staged, 16 at a time transposed into 16 consecutive output channels per token.
+template <int T>
+struct TransposedOut {
+  const SparseI8& w;
+  const Output& out;
+  Dequant<T> dq;
+  int rows;
+  int64_t n0, n1;
+  Staging<T> st;
+  TransposedOut(const SparseI8& w_, const Output& out_, const float* sx, int rows_, int64_t n0_, int64_t n1_)
+      : w(w_), out(out_), dq(sx, rows_), rows(rows_), n0(n0_), n1(n1_) {}
+  __attribute__((always_inline)) void row(int64_t n, const __m512i* acc) {
+    const int r = static_cast<int>((n - n0) & 15);
+    if (out.yi) {
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) _mm512_store_si512(st.v[t][r], acc[t]);
+    } else {
+      __m512 y[T];
+      dq.apply(w, n, out.act, acc, y);
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) _mm512_store_ps(reinterpret_cast<float*>(st.v[t][r]), y[t]);
+    }
+    if (r == 15 || n == n1 - 1) store_group<T>(st, r + 1, rows, n - r, out);
+  }
+};
+
+template <int T>
+void i8_sparse_t(const SparseI8& w, const uint8_t* tile, int rows, const float* sx, int64_t n0, int64_t n1,
+                 const Output& out) {
+  TransposedOut<T> epi(w, out, sx, rows, n0, n1);
+  sparse_rows<T>(w, tile, n0, n1, epi);
 }
 
 void i8_sparse(const SparseI8& w, const void* tile, int mtp, int rows, const float* sx, int64_t n0, int64_t n1,
@@ -358,6 +397,103 @@ void i8_sparse(const SparseI8& w, const void* tile, int mtp, int rows, const flo
     case 2: return i8_sparse_t<2>(w, t, rows, sx, n0, n1, out);
     case 3: return i8_sparse_t<3>(w, t, rows, sx, n0, n1, out);
     default: return i8_sparse_t<4>(w, t, rows, sx, n0, n1, out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fused FFN, the hidden layer of one tile: h = act(first layer) stays in accumulator order ([n][tokens], no
+// transpose), its per-token amax is a running lane-wise max, and its quantization for the second layer reads 4
+// rows x 16 tokens and interleaves their codes into the [n/4][tokens][4] tile the second layer reads. Bit-exact
+// with the unfused calls: the same epilogue arithmetic, the same amax, inv and code rounding as quant_tile.
+
+template <int T>
+struct HiddenOut {
+  const SparseI8& w;
+  Dequant<T> dq;
+  int act;
+  float* h;                // [n][16 T]
+  __m512i amax_bits[T];    // running max of |h|'s bits per token (integer compare: spots inf and NaN too)
+  HiddenOut(const SparseI8& w_, const float* sx, int rows, int act_, float* h_) : w(w_), dq(sx, rows), act(act_), h(h_) {
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) amax_bits[t] = _mm512_setzero_si512();
+  }
+  __attribute__((always_inline)) void row(int64_t n, const __m512i* acc) {
+    __m512 y[T];
+    dq.apply(w, n, act, acc, y);
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      _mm512_store_ps(h + (n * T + t) * kVec, y[t]);
+      amax_bits[t] = _mm512_max_epu32(amax_bits[t], _mm512_and_si512(_mm512_castps_si512(y[t]), abs_mask));
+    }
+  }
+};
+
+// 4 rows of 16 tokens' int32 codes -> 64 bytes u8 (code + 128), token-major: [c0 c1 c2 c3] per token.
+inline __m512i interleave_codes(__m512i c0, __m512i c1, __m512i c2, __m512i c3) {
+  // packs work per 128-bit lane: bytes [c0 t0..3, c1 t0..3, c2 t0..3, c3 t0..3] of the lane's 4 tokens.
+  __m512i b = _mm512_packs_epi16(_mm512_packs_epi32(c0, c1), _mm512_packs_epi32(c2, c3));
+  b = _mm512_max_epi8(b, _mm512_set1_epi8(-127));
+  b = _mm512_xor_si512(b, _mm512_set1_epi8(static_cast<char>(0x80)));
+  const __m512i to_tokens = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  return _mm512_shuffle_epi8(b, to_tokens);
+}
+
+template <int T>
+void ffn_hidden_t(const SparseI8& w1, const uint8_t* tile1, int rows, const float* sx1, int act, float* h,
+                  uint8_t* tile2, float* sx2) {
+  HiddenOut<T> epi(w1, sx1, rows, act, h);
+  sparse_rows<T>(w1, tile1, 0, w1.n, epi);
+  // Per-token parameters exactly as token_params: inv = (1 / amax) * 127, scale = amax / 127; NaN scale (inv 0)
+  // for a token holding inf or NaN.
+  __m512 inv[T];
+  bool any_inf = false;
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) {
+    const __m512i bits = epi.amax_bits[t];
+    const __mmask16 bad = _mm512_cmpge_epu32_mask(bits, _mm512_set1_epi32(0x7f800000));
+    const __m512 amax = _mm512_castsi512_ps(bits);
+    const __mmask16 pos = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ) & ~bad;
+    const __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), amax);
+    inv[t] = _mm512_maskz_mul_ps(pos, r, _mm512_set1_ps(127.0f));
+    const __m512 scale = _mm512_div_ps(amax, _mm512_set1_ps(127.0f));
+    _mm512_storeu_ps(sx2 + t * kVec, _mm512_mask_mov_ps(scale, bad, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
+    any_inf |= _mm512_cmp_ps_mask(inv[t], _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ) != 0;
+  }
+  const int64_t n = w1.n, kb2 = (n + 3) / 4;
+  for (int64_t b = 0; b < kb2; ++b) {
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      __m512i c[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const int64_t row = 4 * b + j;
+        c[j] = row < n ? _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(h + (row * T + t) * kVec), inv[t]))
+                       : _mm512_setzero_si512();
+      }
+      _mm512_store_si512(tile2 + (b * T + t) * 64, interleave_codes(c[0], c[1], c[2], c[3]));
+    }
+  }
+  if (!any_inf) return;
+  // A token whose amax is subnormal: inv = inf exactly as in torch, codes sign(h) * 127 (rare; see quant_tile).
+  alignas(64) float invs[16 * T];
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) _mm512_store_ps(invs + t * kVec, inv[t]);
+  for (int r = 0; r < 16 * T; ++r) {
+    if (!is_inf(invs[r])) continue;
+    for (int64_t i = 0; i < n; ++i) tile2[(i >> 2) * 64 * T + r * 4 + (i & 3)] = saturated_u8(h[i * 16 * T + r]);
+  }
+}
+
+void i8_ffn_hidden(const SparseI8& w1, const void* tile1, int mtp, int rows, const float* sx1, int act, float* h,
+                   void* tile2, float* sx2) {
+  const uint8_t* t1 = static_cast<const uint8_t*>(tile1);
+  uint8_t* t2 = static_cast<uint8_t*>(tile2);
+  switch (mtp / kVec) {
+    case 1: return ffn_hidden_t<1>(w1, t1, rows, sx1, act, h, t2, sx2);
+    case 2: return ffn_hidden_t<2>(w1, t1, rows, sx1, act, h, t2, sx2);
+    case 3: return ffn_hidden_t<3>(w1, t1, rows, sx1, act, h, t2, sx2);
+    default: return ffn_hidden_t<4>(w1, t1, rows, sx1, act, h, t2, sx2);
   }
 }
 
@@ -654,7 +790,7 @@ void f32_sparse(const SparseF32& w, const float* tile, int mtp, int rows, int64_
 
 const IsaKernels kTable = {
     "avx512_vnni", kVec, kVec * kMaxT, 1, 128, quant_tile, quant_rows, i8_sparse, i8_dense, kFewRows,
-    i8_sparse_few, f32_tile, f32_sparse,
+    i8_sparse_few, f32_tile, f32_sparse, i8_ffn_hidden,
 };
 
 }  // namespace

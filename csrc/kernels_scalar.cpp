@@ -165,6 +165,7 @@ void f32_sparse(const SparseF32& w, const float* tile, int mtp, int rows, int64_
 
 const IsaKernels kTable = {
     "scalar", 1, kTile, 1, 0, quant_tile, quant_rows, i8_sparse, i8_dense, 0, nullptr, f32_tile, f32_sparse,
+    nullptr,
 };
 
 }  // namespace

@@ -65,6 +65,8 @@ class Buffer {
 };
 
 thread_local Buffer t_scratch;
+// The unfused FFN's hidden activations (the Linear calls in between use t_scratch).
+thread_local Buffer t_hidden;
 
 // Calls per instruction set (tests check that the kernel they meant to test ran), indexed like all_isa_names().
 constexpr const char* kCallNames[4] = {"avx512_vnni", "avx2_vnni", "avx2", "scalar"};
@@ -311,6 +313,53 @@ void run_few(const IsaKernels& isa, const SparseI8& w, const float* x, int64_t l
   parallel_run(nt, few_job_fn, &job);
 }
 
+// Fused FFN: each work item is one token tile, run through both layers by one thread (no barrier): the tile is
+// quantized, the first layer's activations stay in that thread's scratch, quantized again for the second layer.
+struct FfnJob {
+  const IsaKernels* isa;
+  SparseI8 w1, w2;
+  int act1;
+  const float* x;
+  int64_t ldx, m;
+  Output out;
+  int64_t mt, ntiles;
+  char* scratch;  // one slot per thread
+  size_t slot_bytes, tile1_bytes, tile2_bytes, h_bytes;
+  std::atomic<int64_t>* next;
+
+  void run(int tid) const {
+    char* slot = scratch + static_cast<size_t>(tid) * slot_bytes;
+    void* tile1 = slot;
+    void* tile2 = slot + tile1_bytes;
+    float* h = reinterpret_cast<float*>(slot + tile1_bytes + tile2_bytes);
+    float* sx1 = reinterpret_cast<float*>(slot + tile1_bytes + tile2_bytes + h_bytes);
+    float* sx2 = sx1 + mt;
+    const int gran = isa->tile_tokens;
+    for (;;) {
+      const int64_t t = next->fetch_add(1, std::memory_order_relaxed);
+      if (t >= ntiles) return;
+      const int rows = static_cast<int>(std::min(mt, m - t * mt));
+      const int mtp = static_cast<int>(round_up(rows, gran));
+      isa->quant_tile(x + t * mt * ldx, ldx, rows, w1.k, mtp, tile1, sx1);
+      if (isa->i8_ffn_hidden) {
+        isa->i8_ffn_hidden(w1, tile1, mtp, rows, sx1, act1, h, tile2, sx2);
+      } else {
+        Output oh;
+        oh.y = h;
+        oh.ldy = w1.n;
+        oh.act = act1;
+        isa->i8_sparse(w1, tile1, mtp, rows, sx1, 0, w1.n, oh);
+        isa->quant_tile(h, w1.n, rows, w1.n, mtp, tile2, sx2);
+      }
+      Output o = out;
+      o.m0 = t * mt;
+      isa->i8_sparse(w2, tile2, mtp, rows, sx2, 0, w2.n, o);
+    }
+  }
+};
+
+void ffn_job_fn(void* ctx, int tid, int) { static_cast<const FfnJob*>(ctx)->run(tid); }
+
 }  // namespace
 
 void linear_i8_sparse(const SparseI8& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out,
@@ -329,6 +378,52 @@ void linear_i8_sparse(const SparseI8& w, const float* x, int64_t ldx, int64_t m_
   job.k = w.k;
   job.out = out;
   run_sparse(job, w.ptr[w.panels * w.n], w.row_prefix, nthreads);
+}
+
+void linear_i8_ffn(const SparseI8& w1, int act1, const SparseI8& w2, const float* x, int64_t ldx, int64_t m_rows,
+                   const Output& out, int nthreads) {
+  if (m_rows <= 0 || w2.n <= 0) return;
+  const IsaKernels& isa = active_kernels();
+  const int64_t gran = isa.tile_tokens;
+  const double ops = static_cast<double>(ceil_div(m_rows, 16)) *
+                     (static_cast<double>(w1.ptr[w1.panels * w1.n] + w2.ptr[w2.panels * w2.n]) +
+                      kRowCost * (w1.n + w2.n) + (w1.k + w2.k) / 4.0);
+  const int nt = threads_for(ops, std::max(1, nthreads));
+  // Whole tiles per thread: worth it while every thread gets tiles of at least two token vectors; fewer tokens
+  // (and the few-token kernel's range) run as two Linear calls, each split over output rows.
+  const int64_t per_thread = round_up(ceil_div(m_rows, nt), gran);
+  if (m_rows <= isa.few_rows || (nt > 1 && per_thread < 2 * gran)) {
+    float* hidden = reinterpret_cast<float*>(t_hidden.get(static_cast<size_t>(m_rows * w1.n) * sizeof(float)));
+    Output oh;
+    oh.y = hidden;
+    oh.ldy = w1.n;
+    oh.act = act1;
+    linear_i8_sparse(w1, x, ldx, m_rows, oh, nthreads);
+    linear_i8_sparse(w2, hidden, w1.n, m_rows, out, nthreads);
+    return;
+  }
+  FfnJob job{};
+  job.isa = &isa;
+  job.w1 = w1;
+  job.w2 = w2;
+  job.act1 = act1;
+  job.x = x;
+  job.ldx = ldx;
+  job.m = m_rows;
+  job.out = out;
+  job.mt = std::min<int64_t>(isa.max_tile, per_thread);
+  job.ntiles = ceil_div(m_rows, job.mt);
+  const size_t elem = static_cast<size_t>(isa.act_bytes) * 4;
+  job.tile1_bytes = align64(static_cast<size_t>(ceil_div(w1.k, 4) * job.mt) * elem);
+  job.tile2_bytes = align64(static_cast<size_t>(ceil_div(w2.k, 4) * job.mt) * elem);
+  job.h_bytes = align64(static_cast<size_t>(w1.n * job.mt) * sizeof(float));
+  job.slot_bytes = job.tile1_bytes + job.tile2_bytes + job.h_bytes + align64(2 * job.mt * sizeof(float));
+  const int threads = static_cast<int>(std::min<int64_t>(nt, job.ntiles));
+  job.scratch = t_scratch.get(job.slot_bytes * threads);
+  std::atomic<int64_t> next{0};
+  job.next = &next;
+  count_call(isa);
+  parallel_run(threads, ffn_job_fn, &job);
 }
 
 void linear_f32_sparse(const SparseF32& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out,

@@ -15,6 +15,10 @@ namespace hf_sparse {
 void linear_i8_sparse(const SparseI8& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out,
                       int nthreads);
 void linear_i8_dense(const DenseI8& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out, int nthreads);
+// Fused FFN: out = second(act1(first(x))) for two int8 4-block weights (w1.n == w2.k), without the hidden
+// activations ever leaving a thread's scratch in float32 (M, hidden) form; results identical to the two calls.
+void linear_i8_ffn(const SparseI8& w1, int act1, const SparseI8& w2, const float* x, int64_t ldx, int64_t m_rows,
+                   const Output& out, int nthreads);
 void linear_f32_sparse(const SparseF32& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out,
                        int nthreads);
 

@@ -5,8 +5,9 @@
     y = packed(x)                                                           # (..., in) -> (..., out) float32
 
 `pack_linears([q, k, v])` packs weights that read the same input side by side (one activation quantization,
-outputs returned split); `activation="gelu"` fuses BERT's exact GELU into the kernel. docs/kernels.md has the
-numerics, the packed layouts, the dispatch rules, the threads and the environment variables.
+outputs returned split); `activation="gelu"` fuses BERT's exact GELU into the kernel; `fuse_ffn(first, second)`
+runs a whole FFN (Linear, activation, Linear) as one call. docs/kernels.md has the numerics, the packed layouts,
+the dispatch rules, the threads and the environment variables.
 """
 
 from ._extension import (
@@ -21,6 +22,7 @@ from ._extension import (
     set_threads_backend,
     threads_backend,
 )
+from .fused_ffn import FusedFFN, fuse_ffn
 from .layouts import ACTIVATIONS, LAYOUTS, MAX_IN_FEATURES, Layout, block4_density, get_handler
 from .packed_linear import (
     FP32_CSR_MAX_DENSITY,
@@ -35,6 +37,7 @@ from .quantize import quantize_activation
 __all__ = [
     "ACTIVATIONS",
     "FP32_CSR_MAX_DENSITY",
+    "FusedFFN",
     "INT8_BLOCK4_MAX_DENSITY",
     "LAYOUTS",
     "MAX_IN_FEATURES",
@@ -43,6 +46,7 @@ __all__ = [
     "available_isas",
     "block4_density",
     "extension_available",
+    "fuse_ffn",
     "get_handler",
     "get_num_threads",
     "isa",

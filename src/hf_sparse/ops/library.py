@@ -9,6 +9,9 @@ Ops (all return float32 (..., out_features); `activation` is "none" or "gelu"; t
     int8_block4_linear(x, ptr, cols, values, weight_sum, weight_scale, bias?, in_features, out_features, activation)
     int8_dense_linear(x, panels, weight_sum, weight_scale, bias?, in_features, out_features, activation)
     fp32_csr_linear(x, ptr, cols, values, bias?, in_features, out_features, activation)
+    int8_block4_ffn(x, ptr1, cols1, values1, weight_sum1, weight_scale1, bias1?, ptr2, ..., bias2?, in_features,
+                    hidden_features, out_features, activation1, activation2)
+        second(activation1(first(x))) for two int8 4-block weights in one call (`FusedFFN`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ _lib.define(
 _lib.define(
     "fp32_csr_linear(Tensor x, Tensor ptr, Tensor cols, Tensor values, Tensor? bias, int in_features, "
     "int out_features, str activation) -> Tensor"
+)
+
+_lib.define(
+    "int8_block4_ffn(Tensor x, Tensor ptr1, Tensor cols1, Tensor values1, Tensor weight_sum1, Tensor weight_scale1, "
+    "Tensor? bias1, Tensor ptr2, Tensor cols2, Tensor values2, Tensor weight_sum2, Tensor weight_scale2, "
+    "Tensor? bias2, int in_features, int hidden_features, int out_features, str activation1, str activation2) "
+    "-> Tensor"
 )
 
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -140,6 +150,38 @@ def _fp32_csr_linear(x, ptr, cols, values, bias, in_features, out_features, acti
     return _run(Layout.FP32_CSR, x, t, in_features, out_features, activation, where)
 
 
+_BLOCK4_NAMES = ("ptr", "cols", "values", "weight_sum", "weight_scale", "bias")
+
+
+@torch.library.impl(_lib, "int8_block4_ffn", "CPU")
+def _int8_block4_ffn(x, *args):
+    *tensors, k, hidden, n, act1, act2 = args
+    where = "hf_sparse::int8_block4_ffn"
+    _check_common(k, hidden, act1, where)
+    _check_common(hidden, n, act2, where)
+    layers = []
+    for i, (rows, cols) in enumerate(((hidden, k), (n, hidden))):
+        t = dict(zip(_BLOCK4_NAMES, tensors[6 * i : 6 * i + 6]))
+        what = f"{where} (weight {i + 1})"
+        _check_sparse(t, rows, math.ceil(cols / 4), torch.int32, what)
+        _check_epilogue(t, rows, True, what)
+        layers.append(t)
+    x2 = as_rows(x, k, where)
+    m = x2.shape[0]
+    t1, t2 = layers
+    if ext._C is None:
+        handler = get_handler(Layout.INT8_BLOCK4)
+        h = handler.reference(x2, t1, hidden, k, act1)
+        return handler.reference(h, t2, n, hidden, act2).reshape(*x.shape[:-1], n)
+    y = torch.empty((m, n), dtype=torch.float32)
+    ext._C.i8_ffn_raw(
+        x2.data_ptr(), m, [_ptr(t1[a]) for a in _BLOCK4_NAMES], [_ptr(t2[a]) for a in _BLOCK4_NAMES], k, hidden, n,
+        t1["cols"].shape[0], t2["cols"].shape[0], y.data_ptr(), activation_code(act1), activation_code(act2),
+        ext.get_num_threads(),
+    )  # fmt: skip
+    return y.reshape(*x.shape[:-1], n)
+
+
 def _fake_out(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
 
@@ -157,6 +199,11 @@ def _int8_dense_linear_fake(x, panels, weight_sum, weight_scale, bias, in_featur
 @torch.library.register_fake("hf_sparse::fp32_csr_linear")
 def _fp32_csr_linear_fake(x, ptr, cols, values, bias, in_features, out_features, activation):
     return _fake_out(x, out_features)
+
+
+@torch.library.register_fake("hf_sparse::int8_block4_ffn")
+def _int8_block4_ffn_fake(x, *args):
+    return _fake_out(x, args[-3])
 
 
 # The op of each layout run by C++ kernels, and the order of its tensor arguments.

@@ -34,6 +34,20 @@ _INT8_LAYOUTS = (Layout.INT8_BLOCK4, Layout.INT8_DENSE)
 _FP32_LAYOUTS = (Layout.FP32_CSR, Layout.FP32_DENSE)
 
 
+def can_call_directly(x) -> bool:
+    """Whether a call may go straight to the C++ kernel rather than through the torch op: not when something
+    traces (torch.compile, checked first so that Dynamo stops here), nor for fake or subclass tensors, dispatch or
+    function modes, or autograd."""
+    return (
+        not torch.compiler.is_compiling()
+        and type(x) is torch.Tensor
+        and x.is_cpu
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not _len_torch_dispatch_stack()
+        and not _is_torch_function_mode_enabled()
+    )
+
+
 class PackedLinear:
     """A packed Linear weight: `y = packed(x)` computes `x @ W^T + bias` (then the fused activation) on the CPU.
 
@@ -102,17 +116,7 @@ class PackedLinear:
 
     def __call__(self, x: torch.Tensor):
         h = self._handle
-        # Straight to the kernel unless something traces: torch.compile (checked first, so that Dynamo stops
-        # here), fake or subclass tensors, dispatch or function modes, autograd.
-        if (
-            h is not None
-            and not torch.compiler.is_compiling()
-            and type(x) is torch.Tensor
-            and x.is_cpu
-            and not (x.requires_grad and torch.is_grad_enabled())
-            and not _len_torch_dispatch_stack()
-            and not _is_torch_function_mode_enabled()
-        ):
+        if h is not None and can_call_directly(x):
             k, shape = self.in_features, x.shape
             if x.dtype is not torch.float32 or len(shape) == 0 or shape[-1] != k or not x.is_contiguous():
                 x = as_rows(x, k, "PackedLinear")  # float32, contiguous; raises naming a wrong shape or dtype
