@@ -1,0 +1,137 @@
+"""Which transformers modules let the backend fuse work, keyed by their exact class (never guessed from names).
+
+Three kinds of rule, each checked against the class's source when it was added (and by the tests):
+
+- `GeluFusion`: the module computes `act(linear(x))` with nothing in between, and `act` is the exact (erf) GELU.
+  The Linear is packed with `activation="gelu"` (the kernel's epilogue computes it) and `act` becomes Identity.
+- `Siblings`: the module calls these child Linears one after the other on the very same input tensor. They are
+  packed side by side (`hf_sparse.nn.SiblingGroup`): one activation quantization, one kernel call.
+- `FFNFusion`: the module's `method(x)` is `tail(second(act(first(x))), x)`. When the GELU is fused into `first`
+  and both Linears run the 4-block int8 kernel, that method is replaced, on the instance, by one call of the fused
+  FFN kernel (`hf_sparse.ops.fuse_ffn`: the hidden activations never leave the kernel) followed by `tail`, which
+  repeats the rest of the original code. The submodules keep working on their own; only this path is fused.
+
+A class is named by `module.qualname` so that no modeling file is imported to build the table, and subclasses (which
+may override `forward`) never match. New architectures are one line each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GeluFusion:
+    """`act(linear(x))`: `linear` and `act` are the names of the two child modules."""
+
+    linear: str
+    act: str
+
+
+@dataclass(frozen=True)
+class Siblings:
+    """Child Linears called in a row on the same input."""
+
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FFNFusion:
+    """`module.<method>(x)` = `tail(module, second(act(first(x))), x)`; first / act / second are submodule paths."""
+
+    method: str
+    first: str
+    act: str
+    second: str
+    tail: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class FusedFeedForward:
+    """Stands in for an FFN method on one module instance: the fused kernel, then the rule's tail. Not a Module (it
+    must not become a child); `dequantize_model` removes it, which brings the class's method back."""
+
+    def __init__(self, module: nn.Module, ffn, tail: Callable):
+        self.module, self.ffn, self.tail = module, ffn, tail
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # one argument: transformers' chunking inspects it
+        y = self.ffn(x)
+        return self.tail(self.module, y if y.dtype is x.dtype else y.to(x.dtype), x)
+
+    def __repr__(self) -> str:
+        return f"FusedFeedForward({self.ffn!r})"
+
+
+def _bert_output_tail(layer: nn.Module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # BertOutput.forward after its dense: dropout, then LayerNorm of the residual sum
+    return layer.output.LayerNorm(layer.output.dropout(y) + x)
+
+
+def _distilbert_ffn_tail(ffn: nn.Module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # DistilBERT's FFN.ff_chunk after lin2
+    return ffn.dropout(y)
+
+
+def class_key(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+_TF = "transformers.models"
+_QKV = Siblings(("query", "key", "value"))
+_PROJ_QKV = Siblings(("q_proj", "k_proj", "v_proj"))
+_GATE_UP = Siblings(("gate_proj", "up_proj"))
+_INTERMEDIATE = GeluFusion("dense", "intermediate_act_fn")
+_BERT_FFN = FFNFusion(
+    "feed_forward_chunk", "intermediate.dense", "intermediate.intermediate_act_fn", "output.dense", _bert_output_tail
+)
+
+Rule = GeluFusion | Siblings | FFNFusion
+#: exact class -> rules
+RULES: dict[str, tuple[Rule, ...]] = {}
+
+
+def register_rules(qualified_class_name: str, *rules: Rule) -> None:
+    """Add rules for a class, named `module.qualname` (e.g. "transformers.models.bert.modeling_bert.BertIntermediate").
+    Check its forward first: a wrong GeluFusion changes results."""
+    RULES[qualified_class_name] = tuple(RULES.get(qualified_class_name, ())) + rules
+
+
+for _family, _prefix in [
+    ("bert", "Bert"),
+    ("roberta", "Roberta"),
+    ("xlm_roberta", "XLMRoberta"),
+    ("camembert", "Camembert"),
+    ("electra", "Electra"),
+]:
+    register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}SelfAttention", _QKV)
+    register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}Intermediate", _INTERMEDIATE)
+    register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}Layer", _BERT_FFN)
+register_rules(f"{_TF}.distilbert.modeling_distilbert.DistilBertSelfAttention", Siblings(("q_lin", "k_lin", "v_lin")))
+register_rules(
+    f"{_TF}.distilbert.modeling_distilbert.FFN",
+    GeluFusion("lin1", "activation"),
+    FFNFusion("ff_chunk", "lin1", "activation", "lin2", _distilbert_ffn_tail),
+)
+for _family, _prefix in [("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2")]:
+    register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}Attention", _PROJ_QKV)
+    register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}MLP", _GATE_UP)
+
+
+def is_exact_gelu(act: nn.Module) -> bool:
+    """The erf GELU the kernels fuse: transformers' `GELUActivation` on `F.gelu`, or `nn.GELU(approximate="none")`.
+    The tanh approximations and the Python GELU variants are not fused (their results differ in the last bits)."""
+    if type(act) is nn.GELU:
+        return act.approximate == "none"
+    cls = type(act)
+    if f"{cls.__module__}.{cls.__qualname__}" == "transformers.activations.GELUActivation":
+        return getattr(act, "act", None) is F.gelu
+    return False
+
+
+def rules_for(module: nn.Module) -> tuple[Rule, ...]:
+    return RULES.get(class_key(module), ())

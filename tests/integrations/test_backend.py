@@ -1,0 +1,153 @@
+"""The registered backend: `import hf_sparse`, then `from_pretrained` runs an hf_sparse checkpoint on the kernels."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, pipeline
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+import hf_sparse
+from hf_sparse import SparseCheckpoint, ops
+from hf_sparse.integrations.fusion_rules import FusedFeedForward
+from hf_sparse.integrations.module_swap import FusedActivation
+from hf_sparse.integrations.quantizer import HfSparseConfig, HfSparseQuantizer, register, require_registered
+from hf_sparse.nn import Int8Embedding, SparseLinear
+from tests.integrations.backend_support import (
+    WORDS,
+    assert_close,
+    dense_reference,
+    int8_reference,
+    pruned_bert,
+    save,
+    sentiment_bert,
+    tokenizer,
+)
+
+
+IDS = torch.randint(5, len(WORDS), (3, 11), generator=torch.Generator().manual_seed(1))
+TOL = 1e-5  # of max |logit|: the kernels reproduce the int8 numerics; what differs is float summation order
+
+
+def load(folder) -> nn.Module:
+    return AutoModelForSequenceClassification.from_pretrained(folder)
+
+
+def logits(model, ids=IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def int8_folder(tmp_path_factory):
+    """Tiny BERT, 4-block 90%, int8 weights, int8 embeddings and int8 pooler/classifier."""
+    model, recipe = pruned_bert("4-block")
+    folder = tmp_path_factory.mktemp("backend") / "bert-int8"
+    save(model, folder, recipe, weight_dtype="int8", int8_embeddings=True, int8_linears=True, tokenizer=tokenizer())
+    return folder
+
+
+def test_import_registers_the_backend():
+    assert AUTO_QUANTIZER_MAPPING["hf_sparse"] is HfSparseQuantizer
+    assert AUTO_QUANTIZATION_CONFIG_MAPPING["hf_sparse"] is HfSparseConfig
+    register()  # again (as after a reload): no error, same classes
+    require_registered()
+    assert AUTO_QUANTIZER_MAPPING["hf_sparse"] is HfSparseQuantizer
+
+
+def test_from_pretrained_runs_the_kernels(int8_folder):
+    model = load(int8_folder)
+    layer = model.bert.encoder.layer[0]
+    attention = layer.attention.self
+    assert all(isinstance(m, SparseLinear) and m.is_packed for m in (attention.query, attention.key, attention.value))
+    assert attention.query.group is attention.key.group is attention.value.group  # one kernel call for Q, K, V
+    assert layer.intermediate.dense.activation == "gelu"  # GELU fused into the kernel
+    assert isinstance(layer.intermediate.intermediate_act_fn, FusedActivation)
+    assert isinstance(layer.feed_forward_chunk, FusedFeedForward)  # and the FFN's two Linears into one call
+    assert isinstance(model.bert.embeddings.word_embeddings, Int8Embedding)
+    assert isinstance(model.classifier, SparseLinear) and model.classifier.packed.layout.value == "int8_dense"
+    assert model.bert.encoder.layer[1].output.dense.packed.layout.value == "int8_block4"
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model.is_quantized and model.config.quantization_config.quant_method == "hf_sparse"
+    before = sum(ops.kernel_calls().values())
+    out = logits(model)
+    if ops.extension_available():  # 2 layers x (QKV, attention output, FFN) + pooler + classifier
+        assert sum(ops.kernel_calls().values()) - before == 2 * 3 + 2
+    assert_close(out, logits(int8_reference(int8_folder, BertForSequenceClassification)), TOL)
+    for layer in model.bert.encoder.layer:  # the fused FFN is bit for bit the two Linears
+        del layer.feed_forward_chunk
+    assert torch.equal(logits(model), out)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_every_pattern_matches_the_int8_numerics(tmp_path, pattern):
+    model, recipe = pruned_bert(pattern, seed=3)
+    folder = save(model, tmp_path / "m", recipe, weight_dtype="int8")
+    loaded = load(folder)
+    assert isinstance(loaded.bert.embeddings.word_embeddings, nn.Embedding)  # not converted: stays dense
+    assert type(loaded.classifier) is nn.Linear
+    assert_close(logits(loaded), logits(int8_reference(folder, BertForSequenceClassification)), TOL)
+
+
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16", "float16"])
+def test_float_checkpoints_run_on_the_fp32_sparse_kernel(tmp_path, weight_dtype):
+    model, recipe = pruned_bert("unstructured", seed=4)
+    folder = save(model, tmp_path / "m", recipe, weight_dtype=weight_dtype)
+    loaded = load(folder)
+    query = loaded.bert.encoder.layer[0].attention.self.query
+    assert query.scheme == "fp32" and query.storage_dtype == weight_dtype
+    assert query.group.packed.layout.value == "fp32_csr"
+    assert loaded.bert.encoder.layer[0].intermediate.dense.packed.layout.value == "fp32_csr"
+    assert_close(logits(loaded), logits(dense_reference(folder, BertForSequenceClassification)), TOL)
+
+
+def test_save_pretrained_writes_the_same_format(int8_folder, tmp_path):
+    model = load(int8_folder)
+    model.save_pretrained(tmp_path / "again")
+    original, again = SparseCheckpoint(int8_folder), SparseCheckpoint(tmp_path / "again")
+    again.validate()  # metadata, checksums, every module's format checks
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert saved == json.loads((int8_folder / "config.json").read_text())["quantization_config"]
+    assert set(again.keys) == set(original.keys)
+    first, second = original.state_dict(), again.state_dict()  # decompressed, dequantized
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    assert torch.equal(logits(load(tmp_path / "again")), logits(model))
+
+
+def test_dequantize_returns_the_dense_model(int8_folder):
+    model = load(int8_folder)
+    dense = model.dequantize()
+    assert not any(isinstance(m, (SparseLinear, Int8Embedding, FusedActivation)) for m in dense.modules())
+    assert "feed_forward_chunk" not in vars(dense.bert.encoder.layer[0])
+    assert getattr(dense.config, "quantization_config", None) is None and not dense.is_quantized
+    reference = dense_reference(int8_folder, BertForSequenceClassification)
+    expected = reference.state_dict()
+    assert dense.state_dict().keys() == expected.keys()
+    for key, value in dense.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert torch.equal(logits(dense), logits(reference))
+
+
+def test_pipeline_gives_the_dense_models_labels(tmp_path):
+    model, recipe = sentiment_bert()
+    tok = tokenizer()
+    folder = save(model, tmp_path / "m", recipe, weight_dtype="int8", int8_embeddings=True, tokenizer=tok)
+    texts = ["the movie was good", "a very boring plot", "i hated it", "great actors and a fun story", "it was bad"]
+    sparse = pipeline("text-classification", model=str(folder))
+    dense = pipeline("text-classification", model=model, tokenizer=tok)
+    assert isinstance(sparse.model.bert.encoder.layer[0].output.dense, SparseLinear)
+    sparse_out, dense_out = sparse(texts), dense(texts)
+    labels = [o["label"] for o in dense_out]
+    assert labels == ["LABEL_1", "LABEL_0", "LABEL_0", "LABEL_1", "LABEL_0"]  # the dense model learnt the task
+    assert [o["label"] for o in sparse_out] == labels
+    for s, d in zip(sparse_out, dense_out):
+        assert abs(s["score"] - d["score"]) < 0.01
+
+
+def test_hf_sparse_public_api_still_imports_lazily():
+    assert hf_sparse.SparseCallback.__name__ == "SparseCallback"

@@ -1,0 +1,93 @@
+"""Any architecture whose projections are nn.Linear: RoBERTa, DistilBERT and a decoder (Llama, tied and untied)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+from hf_sparse.integrations.fusion_rules import FusedFeedForward
+from hf_sparse.integrations.module_swap import FusedActivation
+from hf_sparse.nn import Int8Embedding, SparseLinear
+from tests.integrations.backend_support import assert_close, int8_reference, prune, save
+
+
+TOL = 1e-5
+
+
+def run(model, folder, auto, ids, **options):
+    recipe = prune(model, options.pop("pattern", "4-block"), 0.8)
+    folder = save(model, folder, recipe, **options)
+    loaded = auto.from_pretrained(folder)
+    with torch.no_grad():
+        assert_close(loaded(input_ids=ids).logits, int8_reference(folder, type(model))(input_ids=ids).logits, TOL)
+    return loaded, folder
+
+
+def test_roberta(tmp_path):
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=60, hidden_size=36, intermediate_size=52, num_hidden_layers=2, num_attention_heads=3,
+        max_position_embeddings=40, num_labels=2,
+    )  # fmt: skip
+    ids = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(1))
+    model, _ = run(RobertaForSequenceClassification(config).eval(), tmp_path / "m", AutoModelForSequenceClassification,
+                   ids, weight_dtype="int8", pattern="unstructured")  # fmt: skip
+    layer = model.roberta.encoder.layer[1]
+    assert layer.attention.self.query.group is layer.attention.self.value.group
+    assert layer.intermediate.dense.activation == "gelu"
+    both_block4 = all(m.packed.layout.value == "int8_block4" for m in (layer.intermediate.dense, layer.output.dense))
+    assert ("feed_forward_chunk" in vars(layer)) == both_block4  # the fused FFN kernel is 4-block only
+    assert type(model.classifier.dense) is torch.nn.Linear  # the head is not converted
+
+
+def test_distilbert(tmp_path):
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=60, dim=36, hidden_dim=52, n_layers=2, n_heads=3, max_position_embeddings=40)
+    ids = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(1))
+    model, _ = run(DistilBertForSequenceClassification(config).eval(), tmp_path / "m",
+                   AutoModelForSequenceClassification, ids, weight_dtype="int8", int8_embeddings=True)  # fmt: skip
+    block = model.distilbert.transformer.layer[0]
+    assert block.attention.q_lin.group is block.attention.k_lin.group is block.attention.v_lin.group
+    assert block.attention.out_lin.packed is not None
+    assert block.ffn.lin1.activation == "gelu" and isinstance(block.ffn.activation, FusedActivation)
+    assert isinstance(block.ffn.ff_chunk, FusedFeedForward)
+    assert isinstance(model.distilbert.embeddings.word_embeddings, Int8Embedding)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_llama_decoder(tmp_path, tied):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied,
+    )  # fmt: skip
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    model, folder = run(LlamaForCausalLM(config).eval(), tmp_path / "m", AutoModelForCausalLM, ids,
+                        weight_dtype="int8", int8_embeddings=True)  # fmt: skip
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attention.q_proj.group is attention.k_proj.group is attention.v_proj.group  # GQA: widths 32, 16, 16
+    assert attention.q_proj.group.packed.splits == (32, 16, 16)
+    assert mlp.gate_proj.group is mlp.up_proj.group and mlp.down_proj.packed is not None
+    assert mlp.gate_proj.activation == "none"  # SiLU is not fused
+    assert isinstance(model.model.embed_tokens, Int8Embedding)
+    # a head tied to the int8 embeddings runs the int8 kernel on the same codes; an untied one stays dense
+    assert isinstance(model.lm_head, SparseLinear) if tied else type(model.lm_head) is torch.nn.Linear
+    reference = int8_reference(folder, LlamaForCausalLM)
+    prompt = torch.tensor([[5, 6, 7]])
+    generated = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert torch.equal(generated, reference.generate(prompt, max_new_tokens=5, do_sample=False))
+    if tied:
+        model.save_pretrained(tmp_path / "again")
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+        with torch.no_grad():
+            assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
