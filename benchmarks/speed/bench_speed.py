@@ -8,26 +8,31 @@
 
 For each (sparsity, pattern) the script prunes one model, sets up every engine for every batch size, checks each
 engine's logits against the torch fp32 logits, then runs `--rounds` rounds; in each round every (batch, engine)
-pair is timed in turn for about `--round-seconds`, so slow drifts of a shared machine hit all engines alike. Only
-one engine computes at a time (DeepSparse's worker process waits on its pipe while the others run). Ratios are
-speed-ups: reference median / engine median, > 1 = faster than the reference; "vs DeepSparse" compares with the
-DeepSparse engine of the same precision (int8 engines with deepsparse_int8, fp32 ones with deepsparse_fp32).
+pair is timed in turn, in a new random order, for about `--round-seconds`, so slow drifts of a shared machine hit
+all engines alike. Only one engine computes at a time (DeepSparse's worker process waits on its pipe while the
+others run). Ratios are speed-ups: reference median / engine median, > 1 = faster than the reference;
+"vs DeepSparse" compares with the DeepSparse engine of the same precision (int8 engines with deepsparse_int8,
+fp32 ones with deepsparse_fp32).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import gc
 import importlib
 import importlib.util
 import json
 import logging
 import os
+import random
 import re
 import shlex
 import sys
 import time
 import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--note", default="", help="a line written under the tables by --record")
     p.add_argument("--results-file", type=Path, default=HERE.parent / "RESULTS.md")
     p.add_argument("--json", type=Path, default=None, help="also write all measurements to this JSON file")
+    p.add_argument("--from-json", type=Path, default=None, metavar="FILE",
+                   help="measure nothing: print (and --record) the tables of an earlier --json run")  # fmt: skip
     args = p.parse_args(argv)
 
     for module in args.extra_engines:
@@ -163,12 +170,10 @@ def _summarize_deepsparse(analysis: dict) -> dict:
     fallback "Naive Subgraph" steps) as other.
     """
     totals = {"linear": 0.0, "attention": 0.0, "other": 0.0}
-    sparsities = []
     for layer in analysis["layers"]:
         outputs = layer["canonical_name"].split(",")
         if any(_DS_LINEAR.search(o) for o in outputs):
             totals["linear"] += layer["ms"]
-            sparsities.append(layer["kernel_sparsity"])
         elif any("/attention/self/" in o for o in outputs):
             totals["attention"] += layer["ms"]
         else:
@@ -177,8 +182,7 @@ def _summarize_deepsparse(analysis: dict) -> dict:
         "total_ms": analysis["average_total_ms"],
         **{f"{k}_ms": v for k, v in totals.items()},
         "overhead_ms": None,
-        "note": f"DeepSparse debug analysis; its Linear layers report {np.mean(sparsities or [np.nan]):.0%} "
-        "kernel sparsity and include fused bias/residual/LayerNorm",
+        "note": "DeepSparse debug analysis (its Linear layers include the fused bias, residual add and LayerNorm)",
     }
 
 
@@ -202,6 +206,7 @@ def measure_config(args, sparsity: float, pattern: str, deepsparse: DeepSparseHo
             spec = ENGINES.get(name)
             row = results.Row(sparsity, pattern, batch, name, spec.precision)
             start = time.perf_counter()
+            runner = None
             try:
                 runner = spec.setup(ctx, batch)
                 _check_output(row, runner.run(), ref)
@@ -216,6 +221,9 @@ def measure_config(args, sparsity: float, pattern: str, deepsparse: DeepSparseHo
                 row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 rows[batch, name] = row
                 failed = True
+                if runner is not None:
+                    with contextlib.suppress(Exception):
+                        runner.close()
                 continue
             row.setup_s = time.perf_counter() - start
             iters[batch, name] = max(1, min(args.max_iters, round(args.round_seconds / max(min(warm), 1e-6))))
@@ -231,13 +239,14 @@ def measure_config(args, sparsity: float, pattern: str, deepsparse: DeepSparseHo
                 row.max_abs_diff,
             )
 
+    pairs = [(b, n) for b in args.batch for n in args.engines if (b, n) in runners]
     for r in range(args.rounds):
-        for batch in args.batch:
-            for name in args.engines:
-                if (batch, name) not in runners:
-                    continue
-                time.sleep(args.gap_ms / 1e3)
-                rows[batch, name].times_ms += [t * 1e3 for t in runners[batch, name].time(iters[batch, name])]
+        # a new (seeded) order each round, so no engine always runs right after the same other one
+        order = list(pairs)
+        random.Random(args.seed * 7919 + r).shuffle(order)
+        for batch, name in order:
+            time.sleep(args.gap_ms / 1e3)
+            rows[batch, name].times_ms += [t * 1e3 for t in runners[batch, name].time(iters[batch, name])]
         logger.info("round %d/%d done", r + 1, args.rounds)
 
     profiles = []
@@ -277,6 +286,7 @@ def _versions(args) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    faulthandler.enable()  # a crash in native code (an engine's kernels) still says where it happened
     # INFO for this script only: onnxruntime's quantizer logs every tensor at INFO
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     logger.setLevel(logging.INFO)
@@ -286,6 +296,40 @@ def main(argv: list[str] | None = None) -> int:
             spec = ENGINES.get(name)
             print(f"{name:20s} {spec.precision:5s} {'' if spec.default else '(not default) '}{spec.help}")
         return 0
+    if args.from_json:
+        payload = json.loads(args.from_json.read_text())
+        mtime = datetime.fromtimestamp(args.from_json.stat().st_mtime, timezone.utc)
+        payload.setdefault("date", mtime.strftime("%Y-%m-%d %H:%M UTC"))
+        failed = any(r.get("error") for r in payload["rows"])
+    else:
+        payload, failed = measure(args)
+    rows = [results.Row(**{k: v for k, v in r.items() if k != "median_ms"}) for r in payload["rows"]]
+    table = results.speed_table(rows, DEEPSPARSE_FOR)
+    print("\nAll configurations (median ms; ratios = speed-up of the row's engine over the reference):")
+    print(table)
+    header = results.run_header(
+        payload["command"], payload["versions"], commit=payload["commit"], cpu=payload["cpu"], when=payload["date"]
+    )
+    body = [header, "", table]
+    if payload["profiles"]:
+        ptable = results.profile_table(payload["profiles"])
+        print("\nWhere the time goes (median ms per forward):")
+        print(ptable)
+        body += ["", "Where the time goes (median ms per forward; `--profile`):", "", ptable]
+    if args.note:
+        body += ["", args.note]
+    if args.record:
+        results.record(args.results_file, args.record, "\n".join(body))
+        logger.info("recorded under %r in %s", args.record, args.results_file)
+    if args.json and not args.from_json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=1, default=float))
+    return 1 if failed else 0
+
+
+def measure(args) -> tuple[dict, bool]:
+    """Every configuration, engine and batch size of `args`: (the JSON payload of --json, whether any failed)."""
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     torch.set_num_threads(args.threads)
     deepsparse = DeepSparseHolder(args.cache_dir)
     all_rows, all_profiles, failed = [], [], False
@@ -300,36 +344,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ds_info = deepsparse.client.info if deepsparse.client else None
         deepsparse.close()
-
     versions = _versions(args)
     if ds_info:
         versions["deepsparse"] = f"{ds_info['deepsparse']} (isa {ds_info['isa']}, vnni {ds_info['vnni']})"
-    table = results.speed_table(all_rows, DEEPSPARSE_FOR)
-    print("\nAll configurations (median ms; ratios = speed-up of the row's engine over the reference):")
-    print(table)
-    body = [results.run_header(_command(), versions), "", table]
-    if all_profiles:
-        ptable = results.profile_table(all_profiles)
-        print("\nWhere the time goes (median ms per forward):")
-        print(ptable)
-        body += ["", "Where the time goes (median ms per forward; `--profile`):", "", ptable]
-    if args.note:
-        body += ["", args.note]
-    if args.record:
-        results.record(args.results_file, args.record, "\n".join(body))
-        logger.info("recorded under %r in %s", args.record, args.results_file)
-    if args.json:
-        payload = {
-            "versions": versions,
-            "cpu": results.cpu_description(),
-            "commit": results.git_commit(),
-            "command": _command(),
-            "rows": [{**r.__dict__, "median_ms": r.median_ms} for r in all_rows],
-            "profiles": all_profiles,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=1, default=float))
-    return 1 if failed else 0
+    payload = {
+        "date": when,
+        "versions": versions,
+        "cpu": results.cpu_description(),
+        "commit": results.git_commit(),
+        "command": _command(),
+        "rows": [{**r.__dict__, "median_ms": r.median_ms} for r in all_rows],
+        "profiles": all_profiles,
+    }
+    return payload, failed
 
 
 def _command() -> str:

@@ -163,12 +163,15 @@ def record(results_file: Path, label: str, body: str) -> None:
         f.write(head + BEGIN + section + END + tail)
 
 
-def run_header(command: str, versions: dict[str, str]) -> str:
-    cpu = cpu_description()
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def run_header(
+    command: str, versions: dict[str, str], *, commit: str | None = None, cpu: dict | None = None, when: str = ""
+) -> str:
+    """The lines that say where a table comes from (defaults: this machine, this checkout, now)."""
+    cpu = cpu or cpu_description()
+    when = when or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join(
         [
-            f"- date: {when}; commit: `{git_commit()}`",
+            f"- date: {when}; commit: `{commit or git_commit()}`",
             f"- CPU: {cpu['cpu']}; ISA flags: {cpu['isa']}",
             "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
             f"- command: `{command}`",

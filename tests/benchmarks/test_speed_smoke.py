@@ -39,7 +39,7 @@ def _run(args: list[str], tmp_path: Path, timeout: int = 300) -> dict:
     return {**json.loads(out.read_text()), "stdout": proc.stdout}
 
 
-def test_eager_smoke_and_record(tmp_path):
+def test_eager_smoke_and_record(tmp_path, bench_speed):
     results_file = tmp_path / "RESULTS.md"
     results_file.write_text("# Benchmark results\n\n## Someone else's section\n\nkeep me\n")
     args = ["--engines", "torch_eager", "--rounds", "1", "--sparsity", "0.9", "--batch", "1", "--pattern", "4-block"]
@@ -55,6 +55,15 @@ def test_eager_smoke_and_record(tmp_path):
     assert text.startswith("# Benchmark results\n\n## Someone else's section\n\nkeep me\n")
     assert text.count("### smoke") == 1 and "torch_eager (fp32)" in text
     assert "ISA flags:" in text and "commit:" in text and "bench_speed.py --tiny" in text
+
+    # --from-json records the same tables again, without measuring
+    rc = bench_speed.main(["--from-json", str(tmp_path / "out.json"), "--record", "again", "--results-file",
+                           str(results_file)])  # fmt: skip
+    assert rc == 0
+    text = results_file.read_text()
+    smoke, again = text.split("### smoke")[1].split("### again")
+    lines = [[ln for ln in block.splitlines() if ln.startswith(("| 0.9 |", "- command:"))] for block in (smoke, again)]
+    assert len(lines[0]) == 2 and lines[0] == lines[1]
 
 
 def test_torch_engines_agree_and_profile_adds_up(tmp_path):

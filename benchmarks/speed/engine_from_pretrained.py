@@ -1,0 +1,200 @@
+"""The user path as a benchmark engine: `save_sparse` the pruned model, then `from_pretrained` it (hf_sparse backend).
+
+    python benchmarks/speed/bench_speed.py --extra-engines benchmarks/speed/engine_from_pretrained.py \
+        --engines torch_eager deepsparse_int8 hf_sparse_int8 --sparsity 0.9 --pattern 4-block --batch 1 16
+    python benchmarks/speed/engine_from_pretrained.py      # per-call overheads and where a forward's time goes
+
+Engine "hf_sparse_int8": the pruned model is written with `hf_sparse.save_sparse(..., weight_dtype="int8")` to a
+temporary folder and loaded with `AutoModelForSequenceClassification.from_pretrained`, exactly as a user would
+(`import hf_sparse` registers the backend): sparse Linears on the int8 kernels with Q/K/V packed together and the
+FFN's GELU fused, everything else plain PyTorch. "hf_sparse_fp32" does the same with float32 weights (the sparse
+fp32 kernel). Embeddings, pooler and classifier stay float32, as in the other engines.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+from engines import EngineContext, EngineUnavailable, Runner, TorchRunner, register_engine
+from profile_torch import register_linear_type
+from transformers import AutoModelForSequenceClassification
+
+import hf_sparse
+import hf_sparse.ops
+from hf_sparse.integrations.quantizer import require_registered
+from hf_sparse.nn import SparseLinear
+
+
+register_linear_type(SparseLinear)
+
+
+def load_through_from_pretrained(ctx: EngineContext, weight_dtype: str) -> torch.nn.Module:
+    """save_sparse the benchmark's pruned model, then from_pretrained it; checks that the backend really ran."""
+    if not hf_sparse.ops.extension_available():
+        raise EngineUnavailable(
+            "the hf_sparse C++ extension is not loaded (its pure-torch reference is not worth timing); "
+            "rebuild with `pip install -e . --no-build-isolation`"
+        )
+    require_registered()  # otherwise from_pretrained would silently load random Linear weights
+    bench = ctx.bench
+    pattern = bench.pattern if bench.sparsity > 0 else "unstructured"
+    recipe = hf_sparse.SparseConfig(schedule="one-shot", start=0, sparsity=max(bench.sparsity, 0.5), pattern=pattern)
+    with tempfile.TemporaryDirectory(prefix="hf_sparse_bench_") as folder:
+        hf_sparse.save_sparse(bench.model, folder, recipe, weight_dtype=weight_dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+    sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    if not sparse:
+        raise RuntimeError("from_pretrained loaded no SparseLinear: the hf_sparse backend did not run")
+    ctx.log(f"  hf_sparse backend: {len(sparse)} Linears on {hf_sparse.ops.isa()} kernels")
+    return model.eval()
+
+
+def _setup(ctx: EngineContext, batch: int, weight_dtype: str) -> Runner:
+    model = ctx.memo(
+        f"hf_sparse_from_pretrained_{weight_dtype}", lambda: load_through_from_pretrained(ctx, weight_dtype)
+    )
+    return TorchRunner(model, ctx.bench.inputs(batch), isa=hf_sparse.ops.isa())
+
+
+@register_engine(
+    "hf_sparse_int8",
+    precision="int8",
+    help="save_sparse(weight_dtype='int8') + from_pretrained: hf_sparse's backend (sparse int8 kernels, fused QKV/GELU)",
+)
+def _hf_sparse_int8(ctx: EngineContext, batch: int) -> Runner:
+    return _setup(ctx, batch, "int8")
+
+
+@register_engine(
+    "hf_sparse_fp32",
+    precision="fp32",
+    help="save_sparse(weight_dtype='float32') + from_pretrained: hf_sparse's backend on the sparse fp32 kernel",
+)
+def _hf_sparse_fp32(ctx: EngineContext, batch: int) -> Runner:
+    return _setup(ctx, batch, "float32")
+
+
+# ---- `python benchmarks/speed/engine_from_pretrained.py`: overheads, measured in thread CPU time on 1 thread -------
+def _cpu_us(fn, iters: int, repeats: int = 5) -> float:
+    """Best of `repeats` averages of `iters` calls, in microseconds of this thread's CPU time (which other processes
+    on a busy machine do not inflate)."""
+    import time
+
+    for _ in range(max(iters // 10, 1)):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.thread_time()
+        for _ in range(iters):
+            fn()
+        best = min(best, (time.thread_time() - start) / iters)
+    return best * 1e6
+
+
+def _per_call_overheads() -> None:
+    from hf_sparse.nn import pack_siblings
+    from hf_sparse.quantization import quantize_weight_int8
+
+    def linear(out=64, k=64, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        codes, scale = quantize_weight_int8(torch.randn(out, k, generator=g))
+        m = SparseLinear(k, out, True, storage_dtype="int8")
+        with torch.no_grad():
+            m.weight.copy_(codes)
+            m.weight_scale.copy_(scale[:, None])
+            m.bias.zero_()
+        return m
+
+    single = linear()
+    single.pack()
+    dense = torch.nn.Linear(64, 64)
+    separate = [linear(seed=i) for i in range(3)]
+    for m in separate:
+        m.pack()
+    siblings = [linear(seed=i) for i in range(3)]
+    pack_siblings(siblings, ["q", "k", "v"])
+    rows = []
+    with torch.inference_mode():
+        x = torch.randn(1, 64)
+        rows.append(("PackedLinear(x), the op layer's direct path", _cpu_us(lambda: single.packed(x), 20000)))
+        rows.append(("SparseLinear module (what from_pretrained installs)", _cpu_us(lambda: single(x), 20000)))
+        rows.append(("nn.Linear (F.linear), for scale", _cpu_us(lambda: dense(x), 20000)))
+        rows.append(("3 separate SparseLinears on one input", _cpu_us(lambda: [m(x) for m in separate], 10000)))
+        rows.append(
+            ("3 siblings (Q/K/V SiblingGroup: one kernel call)", _cpu_us(lambda: [m(x) for m in siblings], 10000))
+        )
+    print("\nPer-call cost, 64x64 int8 weight, M = 1, 1 thread, inference_mode (us of thread CPU time):")
+    print("| call | us |\n|---|---|")
+    for name, us in rows:
+        print(f"| {name} | {us:.2f} |")
+
+
+def _bert_base_split(sparsity: float, pattern: str) -> None:
+    import copy
+    import time
+
+    import engines_hf_sparse
+    from models import build_model
+
+    class _Ctx:  # the little of EngineContext that load_through_from_pretrained uses
+        def __init__(self, bench):
+            self.bench, self.log = bench, print
+
+    bench = build_model("base", sparsity, pattern)
+    start = time.perf_counter()
+    backend = load_through_from_pretrained(_Ctx(bench), "int8")
+    print(f"save_sparse + from_pretrained: {time.perf_counter() - start:.1f} s (wall, busy machine)")
+    swapped = engines_hf_sparse.convert(copy.deepcopy(bench.model), "int8")
+    spent = {"linear": 0.0}
+    originals = {SparseLinear: SparseLinear.forward, hf_sparse.ops.FusedFFN: hf_sparse.ops.FusedFFN.__call__}
+
+    def timing(call):
+        def timed(self, x):
+            t = time.thread_time()
+            y = call(self, x)
+            spent["linear"] += time.thread_time() - t
+            return y
+
+        return timed
+
+    print(
+        f"\nBERT-base {sparsity:.0%} {pattern}, seq {bench.seq_len}, 1 thread, best of 5 forwards (ms of thread CPU time):"
+    )
+    print("| batch | torch_eager fp32 | hf_sparse_ops_int8 (module swap) | hf_sparse_int8 (from_pretrained) | "
+          "of which kernel calls | rest | swap / from_pretrained |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for batch in (1, 16):
+        inputs = bench.inputs(batch)
+        with torch.inference_mode():
+            eager = _cpu_us(lambda inputs=inputs: bench.model(**inputs), 1, 2 if batch > 1 else 5) / 1e3
+            swap = _cpu_us(lambda inputs=inputs: swapped(**inputs), 1, 3 if batch > 1 else 5) / 1e3
+            total = _cpu_us(lambda inputs=inputs: backend(**inputs), 1, 3 if batch > 1 else 5) / 1e3
+            SparseLinear.forward = timing(originals[SparseLinear])
+            hf_sparse.ops.FusedFFN.__call__ = timing(originals[hf_sparse.ops.FusedFFN])
+            best = (float("inf"), 0.0)
+            for _ in range(3 if batch > 1 else 5):
+                spent["linear"] = 0.0
+                t = time.thread_time()
+                backend(**inputs)
+                best = min(best, (time.thread_time() - t, spent["linear"]))
+            SparseLinear.forward = originals[SparseLinear]
+            hf_sparse.ops.FusedFFN.__call__ = originals[hf_sparse.ops.FusedFFN]
+        linear_ms = best[1] * 1e3
+        print(f"| {batch} | {eager:.1f} | {swap:.1f} | {total:.1f} | {linear_ms:.1f} | {best[0] * 1e3 - linear_ms:.1f} "
+              f"| {swap / total:.2f}x |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Overheads of the hf_sparse backend (1 thread, thread CPU time).")
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--pattern", default="4-block")
+    parser.add_argument("--skip-bert", action="store_true", help="only the per-call table (seconds)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"isa {hf_sparse.ops.isa()}, torch {torch.__version__}, hf_sparse {hf_sparse.__version__}")
+    _per_call_overheads()
+    if not args.skip_bert:
+        _bert_base_split(args.sparsity, args.pattern)
