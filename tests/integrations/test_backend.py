@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, pipeline
+from transformers import AutoModel, AutoModelForSequenceClassification, BertForSequenceClassification, pipeline
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 import hf_sparse
@@ -131,6 +131,27 @@ def test_dequantize_returns_the_dense_model(int8_folder):
     for key, value in dense.state_dict().items():
         assert torch.equal(value, expected[key]), key
     assert torch.equal(logits(dense), logits(reference))
+
+
+def test_a_checkpoint_loads_into_another_head(int8_folder, tmp_path):
+    base = AutoModel.from_pretrained(int8_folder)  # BertModel from a BertForSequenceClassification checkpoint
+    assert isinstance(base.encoder.layer[0].attention.self.query, SparseLinear)
+    full = load(int8_folder)
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=IDS).last_hidden_state, full.bert(input_ids=IDS).last_hidden_state)
+    base.save_pretrained(tmp_path / "base")
+    saved = SparseCheckpoint(tmp_path / "base")
+    saved.validate()
+    assert "encoder.layer.0.attention.self.query" in saved.quantization.modules  # the saved model's own names
+    assert "classifier" not in saved.quantization.modules
+
+
+def test_a_bfloat16_model_runs_in_bfloat16(int8_folder):
+    model = AutoModelForSequenceClassification.from_pretrained(int8_folder, dtype=torch.bfloat16)
+    assert model.bert.encoder.layer[0].output.LayerNorm.weight.dtype == torch.bfloat16
+    out = logits(model)
+    assert out.dtype == torch.bfloat16
+    assert_close(out.float(), logits(load(int8_folder)), 0.05)  # bfloat16 rounding of everything around the kernels
 
 
 def test_pipeline_gives_the_dense_models_labels(tmp_path):

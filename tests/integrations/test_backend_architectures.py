@@ -62,6 +62,11 @@ def test_distilbert(tmp_path):
     assert block.ffn.lin1.activation == "gelu" and isinstance(block.ffn.activation, FusedActivation)
     assert isinstance(block.ffn.ff_chunk, FusedFeedForward)
     assert isinstance(model.distilbert.embeddings.word_embeddings, Int8Embedding)
+    with torch.no_grad():
+        fused = model(input_ids=ids).logits
+        for block in model.distilbert.transformer.layer:
+            del block.ffn.ff_chunk  # back to the class's method: two kernel calls
+        assert torch.equal(model(input_ids=ids).logits, fused)
 
 
 @pytest.mark.parametrize("tied", [True, False])

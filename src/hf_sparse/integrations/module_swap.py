@@ -76,11 +76,9 @@ def replace_modules(model: nn.Module, qconfig: SparseQuantizationConfig) -> dict
     resolved = resolve_names(model, list(qconfig.modules))
     skipped = sorted(set(qconfig.modules) - set(resolved))
     if skipped:
+        names = ", ".join(repr(n) for n in skipped[:4]) + (f" and {len(skipped) - 4} more" if len(skipped) > 4 else "")
         logger.warning(
-            "hf_sparse: %s has no module %s (and %d more) that the checkpoint converted; they are not loaded",
-            type(model).__name__,
-            repr(skipped[0]),
-            len(skipped) - 1,
+            "hf_sparse: %s has no module %s, converted in the checkpoint; not loaded", type(model).__name__, names
         )
     modules = dict(model.named_modules())
     for ckpt_name, model_name in resolved.items():
