@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -117,6 +118,23 @@ def test_save_pretrained_writes_the_same_format(int8_folder, tmp_path):
     for key in first:
         assert torch.equal(first[key], second[key]), key
     assert torch.equal(logits(load(tmp_path / "again")), logits(model))
+
+
+def test_a_deep_copy_shares_the_packed_weights(int8_folder):
+    model = load(int8_folder)
+    twin = copy.deepcopy(model)
+    query, twin_query = (
+        model.bert.encoder.layer[0].attention.self.query,
+        twin.bert.encoder.layer[0].attention.self.query,
+    )
+    assert twin_query is not query and twin_query.group is not query.group
+    assert twin_query.group.packed is query.group.packed  # read-only after packing: shared, not copied
+    assert twin.bert.encoder.layer[0].attention.self.key.group is twin_query.group
+    assert twin.bert.encoder.layer[0].feed_forward_chunk.module is twin.bert.encoder.layer[0]
+    assert torch.equal(logits(twin), logits(model))
+    twin.dequantize()
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, SparseLinear)  # the original is untouched
+    assert torch.equal(logits(model), logits(load(int8_folder)))
 
 
 def test_dequantize_returns_the_dense_model(int8_folder):

@@ -17,6 +17,7 @@ may override `forward`) never match. New architectures are one line each.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,6 +58,9 @@ class FusedFeedForward:
 
     def __init__(self, module: nn.Module, ffn, tail: Callable):
         self.module, self.ffn, self.tail = module, ffn, tail
+
+    def __deepcopy__(self, memo):  # the copied module, the same (never modified) packed weights
+        return FusedFeedForward(copy.deepcopy(self.module, memo), self.ffn, self.tail)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # one argument: transformers' chunking inspects it
         y = self.ffn(x)

@@ -36,6 +36,11 @@ class SiblingGroup:
         self._all = (1 << len(names)) - 1
         self._local = threading.local()
 
+    def __deepcopy__(self, memo):
+        # a copied model shares the (never modified) packed weights, with its own caches
+        new = memo[id(self)] = SiblingGroup(self.packed, self.names)
+        return new
+
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Member `index`'s output for input `x`: from this thread's cache when a sibling just computed it for the
         very same, unmodified tensor; otherwise all members are computed now and the others' outputs cached."""

@@ -9,6 +9,8 @@ Nothing here knows about transformers.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -91,6 +93,14 @@ class SparseLinear(nn.Module):
                 "SparseLinear is not packed yet: call pack() (from_pretrained does it after loading the weights)"
             )
         return y if y.dtype is x.dtype or not x.is_floating_point() else y.to(x.dtype)
+
+    def __deepcopy__(self, memo):
+        # packed weights are never modified after packing, so copies share them (they cannot be pickled)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = value if key == "packed" else copy.deepcopy(value, memo)
+        return new
 
     @property
     def is_packed(self) -> bool:
