@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "gelu_table.h"
 
 #ifndef HF_SPARSE_VNNI
 #define HF_SPARSE_VNNI 0
@@ -32,45 +33,26 @@ inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) { return _mm256_dpbus
 // ---------------------------------------------------------------------------------------------------------------
 // Vector math (see kernels_avx512.cpp)
 
-inline __m256 exp_ps(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-  // 2^n from the exponent bits; n >= -126 after the clamp above.
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-inline __m256 erf_ps(__m256 x) {
-  const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
-  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-  const __m256 den = _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, _mm256_set1_ps(1.0f));
-  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), den);
-  __m256 r = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t, _mm256_set1_ps(-1.453152027f));
-  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(1.421413741f));
-  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284496736f));
-  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(0.254829592f));
-  const __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a)));
-  const __m256 y = _mm256_fnmadd_ps(_mm256_mul_ps(r, t), e, _mm256_set1_ps(1.0f));
-  return _mm256_or_ps(y, sign);
-}
-
-inline __m256 activate(__m256 v, int act) {
-  if (act == kActGelu) {
-    const __m256 e = erf_ps(_mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f)));
-    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+// The exact (erf) GELU as in kernels_avx512.cpp, from csrc/gelu_table.h's 8 segments of degree 5 (|error| < 3e-7
+// |v|): one vpermps ymm per coefficient, about half the work of erf via exp and a division.
+inline __m256 gelu_ps(__m256 v) {
+  constexpr float kSegments = 8.0f;
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+  const __m256 u = _mm256_min_ps(_mm256_fmadd_ps(a, _mm256_set1_ps(kSegments / kGeluRange), _mm256_set1_ps(-0.5f)),
+                                 _mm256_set1_ps(kSegments - 0.51f));
+  const __m256 magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23: u + magic holds round(u) in its low bits
+  const __m256 km = _mm256_add_ps(u, magic);
+  const __m256i idx = _mm256_castps_si256(km);
+  const __m256 t = _mm256_sub_ps(u, _mm256_sub_ps(km, magic));
+  __m256 p = _mm256_permutevar8x32_ps(_mm256_load_ps(kGelu8[kGelu8Degree]), idx);
+#pragma GCC unroll 8
+  for (int j = kGelu8Degree - 1; j >= 0; --j) {
+    p = _mm256_fmadd_ps(p, t, _mm256_permutevar8x32_ps(_mm256_load_ps(kGelu8[j]), idx));
   }
-  return v;
+  return _mm256_fmadd_ps(a, p, _mm256_mul_ps(v, _mm256_set1_ps(0.5f)));
 }
+
+inline __m256 activate(__m256 v, int act) { return act == kActGelu ? gelu_ps(v) : v; }
 
 inline void transpose8(__m256i r[8]) {
   __m256i t[8];

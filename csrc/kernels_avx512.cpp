@@ -38,19 +38,20 @@ inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
 // coefficient picks each lane's segment: ~12 cycles per vector where erf via exp and a division took ~27.
 // inf -> inf, -inf -> NaN, NaN -> NaN, as torch's F.gelu.
 inline __m512 gelu_ps(__m512 v) {
+  constexpr float kSegments = 16.0f;
   const __m512 a = _mm512_abs_ps(v);
   // u = a / width - 0.5 (at most 15.49: past the range the last segment holds g = 0.5), k = round(u) by adding
   // 1.5 * 2^23, whose low mantissa bits are then k: the permutes read the index from them (4 bits).
-  const __m512 u = _mm512_min_ps(_mm512_fmadd_ps(a, _mm512_set1_ps(kGeluSegments / kGeluRange), _mm512_set1_ps(-0.5f)),
-                                 _mm512_set1_ps(kGeluSegments - 0.51f));
+  const __m512 u = _mm512_min_ps(_mm512_fmadd_ps(a, _mm512_set1_ps(kSegments / kGeluRange), _mm512_set1_ps(-0.5f)),
+                                 _mm512_set1_ps(kSegments - 0.51f));
   const __m512 magic = _mm512_set1_ps(12582912.0f);
   const __m512 km = _mm512_add_ps(u, magic);
   const __m512i idx = _mm512_castps_si512(km);
   const __m512 t = _mm512_sub_ps(u, _mm512_sub_ps(km, magic));
-  __m512 p = _mm512_permutexvar_ps(idx, _mm512_load_ps(kGeluTable[kGeluDegree]));
+  __m512 p = _mm512_permutexvar_ps(idx, _mm512_load_ps(kGelu16[kGelu16Degree]));
 #pragma GCC unroll 8
-  for (int j = kGeluDegree - 1; j >= 0; --j) {
-    p = _mm512_fmadd_ps(p, t, _mm512_permutexvar_ps(idx, _mm512_load_ps(kGeluTable[j])));
+  for (int j = kGelu16Degree - 1; j >= 0; --j) {
+    p = _mm512_fmadd_ps(p, t, _mm512_permutexvar_ps(idx, _mm512_load_ps(kGelu16[j])));
   }
   return _mm512_fmadd_ps(a, p, _mm512_mul_ps(v, _mm512_set1_ps(0.5f)));
 }
@@ -413,7 +414,8 @@ struct HiddenOut {
   int act;
   float* h;                // [n][16 T]
   __m512i amax_bits[T];    // running max of |h|'s bits per token (integer compare: spots inf and NaN too)
-  HiddenOut(const SparseI8& w_, const float* sx, int rows, int act_, float* h_) : w(w_), dq(sx, rows), act(act_), h(h_) {
+  HiddenOut(const SparseI8& w_, const float* sx, int rows, int act_, float* h_)
+      : w(w_), dq(sx, rows), act(act_), h(h_) {
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) amax_bits[t] = _mm512_setzero_si512();
   }
@@ -435,7 +437,8 @@ inline __m512i interleave_codes(__m512i c0, __m512i c1, __m512i c2, __m512i c3) 
   __m512i b = _mm512_packs_epi16(_mm512_packs_epi32(c0, c1), _mm512_packs_epi32(c2, c3));
   b = _mm512_max_epi8(b, _mm512_set1_epi8(-127));
   b = _mm512_xor_si512(b, _mm512_set1_epi8(static_cast<char>(0x80)));
-  const __m512i to_tokens = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  const __m512i to_tokens =
+      _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
   return _mm512_shuffle_epi8(b, to_tokens);
 }
 
@@ -457,7 +460,8 @@ void ffn_hidden_t(const SparseI8& w1, const uint8_t* tile1, int rows, const floa
     const __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), amax);
     inv[t] = _mm512_maskz_mul_ps(pos, r, _mm512_set1_ps(127.0f));
     const __m512 scale = _mm512_div_ps(amax, _mm512_set1_ps(127.0f));
-    _mm512_storeu_ps(sx2 + t * kVec, _mm512_mask_mov_ps(scale, bad, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
+    const __m512 nan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
+    _mm512_storeu_ps(sx2 + t * kVec, _mm512_mask_mov_ps(scale, bad, nan));
     any_inf |= _mm512_cmp_ps_mask(inv[t], _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ) != 0;
   }
   const int64_t n = w1.n, kb2 = (n + 3) / 4;

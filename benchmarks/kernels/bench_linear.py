@@ -14,7 +14,8 @@ Small M (1 and 8) also runs "cold": the calls cycle through 12 copies of the wei
 so dense weights stream from L3/DRAM instead of sitting in L2.
 
 The last section times every Linear of a 12-layer BERT-base forward at M=128 and 2048 (Q/K/V packed together,
-GELU fused into the intermediate Linear): 48 hf_sparse calls against the 72 torch calls they replace.
+GELU fused into the intermediate Linear): 48 hf_sparse calls against the 72 torch calls they replace, and 36 with
+each FFN fused into one call (`ops.fuse_ffn`).
 """
 
 from __future__ import annotations
@@ -172,34 +173,46 @@ def bert_stack(args) -> list[str]:
     dyn = [[dynamic_int8(w, b) for w, b in layer] for layer in layers]
     packed = []
     for (q, bq), (k_, bk), (v, bv), (o, bo), (f1, b1), (f2, b2) in layers:
+        ffn_in, ffn_out = ops.pack_linear(f1, bias=b1, activation="gelu"), ops.pack_linear(f2, bias=b2)
         packed.append(
             (
                 ops.pack_linears([q, k_, v], biases=[bq, bk, bv]),
                 ops.pack_linear(o, bias=bo),
-                ops.pack_linear(f1, bias=b1, activation="gelu"),
-                ops.pack_linear(f2, bias=b2),
+                ffn_in,
+                ffn_out,
+                ops.fuse_ffn(ffn_in, ffn_out),
             )
         )
 
-    def hf_forward(x):
-        h = x
-        for qkv, o, f1, f2 in packed:
-            q, _, _ = qkv(h)
-            h = f2(f1(o(q)))
-        return h
+    def hf_forward(fused: bool):
+        def run(x):
+            h = x
+            for qkv, o, f1, f2, ffn in packed:
+                q, _, _ = qkv(h)
+                a = o(q)
+                h = ffn(a) if fused else f2(f1(a))
+            return h
+
+        return run
 
     lines = [
-        f"| M | torch fp32 ms | torch int8 dyn ms | hf_sparse int8 ({sparsity:.0%} 4-block) ms | vs fp32 | vs int8 dyn |",
-        "|---:|---:|---:|---:|---:|---:|",
+        f"| M | torch fp32 ms | torch int8 dyn ms | hf_sparse int8 ({sparsity:.0%} 4-block) ms | hf_sparse, fused FFN ms "
+        "| fused vs fp32 | fused vs int8 dyn | fused vs unfused |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     print("\n".join(lines), flush=True)
     for m in args.bert_ms:
         x = torch.randn(m, 768, generator=gen)
-        engines = {"fp32": [torch_forward(fp32)], "dyn": [torch_forward(dyn)], "hf": [hf_forward]}
+        engines = {
+            "fp32": [torch_forward(fp32)],
+            "dyn": [torch_forward(dyn)],
+            "hf": [hf_forward(False)],
+            "fused": [hf_forward(True)],
+        }
         t = interleaved(engines, x, args.rounds, args.budget * 3)
         line = (
-            f"| {m} | {fmt_ms(t['fp32'])} | {fmt_ms(t['dyn'])} | {fmt_ms(t['hf'])} | "
-            f"{t['fp32'] / t['hf']:.1f}x | {t['dyn'] / t['hf']:.1f}x |"
+            f"| {m} | {fmt_ms(t['fp32'])} | {fmt_ms(t['dyn'])} | {fmt_ms(t['hf'])} | {fmt_ms(t['fused'])} | "
+            f"{t['fp32'] / t['fused']:.1f}x | {t['dyn'] / t['fused']:.1f}x | {t['hf'] / t['fused']:.2f}x |"
         )
         print(line, flush=True)
         lines.append(line)

@@ -34,7 +34,9 @@ def _cases(count, seed):
         m = rng.choice([1, 2, 3, 15, 16, 17, 40, 64, 65, 100, 129, 200])
         sparsity = rng.choice([0.0, 0.5, 0.9, 0.99, 1.0])
         acts = rng.choice([("gelu", "none"), ("none", "none"), ("gelu", "gelu")])
-        yield pytest.param(i, m, k, hidden, n, sparsity, acts, id=f"{i}-m{m}-k{k}-h{hidden}-n{n}-s{sparsity}-{acts[0]}")
+        yield pytest.param(
+            i, m, k, hidden, n, sparsity, acts, id=f"{i}-m{m}-k{k}-h{hidden}-n{n}-s{sparsity}-{acts[0]}"
+        )
 
 
 @needs_extension
