@@ -67,7 +67,8 @@ def test_from_pretrained_runs_the_kernels(int8_folder):
     assert attention.query.group is attention.key.group is attention.value.group  # one kernel call for Q, K, V
     assert layer.intermediate.dense.activation == "gelu"  # GELU fused into the kernel
     assert isinstance(layer.intermediate.intermediate_act_fn, FusedActivation)
-    assert isinstance(layer.feed_forward_chunk, FusedFeedForward)  # and the FFN's two Linears into one call
+    # and, with the C++ kernels, the FFN's two Linears into one call
+    assert isinstance(layer.feed_forward_chunk, FusedFeedForward) == ops.extension_available()
     assert isinstance(model.bert.embeddings.word_embeddings, Int8Embedding)
     assert isinstance(model.classifier, SparseLinear) and model.classifier.packed.layout.value == "int8_dense"
     assert model.bert.encoder.layer[1].output.dense.packed.layout.value == "int8_block4"
@@ -79,7 +80,7 @@ def test_from_pretrained_runs_the_kernels(int8_folder):
         assert sum(ops.kernel_calls().values()) - before == 2 * 3 + 2
     assert_close(out, logits(int8_reference(int8_folder, BertForSequenceClassification)), TOL)
     for layer in model.bert.encoder.layer:  # the fused FFN is bit for bit the two Linears
-        del layer.feed_forward_chunk
+        vars(layer).pop("feed_forward_chunk", None)
     assert torch.equal(logits(model), out)
 
 
@@ -130,7 +131,8 @@ def test_a_deep_copy_shares_the_packed_weights(int8_folder):
     assert twin_query is not query and twin_query.group is not query.group
     assert twin_query.group.packed is query.group.packed  # read-only after packing: shared, not copied
     assert twin.bert.encoder.layer[0].attention.self.key.group is twin_query.group
-    assert twin.bert.encoder.layer[0].feed_forward_chunk.module is twin.bert.encoder.layer[0]
+    if ops.extension_available():
+        assert twin.bert.encoder.layer[0].feed_forward_chunk.module is twin.bert.encoder.layer[0]
     assert torch.equal(logits(twin), logits(model))
     twin.dequantize()
     assert isinstance(model.bert.encoder.layer[0].attention.self.query, SparseLinear)  # the original is untouched
