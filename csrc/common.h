@@ -69,6 +69,9 @@ struct Output {
   int64_t ldy = 0;
   int64_t m0 = 0;
   int act = kActNone;
+  // Write whole 64-byte lines of y with non-temporal stores (set by the driver for outputs much larger than the
+  // caches, 64-byte aligned rows): no read-for-ownership, and the weights stay cached. Kernels may ignore it.
+  bool stream = false;
 };
 
 // The kernels of one instruction set. Packed activation tiles hold `mtp` tokens (a multiple of tile_tokens, at

@@ -229,7 +229,9 @@ inline void store_group(Staging<T>& st, int nr, int rows, int64_t n0, const Outp
       const int64_t row = out.m0 + t * kVec + j;
       void* dst = out.yi ? static_cast<void*>(out.yi + row * out.ldy + n0)
                          : static_cast<void*>(out.y + row * out.ldy + n0);
-      if (nr == 16) {
+      if (nr == 16 && out.stream) {
+        _mm512_stream_si512(static_cast<__m512i*>(dst), r[j]);
+      } else if (nr == 16) {
         _mm512_storeu_si512(dst, r[j]);
       } else {
         _mm512_mask_storeu_epi32(dst, cm, r[j]);
@@ -388,6 +390,7 @@ void i8_sparse_t(const SparseI8& w, const uint8_t* tile, int rows, const float* 
                  const Output& out) {
   TransposedOut<T> epi(w, out, sx, rows, n0, n1);
   sparse_rows<T>(w, tile, n0, n1, epi);
+  if (out.stream) _mm_sfence();  // order the non-temporal stores before the caller signals completion
 }
 
 void i8_sparse(const SparseI8& w, const void* tile, int mtp, int rows, const float* sx, int64_t n0, int64_t n1,
@@ -781,6 +784,7 @@ void f32_sparse_t(const SparseF32& w, const float* tile, int rows, int64_t n0, i
       }
     }
   }
+  if (o.stream) _mm_sfence();
 }
 
 void f32_sparse(const SparseF32& w, const float* tile, int mtp, int rows, int64_t n0, int64_t n1, const Output& out) {

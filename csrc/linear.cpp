@@ -184,8 +184,18 @@ struct SparseJob {
 
 void sparse_job_fn(void* ctx, int, int) { static_cast<const SparseJob*>(ctx)->run(); }
 
+// Outputs at least this large are written with non-temporal stores (Output::stream): measured on BERT shapes, 10%
+// faster at 19 MB (QKV, M = 2048), a wash at 5 MB, and smaller outputs are best left in cache for the next op.
+constexpr size_t kStreamBytes = size_t{16} << 20;
+
+bool stream_output(const Output& out, int64_t m) {
+  return out.y && static_cast<size_t>(m * out.ldy) * sizeof(float) >= kStreamBytes &&
+         reinterpret_cast<uintptr_t>(out.y) % 64 == 0 && out.ldy % 16 == 0;
+}
+
 void run_sparse(SparseJob& job, int64_t nnz, const int64_t* prefix, int nthreads) {
   const IsaKernels& isa = *job.isa;
+  job.out.stream = stream_output(job.out, job.m);
   job.gran = isa.tile_tokens;
   job.mt = isa.max_tile;
   const int64_t m = job.m;

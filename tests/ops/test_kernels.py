@@ -120,3 +120,20 @@ def test_nonfinite_token_gives_nan_row_and_leaves_others_exact():
                 y = packed(x)
             assert torch.isnan(y[[3, 11]]).all(), f"{layout.value} on {isa}: a token with inf/NaN must give NaN"
             assert_same(y[finite], expected, f"finite tokens, {layout.value} on {isa}")
+
+
+def test_outputs_of_16_mib_and_more_are_exact():
+    """Outputs this large are written with non-temporal stores (csrc/linear.cpp, kStreamBytes)."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(1030, 40, generator=gen)  # 1030 x 4096 float32 = 16.1 MiB, with a partial last tile
+    w = make_weight(4096, 40, 0.9, "4-block", gen)
+    for layout, scheme in ((Layout.INT8_BLOCK4, "int8"), (Layout.FP32_CSR, "fp32")):
+        packed = ops.pack_linear(w, bias=torch.randn(4096, generator=gen), scheme=scheme, layout=layout)
+        expected = packed.reference(x)
+        for isa in ISAS:
+            with using_isa(isa):
+                y = packed(x)
+            if scheme == "int8":
+                assert_same(y, expected, f"16 MiB output, {layout.value} on {isa}")
+            else:
+                assert_close(y, expected, f"16 MiB output, {layout.value} on {isa}", rtol=1e-5, atol=1e-4)
