@@ -59,6 +59,10 @@ def _drop_bitmask(t):
     del t[f"{OUT}.block_bitmask"]
 
 
+def _stray_tensor(t):
+    t["bert.encoder.layer.0.output.LayerNorm.bitmask"] = torch.zeros(36, 5, dtype=torch.uint8)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -66,6 +70,7 @@ def _drop_bitmask(t):
         (_code_minus_128, f"tensor '{OUT}.compressed' holds the int8 code -128"),
         (_zero_scale, "tensor 'classifier.weight_scale' holds a value that is not finite and > 0"),
         (_drop_bitmask, f"tensor '{OUT}.block_bitmask' is missing from the weight files"),
+        (_stray_tensor, "tensor 'bert.encoder.layer.0.output.LayerNorm.bitmask' is unexpected"),
     ],
 )
 def test_malformed_tensors_raise_the_export_modules_errors(folder, edit, message):

@@ -149,19 +149,28 @@ class HfSparseQuantizer(HfQuantizer):
         tensors = {k: v[0] if isinstance(v, list) else v for k, v in tensors.items()}
         module_name = param_name.removesuffix(".weight")
         ckpt_name = self.modules.get(module_name)
-        if ckpt_name is None:
-            target = model.get_parameter_or_buffer(param_name)
-            value = tensors["weight"]
-            if value.is_floating_point() and target.is_floating_point():
-                value = value.to(target.dtype)  # as transformers casts the tensors it loads itself
-            return {param_name: value}
         try:
+            if ckpt_name is None:
+                return self._pass_through(module_name, param_name, model, tensors)
             return self._decode(module_name, ckpt_name, model.get_submodule(module_name), tensors)
         except CheckpointError as e:
             self.errors.append(e)
             if missing_keys is not None:  # raised after loading; no "missing weights" report for it meanwhile
                 missing_keys.difference_update({f"{module_name}.weight", f"{module_name}.weight_scale"})
             return {}
+
+    def _pass_through(self, module_name: str, param_name: str, model, tensors: dict) -> dict[str, torch.Tensor]:
+        """A weight stored as usual, cast to the model's dtype as transformers casts the tensors it loads itself."""
+        extra = sorted(set(tensors) - {"weight"})
+        if extra or "weight" not in tensors:
+            raise CheckpointError(
+                f"tensor '{module_name}.{(extra or ['weight'])[0]}' is unexpected: config.json's quantization_config "
+                f"does not convert {module_name!r}"
+            )
+        value, target = tensors["weight"], model.get_parameter_or_buffer(param_name)
+        if value.is_floating_point() and target.is_floating_point():
+            value = value.to(target.dtype)
+        return {param_name: value}
 
     def _decode(self, module_name: str, ckpt_name: str, module, tensors: dict) -> dict[str, torch.Tensor]:
         entry = self.sparse.modules[ckpt_name]
