@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Create benchmarks/.venv-deepsparse: DeepSparse 1.8.0 (the last real release; 1.9.0 refuses to install) in a venv of
 # its own, because it needs numpy<2 and onnx 1.14, which cannot share the main environment. bench_speed.py drives it
-# through benchmarks/speed/deepsparse_worker.py. Idempotent; pass PYTHON=/path/to/python3.11 to choose the interpreter.
+# through benchmarks/speed/deepsparse_worker.py. Idempotent. PYTHON=/path/to/python3.11 chooses the interpreter;
+# HF_SPARSE_DEEPSPARSE_VENV=/path another venv location (bench_speed.py reads the same variable).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-venv="${DEEPSPARSE_VENV:-$here/../.venv-deepsparse}"
+venv="${HF_SPARSE_DEEPSPARSE_VENV:-$(cd "$here/.." && pwd)/.venv-deepsparse}"
 python="${PYTHON:-python3.11}"
 
 if ! command -v "$python" >/dev/null; then
