@@ -66,7 +66,8 @@ struct Weight {
     std::uniform_int_distribution<int> code(-127, 127);
     std::vector<int32_t> dense(n * kb, 0);
     for (auto& v : dense) {
-      if (u(rng) >= sparsity) v = (code(rng) & 0xff) | (code(rng) << 8 & 0xff00) | (code(rng) << 16 & 0xff0000) | (code(rng) << 24);
+      if (u(rng) < sparsity) continue;
+      for (int j = 0; j < 4; ++j) v |= static_cast<int32_t>(static_cast<uint32_t>(code(rng) & 0xff) << (8 * j));
     }
     ptr.push_back(0);
     for (int64_t p = 0; p < panels; ++p) {
@@ -164,8 +165,8 @@ void profile_linear(const char* name, int64_t n, int64_t k, int act, int64_t m, 
   const double ti = time_it([&] { product(true); }, budget, rounds);
   const double tf = time_it([&] { product(false); }, budget, rounds);
   const double tc = time_it([&] { linear_i8_sparse(v, x.data(), k, m, of, 1); }, budget, rounds);
-  std::printf("| %s | %ld | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.0f%% |\n", name, static_cast<long>(m), tq * 1e6,
-              tm * 1e6, (ti - tm) * 1e6, (tf - ti) * 1e6, tc * 1e6, w.ideal_s(m) * 1e6,
+  std::printf("| %s | %ld | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.0f%% |\n", name, static_cast<long>(m),
+              tq * 1e6, tm * 1e6, (ti - tm) * 1e6, (tf - ti) * 1e6, tc * 1e6, w.ideal_s(m) * 1e6,
               100 * w.ideal_s(m) / tm);
 }
 

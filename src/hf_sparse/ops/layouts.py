@@ -27,9 +27,9 @@ class Layout(str, enum.Enum):
 
     INT8_BLOCK4 = "int8_block4"
     """int8 4-block sparse. A 4-block is 4 consecutive input features of one output row (features 4c .. 4c+3);
-    the blocks holding a nonzero are stored in column panels of 64 blocks (256 features), panel by panel, then
+    the blocks holding a nonzero are stored in column panels of 128 blocks (512 features), panel by panel, then
     row by row, then in column order (panel-major CSR):
-    `ptr` int32 (P*N+1,), P = ceil(ceil(K/4) / 64): row n's blocks in panel p are ptr[p*N+n] .. ptr[p*N+n+1]-1;
+    `ptr` int32 (P*N+1,), P = ceil(ceil(K/4) / 128): row n's blocks in panel p are ptr[p*N+n] .. ptr[p*N+n+1]-1;
     `cols` uint16 (nnzb,): block column c; `values` int32 (nnzb,): the 4 int8 codes, byte j = feature 4c+j
     (little-endian; 0 past in_features); `weight_sum` int32 (N,): sum of row n's codes;
     `weight_scale` float32 (N,). Unstructured int8 weights are padded to 4-blocks."""
@@ -40,7 +40,7 @@ class Layout(str, enum.Enum):
     Plus `weight_sum` int32 (N,) and `weight_scale` float32 (N,)."""
 
     FP32_CSR = "fp32_csr"
-    """float32 sparse, panel-major CSR over panels of 64 input features: `ptr` int32 (P*N+1,), P = ceil(K/64),
+    """float32 sparse, panel-major CSR over panels of 128 input features: `ptr` int32 (P*N+1,), P = ceil(K/128),
     row n's entries in panel p are ptr[p*N+n] .. ptr[p*N+n+1]-1; `cols` uint16 (nnz,) input feature;
     `values` float32 (nnz,)."""
 
