@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -142,3 +145,23 @@ def test_bad_pairs_are_refused():
         FusedFFN(qkv, pack_linear(make_weight(4, 16, 0.5, "4-block", gen)))
     with pytest.raises(TypeError, match="must be a PackedLinear"):
         fuse_ffn(a, torch.nn.Linear(32, 4))
+
+
+def test_op_without_the_extension_runs_the_references():
+    code = (
+        "import torch\n"
+        "from hf_sparse import ops\n"
+        "from hf_sparse.ops.library import _BLOCK4_NAMES\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "a = ops.pack_linear(torch.randn(24, 20, generator=g), layout='int8_block4', activation='gelu')\n"
+        "b = ops.pack_linear(torch.randn(8, 24, generator=g), layout='int8_block4')\n"
+        "x = torch.randn(5, 20, generator=g)\n"
+        "args = [p.tensors.get(n) for p in (a, b) for n in _BLOCK4_NAMES]\n"
+        "y = torch.ops.hf_sparse.int8_block4_ffn(x, *args, 20, 24, 8, 'gelu', 'none')\n"
+        "ffn = ops.fuse_ffn(a, b)\n"
+        "print(ffn.fused, torch.equal(y, b.reference(a.reference(x))), torch.equal(ffn(x), y))\n"
+    )
+    env = {**os.environ, "HF_SPARSE_DISABLE_EXTENSION": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True", "True"], proc.stdout

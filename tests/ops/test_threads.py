@@ -124,6 +124,32 @@ def test_concurrent_callers_share_a_packed_weight(backend):
     assert not errors, errors[:3]
 
 
+def test_concurrent_callers_share_a_fused_ffn(backend):
+    gen = torch.Generator().manual_seed(1)
+    first = pack_linear(make_weight(300, 384, 0.8, "4-block", gen), bias=torch.randn(300), activation="gelu")
+    ffn = ops.fuse_ffn(first, pack_linear(make_weight(96, 300, 0.8, "4-block", gen)))
+    xs = [torch.randn(m, 384, generator=gen) for m in (2, 64, 130, 200)]
+    expected = [ffn.second(ffn.first(x)) for x in xs]
+    errors = []
+
+    def work(tid: int):
+        try:
+            for step in range(10):
+                i = (tid + step) % len(xs)
+                if not torch.equal(ffn(xs[i]), expected[i]):
+                    errors.append(f"thread {tid} step {step}: result differs for input {i}")
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    assert not errors, errors[:3]
+
+
 def _child(queue, packed, x):
     # torch's own OpenMP pool hangs after fork (libgomp), so torch runs single-threaded here; ours gets 2 threads.
     torch.set_num_threads(1)
