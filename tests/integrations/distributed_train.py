@@ -14,15 +14,8 @@ from hf_sparse import SparseCallback, SparseConfig  # noqa: E402
 from tests.conftest import TinyClassificationData, make_tiny_bert  # noqa: E402
 
 
-def accelerate_loop(out_dir: str, method: str):
-    """The same engine in a plain accelerate loop: sparsify_ on the unwrapped model, step after each update."""
-    from accelerate import Accelerator
-
-    import hf_sparse
-
-    accelerator = Accelerator(cpu=True)
-    model = make_tiny_bert()
-    cfg = SparseConfig(
+def recipe(method: str) -> SparseConfig:
+    return SparseConfig(
         method=method,
         sparsity=0.8,
         pattern="4-block",
@@ -32,6 +25,17 @@ def accelerate_loop(out_dir: str, method: str):
         update_every=2,
         distillation={"teacher": make_tiny_bert(seed=5), "hardness": 0.5},
     )
+
+
+def accelerate_loop(out_dir: str, method: str):
+    """The same engine in a plain accelerate loop: sparsify_ on the unwrapped model, step after each update."""
+    from accelerate import Accelerator
+
+    import hf_sparse
+
+    accelerator = Accelerator(cpu=True)
+    model = make_tiny_bert()
+    cfg = recipe(method)
     loader = torch.utils.data.DataLoader(TinyClassificationData(n=64), batch_size=4, shuffle=True)
     sparsifier = hf_sparse.sparsify_(model, cfg, total_steps=8, dataloader=loader)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -54,16 +58,7 @@ def main(out_dir: str, method: str, mode: str):
         rank, sparsifier = accelerate_loop(out_dir, method)
         save(out_dir, rank, sparsifier)
         return
-    cfg = SparseConfig(
-        method=method,
-        sparsity=0.8,
-        pattern="4-block",
-        schedule="cubic",
-        start=0,
-        end=6,
-        update_every=2,
-        distillation={"teacher": make_tiny_bert(seed=5), "hardness": 0.5},
-    )
+    cfg = recipe(method)
     model = make_tiny_bert()
     cb = SparseCallback(cfg)
     args = TrainingArguments(
