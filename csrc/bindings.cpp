@@ -19,6 +19,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "attention.h"
 #include "common.h"
 #include "isa.h"
 #include "linear.h"
@@ -30,7 +31,7 @@ using namespace nb::literals;
 namespace hf_sparse {
 namespace {
 
-constexpr int kAbiVersion = 4;
+constexpr int kAbiVersion = 5;
 
 enum Kind : int { kI8Sparse = 0, kI8Dense = 1, kF32Sparse = 2 };
 
@@ -371,6 +372,47 @@ void f32_sparse_raw(uintptr_t x, int64_t m, uintptr_t ptr, uintptr_t cols, uintp
   linear_f32_sparse(w, reinterpret_cast<const float*>(x), k, m, o, clamp_threads(nthreads));
 }
 
+// Multi-head self-attention; hf_sparse.ops.attention checks shapes, strides and dtypes first.
+void attention_raw(uintptr_t q, uintptr_t k, uintptr_t v, int64_t ldq, int64_t ldk, int64_t ldv, uintptr_t out,
+                   int64_t ldo, int64_t batch, int64_t seq, int64_t heads, int64_t d, double scale, bool causal,
+                   int mask_kind, uintptr_t mask, int64_t mask_sb, int64_t mask_sh, int64_t mask_sq, int nthreads) {
+  if (batch < 0 || seq < 0 || heads < 0 || d < 0) throw nb::value_error("attention: sizes must be >= 0");
+  if (mask_kind != kMaskNone && mask_kind != kMaskAdd && mask_kind != kMaskKeep) {
+    throw nb::value_error(("attention: unknown mask kind " + str(mask_kind)).c_str());
+  }
+  AttnCall c;
+  c.q = reinterpret_cast<const float*>(q);
+  c.k = reinterpret_cast<const float*>(k);
+  c.v = reinterpret_cast<const float*>(v);
+  c.ldq = ldq;
+  c.ldk = ldk;
+  c.ldv = ldv;
+  c.out = reinterpret_cast<float*>(out);
+  c.ldo = ldo;
+  c.batch = batch;
+  c.seq = seq;
+  c.heads = heads;
+  c.d = d;
+  c.scale = static_cast<float>(scale);
+  c.causal = causal;
+  c.mask_kind = mask_kind;
+  c.mask = reinterpret_cast<const void*>(mask);
+  c.mask_sb = mask_sb;
+  c.mask_sh = mask_sh;
+  c.mask_sq = mask_sq;
+  nb::gil_scoped_release release;
+  attention(c, clamp_threads(nthreads));
+}
+
+void add_layernorm_raw(uintptr_t x, int64_t ldx, uintptr_t res, int64_t ldr, int64_t rows, int64_t n,
+                       uintptr_t gamma, uintptr_t beta, double eps, uintptr_t y, int64_t ldy, int nthreads) {
+  if (rows < 0 || n < 1) throw nb::value_error("add_layernorm: rows must be >= 0 and n >= 1");
+  nb::gil_scoped_release release;
+  add_layernorm(reinterpret_cast<const float*>(x), ldx, reinterpret_cast<const float*>(res), ldr, rows, n,
+                reinterpret_cast<const float*>(gamma), reinterpret_cast<const float*>(beta), static_cast<float>(eps),
+                reinterpret_cast<float*>(y), ldy, clamp_threads(nthreads));
+}
+
 void quantize_raw(uintptr_t x, int64_t m, int64_t k, uintptr_t q, uintptr_t scale) {
   check_dims(0, k);
   nb::gil_scoped_release release;
@@ -412,6 +454,7 @@ NB_MODULE(_C, m) {
     d["avx512dq"] = f.avx512dq;
     d["avx512vl"] = f.avx512vl;
     d["avx512_vnni"] = f.avx512_vnni;
+    d["avx512_bf16"] = f.avx512_bf16;
     return d;
   });
   m.def("set_spin_us", &set_spin_us, "us"_a);
@@ -450,4 +493,16 @@ NB_MODULE(_C, m) {
   m.def("i8_dense_raw", &i8_dense_raw);
   m.def("f32_sparse_raw", &f32_sparse_raw);
   m.def("quantize_raw", &quantize_raw);
+  m.def("attention_raw", &attention_raw);
+  m.def("add_layernorm_raw", &add_layernorm_raw);
+  m.attr("MASK_NONE") = static_cast<int>(kMaskNone);
+  m.attr("MASK_ADD") = static_cast<int>(kMaskAdd);
+  m.attr("MASK_KEEP") = static_cast<int>(kMaskKeep);
+  m.def("attention_isa", []() { return std::string(active_attn_kernels().name); },
+        "The attention and LayerNorm kernels in use: avx512_bf16, avx2 or scalar.");
+  m.def("attention_calls", [](bool layernorm) {
+    nb::dict d;
+    for (const auto& kv : attention_calls(layernorm)) d[kv.first.c_str()] = kv.second;
+    return d;
+  }, "layernorm"_a, "Attention (or add_layernorm) calls so far per kernel name.");
 }

@@ -66,6 +66,7 @@ CpuFeatures detect() {
   if (max_sub >= 1) {
     cpuid(7, 1, r);
     f.avx_vnni = (r[0] >> 4) & 1;
+    f.avx512_bf16 = os_avx512 && ((r[0] >> 5) & 1);
   }
 #endif
   return f;
@@ -152,6 +153,15 @@ std::string active_isa_name() {
   return t.name;
 }
 
+const AttnKernels& active_attn_kernels() {
+  const IsaKernels* t = &active_kernels();
+  if (t == scalar_kernels()) return *attn_scalar_kernels();
+  if (t == avx512_vnni_kernels() && cpu_features().avx512_bf16 && attn_avx512_bf16_kernels()) {
+    return *attn_avx512_bf16_kernels();
+  }
+  return attn_avx2_kernels() ? *attn_avx2_kernels() : *attn_scalar_kernels();
+}
+
 }  // namespace hf_sparse
 
 // Tables of instruction sets this build left out (not x86, or a compiler without the flags).
@@ -167,5 +177,11 @@ const IsaKernels* avx2_vnni_vex_kernels() { return nullptr; }
 #endif
 #ifndef HF_SPARSE_HAVE_AVX2_VNNI_EVEX
 const IsaKernels* avx2_vnni_evex_kernels() { return nullptr; }
+#endif
+#ifndef HF_SPARSE_HAVE_ATTN_AVX2
+const AttnKernels* attn_avx2_kernels() { return nullptr; }
+#endif
+#ifndef HF_SPARSE_HAVE_ATTN_AVX512_BF16
+const AttnKernels* attn_avx512_bf16_kernels() { return nullptr; }
 #endif
 }  // namespace hf_sparse

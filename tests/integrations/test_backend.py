@@ -21,16 +21,16 @@ from tests.integrations.backend_support import (
     WORDS,
     assert_close,
     dense_reference,
-    int8_reference,
     pruned_bert,
     save,
     sentiment_bert,
     tokenizer,
 )
+from tests.integrations.test_backend_encoder_layer import reference_for
 
 
 IDS = torch.randint(5, len(WORDS), (3, 11), generator=torch.Generator().manual_seed(1))
-TOL = 1e-5  # of max |logit|: the kernels reproduce the int8 numerics; what differs is float summation order
+TOL = 1e-5  # of max |logit|: the kernels reproduce the int8 (and attention) numerics, up to float summation order
 
 
 def load(folder) -> nn.Module:
@@ -78,10 +78,13 @@ def test_from_pretrained_runs_the_kernels(int8_folder):
     out = logits(model)
     if ops.extension_available():  # 2 layers x (QKV, attention output, FFN) + pooler + classifier
         assert sum(ops.kernel_calls().values()) - before == 2 * 3 + 2
-    assert_close(out, logits(int8_reference(int8_folder, BertForSequenceClassification)), TOL)
+    assert_close(out, logits(reference_for(model, int8_folder, BertForSequenceClassification)), TOL)
+    for layer in model.bert.encoder.layer:  # the module path: each layer's own forward
+        vars(layer).pop("forward", None)
+    unfused = logits(model)
     for layer in model.bert.encoder.layer:  # the fused FFN is bit for bit the two Linears
         vars(layer).pop("feed_forward_chunk", None)
-    assert torch.equal(logits(model), out)
+    assert torch.equal(logits(model), unfused)
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
@@ -91,7 +94,7 @@ def test_every_pattern_matches_the_int8_numerics(tmp_path, pattern):
     loaded = load(folder)
     assert isinstance(loaded.bert.embeddings.word_embeddings, nn.Embedding)  # not converted: stays dense
     assert type(loaded.classifier) is nn.Linear
-    assert_close(logits(loaded), logits(int8_reference(folder, BertForSequenceClassification)), TOL)
+    assert_close(logits(loaded), logits(reference_for(loaded, folder, BertForSequenceClassification)), TOL)
 
 
 @pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16", "float16"])
@@ -103,7 +106,7 @@ def test_float_checkpoints_run_on_the_fp32_sparse_kernel(tmp_path, weight_dtype)
     assert query.scheme == "fp32" and query.storage_dtype == weight_dtype
     assert query.group.packed.layout.value == "fp32_csr"
     assert loaded.bert.encoder.layer[0].intermediate.dense.packed.layout.value == "fp32_csr"
-    assert_close(logits(loaded), logits(dense_reference(folder, BertForSequenceClassification)), TOL)
+    assert_close(logits(loaded), logits(reference_for(loaded, folder, BertForSequenceClassification, dense=True)), TOL)
 
 
 def test_save_pretrained_writes_the_same_format(int8_folder, tmp_path):
@@ -144,6 +147,7 @@ def test_dequantize_returns_the_dense_model(int8_folder):
     dense = model.dequantize()
     assert not any(isinstance(m, (SparseLinear, Int8Embedding, FusedActivation)) for m in dense.modules())
     assert "feed_forward_chunk" not in vars(dense.bert.encoder.layer[0])
+    assert "forward" not in vars(dense.bert.encoder.layer[0])
     assert getattr(dense.config, "quantization_config", None) is None and not dense.is_quantized
     reference = dense_reference(int8_folder, BertForSequenceClassification)
     expected = reference.state_dict()

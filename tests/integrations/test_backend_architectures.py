@@ -20,6 +20,7 @@ from hf_sparse.integrations.fusion_rules import FusedFeedForward
 from hf_sparse.integrations.module_swap import FusedActivation
 from hf_sparse.nn import Int8Embedding, SparseLinear
 from tests.integrations.backend_support import assert_close, int8_reference, prune, save
+from tests.integrations.test_backend_encoder_layer import reference_for
 
 
 TOL = 1e-5
@@ -30,7 +31,9 @@ def run(model, folder, auto, ids, **options):
     folder = save(model, folder, recipe, **options)
     loaded = auto.from_pretrained(folder)
     with torch.no_grad():
-        assert_close(loaded(input_ids=ids).logits, int8_reference(folder, type(model))(input_ids=ids).logits, TOL)
+        assert_close(
+            loaded(input_ids=ids).logits, reference_for(loaded, folder, type(model))(input_ids=ids).logits, TOL
+        )
     return loaded, folder
 
 
@@ -64,7 +67,10 @@ def test_distilbert(tmp_path):
     assert block.ffn.lin1.activation == "gelu" and isinstance(block.ffn.activation, FusedActivation)
     assert isinstance(block.ffn.ff_chunk, FusedFeedForward) == ops.extension_available()
     assert isinstance(model.distilbert.embeddings.word_embeddings, Int8Embedding)
+    assert ("forward" in vars(block)) == ops.extension_available()  # the whole block as six kernel calls
     with torch.no_grad():
+        for block in model.distilbert.transformer.layer:
+            vars(block).pop("forward", None)  # the block's own forward
         fused = model(input_ids=ids).logits
         for block in model.distilbert.transformer.layer:
             vars(block.ffn).pop("ff_chunk", None)  # back to the class's method: two kernel calls

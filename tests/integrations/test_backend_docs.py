@@ -10,7 +10,8 @@ from transformers import BertForSequenceClassification
 
 from hf_sparse import SparseCheckpoint
 from hf_sparse.nn import SparseLinear
-from tests.integrations.backend_support import assert_close, dense_reference, int8_reference
+from tests.integrations.backend_support import assert_close, dense_reference
+from tests.integrations.test_backend_encoder_layer import reference_for
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +32,7 @@ def test_readme_section_runs(tmp_path, monkeypatch):
     ns = _run(section, "README.md", tmp_path, monkeypatch)
     sparse = ns["sparse"]
     assert isinstance(sparse.bert.encoder.layer[0].attention.self.query, SparseLinear)
-    reference = int8_reference(tmp_path / "bert-sparse", BertForSequenceClassification)
+    reference = reference_for(sparse, tmp_path / "bert-sparse", BertForSequenceClassification)
     with torch.no_grad():
         expected = reference(input_ids=torch.tensor([[101, 2023, 3185, 2001, 2307, 102]])).logits
     assert_close(ns["logits"], expected, 1e-5)

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from hf_sparse.integrations.fusion_rules import RULES, FFNFusion, GeluFusion, Siblings
+from hf_sparse.integrations.fusion_rules import RULES, EncoderLayerFusion, FFNFusion, GeluFusion, Siblings
 
 
 def _class(key: str) -> type:
@@ -38,6 +38,8 @@ def test_rule_matches_the_class(key, rule):
         i = next(i for i, line in enumerate(lines) if f"self.{rule.linear}(" in line)
         out = lines[i].split(" = ")[0]
         assert lines[i + 1] == f"{out} = self.{rule.act}({out})", f"{key}: {rule.act} does not directly follow"
+    elif isinstance(rule, EncoderLayerFusion):
+        _check_encoder_layer(key, rule)
     else:
         assert isinstance(rule, FFNFusion)
         lines = _lines(getattr(cls, rule.method))
@@ -62,3 +64,90 @@ def test_rule_matches_the_class(key, rule):
                 "x = self.dropout(x)",
                 "return x",
             ]
+
+
+# What FusedEncoderForward computes in place of these forwards (dropout aside, eval mode):
+#   a = LN1(O(attention(Q x, K x, V x, mask)) + x);  y = LN2(FFN(a) + a)
+_BERT_LAYER = [
+    "self_attention_output, _ = self.attention(", "hidden_states,", "attention_mask,",
+    "past_key_values=past_key_values,", "**kwargs,", ")", "attention_output = self_attention_output",
+    "if self.is_decoder and encoder_hidden_states is not None:", 'if not hasattr(self, "crossattention"):',
+    "raise ValueError(",
+    'f"If `encoder_hidden_states` are passed, {self} has to be instantiated with cross-attention layers"',
+    '" by setting `config.add_cross_attention=True`"', ")", "cross_attention_output, _ = self.crossattention(",
+    "self_attention_output,", "None,  # attention_mask", "encoder_hidden_states,", "encoder_attention_mask,",
+    "past_key_values=past_key_values,", "**kwargs,", ")", "attention_output = cross_attention_output",
+    "layer_output = apply_chunking_to_forward(",
+    "self.feed_forward_chunk, self.chunk_size_feed_forward, self.seq_len_dim, attention_output", ")",
+    "return layer_output",
+]  # fmt: skip
+_BERT_ATTENTION = [
+    "attention_mask = attention_mask if not self.is_cross_attention else encoder_attention_mask",
+    "attention_output, attn_weights = self.self(", "hidden_states,", "encoder_hidden_states=encoder_hidden_states,",
+    "attention_mask=attention_mask,", "past_key_values=past_key_values,", "**kwargs,", ")",
+    "attention_output = self.output(attention_output, hidden_states)", "return attention_output, attn_weights",
+]  # fmt: skip
+_PROJECTIONS = [
+    "input_shape = hidden_states.shape[:-1]", "hidden_shape = (*input_shape, -1, self.attention_head_size)",
+    "query_layer = self.{q}(hidden_states).view(*hidden_shape).transpose(1, 2)",
+    "key_layer = self.{k}(hidden_states).view(*hidden_shape).transpose(1, 2)",
+    "value_layer = self.{v}(hidden_states).view(*hidden_shape).transpose(1, 2)",
+]  # fmt: skip
+_CACHE = [
+    "if past_key_values is not None:", "current_past_key_values = past_key_values",
+    "if isinstance(past_key_values, EncoderDecoderCache):",
+    "current_past_key_values = past_key_values.self_attention_cache",
+    "key_layer, value_layer = current_past_key_values.update(key_layer, value_layer, self.layer_idx)",
+]  # fmt: skip
+_INTERFACE = [
+    "attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(",
+    "self.config._attn_implementation, eager_attention_forward", ")", "attn_output, attn_weights = attention_interface(",
+    "self,", "query_layer,", "key_layer,", "value_layer,", "attention_mask,",
+    "dropout=0.0 if not self.training else self.dropout.p,", "scaling=self.scaling,", "**kwargs,", ")",
+    "attn_output = attn_output.reshape(*input_shape, -1).contiguous()",
+]  # fmt: skip
+_EAGER = [
+    "if scaling is None:", "scaling = query.size(-1) ** -0.5",
+    "attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling", "if attention_mask is not None:",
+    "attn_weights = attn_weights + attention_mask", "attn_weights = nn.functional.softmax(attn_weights, dim=-1)",
+    "attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)",
+    "attn_output = torch.matmul(attn_weights, value)", "attn_output = attn_output.transpose(1, 2).contiguous()",
+    "return attn_output, attn_weights",
+]  # fmt: skip
+_RESIDUAL_NORM = [
+    "hidden_states = self.dense(hidden_states)", "hidden_states = self.dropout(hidden_states)",
+    "hidden_states = self.LayerNorm(hidden_states + input_tensor)", "return hidden_states",
+]  # fmt: skip
+_DISTILBERT_BLOCK = [
+    "attention_output, _ = self.attention(", "hidden_states,", "attention_mask=attention_mask,", "**kwargs,", ")",
+    "attention_output = self.sa_layer_norm(attention_output + hidden_states)",
+    "ffn_output = self.ffn(attention_output)", "ffn_output = self.output_layer_norm(ffn_output + attention_output)",
+    "return ffn_output",
+]  # fmt: skip
+
+
+def _check_encoder_layer(key: str, rule: EncoderLayerFusion) -> None:
+    layer, attention = _class(key), _class(rule.attention_class)
+    q, k, v = (path.rpartition(".")[2] for path in rule.qkv)
+    projections = [line.format(q=q, k=k, v=v) for line in _PROJECTIONS]
+    eager = importlib.import_module(attention.__module__).eager_attention_forward
+    assert _lines(eager) == _EAGER, f"{key}: the eager attention is not softmax(q k^T * scaling + mask) v"
+    if key.endswith("TransformerBlock"):  # DistilBERT: the output projection is inside the attention module
+        assert _lines(layer.forward) == _DISTILBERT_BLOCK
+        assert _lines(attention.forward) == [*projections, *_INTERFACE, "attn_output = self.out_lin(attn_output)",
+                                             "return attn_output, attn_weights"]  # fmt: skip
+        assert _lines(_class(key.rpartition(".")[0] + ".FFN").forward) == [
+            "return apply_chunking_to_forward(self.ff_chunk, self.chunk_size_feed_forward, self.seq_len_dim, input)"
+        ]
+        return
+    prefix = key.removesuffix("Layer")
+    assert _lines(layer.forward) == _BERT_LAYER
+    assert _lines(layer.feed_forward_chunk) == [
+        "intermediate_output = self.intermediate(attention_output)",
+        "layer_output = self.output(intermediate_output, attention_output)",
+        "return layer_output",
+    ]
+    assert _lines(_class(prefix + "Attention").forward) == _BERT_ATTENTION
+    assert _lines(attention.forward) == [*projections, *_CACHE, *_INTERFACE, "return attn_output, attn_weights"]
+    assert _lines(_class(prefix + "SelfOutput").forward) == _RESIDUAL_NORM
+    assert _lines(_class(prefix + "Output").forward) == _RESIDUAL_NORM

@@ -1,6 +1,6 @@
 """Which transformers modules let the backend fuse work, keyed by their exact class (never guessed from names).
 
-Three kinds of rule, each checked against the class's source when it was added (and by the tests):
+Four kinds of rule, each checked against the class's source when it was added (and by the tests):
 
 - `GeluFusion`: the module computes `act(linear(x))` with nothing in between, and `act` is the exact (erf) GELU.
   The Linear is packed with `activation="gelu"` (the kernel's epilogue computes it) and `act` becomes Identity.
@@ -10,6 +10,10 @@ Three kinds of rule, each checked against the class's source when it was added (
   and both Linears run the 4-block int8 kernel, that method is replaced, on the instance, by one call of the fused
   FFN kernel (`hf_sparse.ops.fuse_ffn`: the hidden activations never leave the kernel) followed by `tail`, which
   repeats the rest of the original code. The submodules keep working on their own; only this path is fused.
+- `EncoderLayerFusion`: the layer's eval forward is a post-LayerNorm encoder layer, `LN2(FFN(a) + a)` with
+  `a = LN1(O(self_attention(QKV(x), mask)) + x)`. Its `forward` is replaced on the instance by a
+  `hf_sparse.integrations.encoder_layer.FusedEncoderForward`: six kernel calls (`hf_sparse.nn.FusedEncoderLayer`)
+  whenever the call is one the fast path computes, the class's forward otherwise.
 
 A class is named by `module.qualname` so that no modeling file is imported to build the table, and subclasses (which
 may override `forward`) never match. New architectures are one line each.
@@ -50,6 +54,28 @@ class FFNFusion:
     act: str
     second: str
     tail: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EncoderLayerFusion:
+    """Submodule paths of a post-LayerNorm encoder layer, and what the fast path reads from its self-attention.
+
+    attention / attention_class: the self-attention module and its exact class (never a cross-attention);
+    qkv: its Q, K, V Linears; out: the attention-output Linear; norm1: the LayerNorm after the attention;
+    first / act / second: the FFN; norm2: the LayerNorm after it; heads / scaling: attribute names on the
+    attention module (number of heads, the factor on q . k)."""
+
+    attention: str
+    attention_class: str
+    qkv: tuple[str, str, str]
+    out: str
+    norm1: str
+    first: str
+    act: str
+    second: str
+    norm2: str
+    heads: str = "num_attention_heads"
+    scaling: str = "scaling"
 
 
 class FusedFeedForward:
@@ -94,7 +120,7 @@ _BERT_FFN = FFNFusion(
     "feed_forward_chunk", "intermediate.dense", "intermediate.intermediate_act_fn", "output.dense", _bert_output_tail
 )
 
-Rule = GeluFusion | Siblings | FFNFusion
+Rule = GeluFusion | Siblings | FFNFusion | EncoderLayerFusion
 #: exact class -> rules
 RULES: dict[str, tuple[Rule, ...]] = {}
 
@@ -114,12 +140,42 @@ for _family, _prefix in [
 ]:
     register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}SelfAttention", _QKV)
     register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}Intermediate", _INTERMEDIATE)
-    register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}Layer", _BERT_FFN)
+    _module = f"{_TF}.{_family}.modeling_{_family}"
+    register_rules(
+        f"{_module}.{_prefix}Layer",
+        _BERT_FFN,
+        EncoderLayerFusion(
+            "attention.self",
+            f"{_module}.{_prefix}SelfAttention",
+            ("attention.self.query", "attention.self.key", "attention.self.value"),
+            "attention.output.dense",
+            "attention.output.LayerNorm",
+            "intermediate.dense",
+            "intermediate.intermediate_act_fn",
+            "output.dense",
+            "output.LayerNorm",
+        ),  # fmt: skip
+    )
 register_rules(f"{_TF}.distilbert.modeling_distilbert.DistilBertSelfAttention", Siblings(("q_lin", "k_lin", "v_lin")))
 register_rules(
     f"{_TF}.distilbert.modeling_distilbert.FFN",
     GeluFusion("lin1", "activation"),
     FFNFusion("ff_chunk", "lin1", "activation", "lin2", _distilbert_ffn_tail),
+)
+register_rules(
+    f"{_TF}.distilbert.modeling_distilbert.TransformerBlock",
+    EncoderLayerFusion(
+        "attention",
+        f"{_TF}.distilbert.modeling_distilbert.DistilBertSelfAttention",
+        ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+        "attention.out_lin",
+        "sa_layer_norm",
+        "ffn.lin1",
+        "ffn.activation",
+        "ffn.lin2",
+        "output_layer_norm",
+        heads="n_heads",
+    ),  # fmt: skip
 )
 for _family, _prefix in [("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2")]:
     register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}Attention", _PROJ_QKV)

@@ -3,7 +3,8 @@
 - `replace_modules`: on the meta device, before loading, every module the checkpoint converted becomes a
   `SparseLinear` / `Int8Embedding` (a head tied to an int8 embedding too); everything else stays as it is.
 - `pack_model`: after loading, fuses GELUs and packs sibling Linears together (`fusion_rules`), packs the rest,
-  drops the dense copies, and runs whole FFNs as one kernel call where the layouts allow.
+  drops the dense copies, runs whole FFNs as one kernel call where the layouts allow, and whole encoder layers as
+  six (`encoder_layer`).
 - `dequantize_model`: back to `nn.Linear` / `nn.Embedding` holding the dequantized weights.
 - `compressed_state_dict`: the tensors `save_pretrained` writes, in the checkpoint format (docs/format.md).
 """
@@ -20,7 +21,16 @@ from ..export.formats import FORMATS, WeightFormat
 from ..nn import Int8Embedding, SparseLinear, pack_siblings
 from ..ops import fuse_ffn
 from ..sparsity.patterns import get_pattern
-from .fusion_rules import FFNFusion, FusedFeedForward, GeluFusion, Siblings, is_exact_gelu, rules_for
+from .encoder_layer import FusedEncoderForward, fuse_encoder_layer
+from .fusion_rules import (
+    EncoderLayerFusion,
+    FFNFusion,
+    FusedFeedForward,
+    GeluFusion,
+    Siblings,
+    is_exact_gelu,
+    rules_for,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -148,17 +158,18 @@ def _replace_tied_heads(model: nn.Module) -> None:
 def pack_model(model: nn.Module) -> dict[str, int]:
     """Pack every loaded `SparseLinear` of `model` for the kernels, in place: exact GELUs after a converted Linear
     are fused into its kernel, sibling Linears are packed side by side, the rest alone, then whole FFNs become one
-    kernel call where the layouts allow. The dense loading copies are dropped, and parameters stop requiring
-    gradients (the kernels have no backward). Returns counts of what was done."""
+    kernel call where the layouts allow, and whole encoder layers as six calls (the attention kernel included). The
+    dense loading copies are dropped, and parameters stop requiring gradients (the kernels have no backward).
+    Returns counts of what was done."""
     modules = dict(model.named_modules())
-    counts = {"linears": 0, "groups": 0, "fused_gelu": 0, "fused_ffn": 0}
+    counts = {"linears": 0, "groups": 0, "fused_gelu": 0, "fused_ffn": 0, "fused_layers": 0}
     for module in modules.values():  # before packing: the activation is part of the packed kernel
         for rule in rules_for(module):
             if isinstance(rule, GeluFusion):
                 linear, act = getattr(module, rule.linear, None), getattr(module, rule.act, None)
                 if isinstance(linear, SparseLinear) and not linear.is_packed and is_exact_gelu(act):
                     linear.activation = "gelu"
-                    setattr(module, rule.act, FusedActivation(act))
+                    setattr(module, rule.act, FusedActivation(act).train(act.training))
                     counts["fused_gelu"] += 1
     for name, module in modules.items():
         for rule in rules_for(module):
@@ -179,6 +190,10 @@ def pack_model(model: nn.Module) -> dict[str, int]:
         for rule in rules_for(module):
             if isinstance(rule, FFNFusion) and _fuse_ffn(module, rule):
                 counts["fused_ffn"] += 1
+    for module in modules.values():
+        for rule in rules_for(module):
+            if isinstance(rule, EncoderLayerFusion) and fuse_encoder_layer(module, rule):
+                counts["fused_layers"] += 1
     model.requires_grad_(False)
     return counts
 
@@ -219,7 +234,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
     if isinstance(dtype, str):  # a config's dtype ("float32")
         dtype = getattr(torch, dtype)
     for module in model.modules():
-        for key in [k for k, v in vars(module).items() if isinstance(v, FusedFeedForward)]:
+        for key in [k for k, v in vars(module).items() if isinstance(v, (FusedFeedForward, FusedEncoderForward))]:
             del module.__dict__[key]  # the class's own method again
     for name, module in list(model.named_modules()):
         if isinstance(module, FusedActivation):

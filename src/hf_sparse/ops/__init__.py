@@ -6,8 +6,10 @@
 
 `pack_linears([q, k, v])` packs weights that read the same input side by side (one activation quantization,
 outputs returned split); `activation="gelu"` fuses BERT's exact GELU into the kernel; `fuse_ffn(first, second)`
-runs a whole FFN (Linear, activation, Linear) as one call. docs/kernels.md has the numerics, the packed layouts,
-the dispatch rules, the threads and the environment variables.
+runs a whole FFN (Linear, activation, Linear) as one call; `attention(qkv, heads=...)` runs multi-head
+self-attention straight from the packed Q/K/V output (bf16 products, fp32 softmax) and `add_layernorm` a residual
+add + LayerNorm. docs/kernels.md has the numerics, the packed layouts, the dispatch rules, the threads and the
+environment variables.
 """
 
 from ._extension import (
@@ -22,7 +24,9 @@ from ._extension import (
     set_threads_backend,
     threads_backend,
 )
+from .attention import attention, attention_isa, attention_reference
 from .fused_ffn import FusedFFN, fuse_ffn
+from .layernorm import add_layernorm, add_layernorm_reference
 from .layouts import ACTIVATIONS, LAYOUTS, MAX_IN_FEATURES, Layout, block4_density, get_handler
 from .packed_linear import (
     FP32_CSR_MAX_DENSITY,
@@ -43,6 +47,11 @@ __all__ = [
     "MAX_IN_FEATURES",
     "Layout",
     "PackedLinear",
+    "add_layernorm",
+    "add_layernorm_reference",
+    "attention",
+    "attention_isa",
+    "attention_reference",
     "available_isas",
     "block4_density",
     "extension_available",

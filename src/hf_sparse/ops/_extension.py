@@ -17,7 +17,7 @@ import warnings
 import torch
 
 
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 _ISA_ENV = "HF_SPARSE_ISA"
 
 _C = None
@@ -101,9 +101,18 @@ def get_num_threads() -> int:
     return _num_threads if _num_threads is not None else torch.get_num_threads()
 
 
-def kernel_calls() -> dict[str, int]:
-    """Kernel calls so far per instruction set (all zero without the extension): tests assert the fast path ran."""
-    return dict(_C.kernel_calls()) if _C is not None else {}
+def kernel_calls(kind: str = "linear") -> dict[str, int]:
+    """Kernel calls so far (empty without the extension): tests assert that the fast path ran.
+
+    kind "linear": the Linear kernels (fused FFN included) per instruction set; "attention" / "layernorm": the
+    attention / add_layernorm kernels per attention kernel name (`attention_isa()`)."""
+    if kind not in ("linear", "attention", "layernorm"):
+        raise ValueError(f"kernel_calls(kind={kind!r}): kind must be 'linear', 'attention' or 'layernorm'")
+    if _C is None:
+        return {}
+    if kind == "linear":
+        return dict(_C.kernel_calls())
+    return dict(_C.attention_calls(kind == "layernorm"))
 
 
 def threads_backend() -> str:

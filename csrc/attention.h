@@ -1,0 +1,83 @@
+// Fused multi-head attention and residual-add + LayerNorm: the per-ISA kernels and their drivers.
+//
+// Same rule as common.h: plain structs and declarations only (code compiled with ISA flags must not share inline
+// functions with baseline code).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace hf_sparse {
+
+// How a mask row is read: none, float32 added to the scaled scores, or bool (uint8, nonzero = attend).
+enum MaskKind : int { kMaskNone = 0, kMaskAdd = 1, kMaskKeep = 2 };
+
+// One work item: query rows q0..q1-1 of one (sequence, head). Pointers are already offset to that sequence's first
+// token and that head's first column; rows are `ld*` floats apart.
+struct AttnItem {
+  const float* q = nullptr;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t ldq = 0, ldk = 0, ldv = 0;
+  float* out = nullptr;  // row i of the item goes to out + i * ldo (i = q0 .. q1-1)
+  int64_t ldo = 0;
+  int64_t s = 0;         // keys (= queries: self-attention)
+  int64_t q0 = 0, q1 = 0;
+  int64_t d = 0;         // head dim
+  float scale = 1.0f;
+  bool causal = false;   // key j > query i is masked
+  int mask_kind = kMaskNone;
+  const void* mask = nullptr;  // row of query i: mask + i * mask_ld elements (0: one row for all queries)
+  int64_t mask_ld = 0;
+};
+
+// The kernels of one instruction set. Every attention kernel computes the numerics of docs/kernels.md
+// ("Attention"): Q, K, V and the probabilities rounded to bfloat16, products exact, sums and softmax in float32.
+struct AttnKernels {
+  const char* name;  // "avx512_bf16", "avx2", "scalar"
+  // Scratch one thread needs for items of up to `rows` query rows over `s` keys of head dim `d`.
+  size_t (*scratch_bytes)(int64_t d, int64_t s, int64_t rows);
+  void (*item)(const AttnItem& a, void* scratch);
+  // y[r] = LayerNorm(x[r] + res[r]) * gamma + beta for rows 0..rows-1 (res may be null; y may alias x or res).
+  void (*add_layernorm)(const float* x, int64_t ldx, const float* res, int64_t ldr, int64_t rows, int64_t n,
+                        const float* gamma, const float* beta, float eps, float* y, int64_t ldy);
+};
+
+const AttnKernels* attn_scalar_kernels();
+const AttnKernels* attn_avx2_kernels();
+const AttnKernels* attn_avx512_bf16_kernels();  // null when not built
+
+// The attention kernels for the active instruction set (csrc/isa.cpp decides).
+const AttnKernels& active_attn_kernels();
+
+// Multi-head self-attention over `batch` sequences of `seq` tokens: q, k, v are (batch * seq, heads * d) row-major
+// views (row strides ldq, ldk, ldv); out (batch * seq, heads * d), row stride ldo, head h in columns h*d..h*d+d-1.
+// The mask, when given, is read for (sequence b, head h, query i) at mask + b*mask_sb + h*mask_sh + i*mask_sq
+// (element strides; 0 broadcasts), contiguous over keys.
+struct AttnCall {
+  const float* q = nullptr;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t ldq = 0, ldk = 0, ldv = 0;
+  float* out = nullptr;
+  int64_t ldo = 0;
+  int64_t batch = 0, seq = 0, heads = 0, d = 0;
+  float scale = 1.0f;
+  bool causal = false;
+  int mask_kind = kMaskNone;
+  const void* mask = nullptr;
+  int64_t mask_sb = 0, mask_sh = 0, mask_sq = 0;
+};
+void attention(const AttnCall& call, int nthreads);
+
+// y = LayerNorm(x + res) row by row (rows of n floats; res may be null).
+void add_layernorm(const float* x, int64_t ldx, const float* res, int64_t ldr, int64_t rows, int64_t n,
+                   const float* gamma, const float* beta, float eps, float* y, int64_t ldy, int nthreads);
+
+// Calls so far per attention kernel name (of attention, or of add_layernorm).
+std::vector<std::pair<std::string, int64_t>> attention_calls(bool layernorm);
+
+}  // namespace hf_sparse

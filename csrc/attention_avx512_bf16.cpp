@@ -1,0 +1,403 @@
+// AVX-512 BF16 attention (compiled with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512bf16 only).
+//
+// vdpbf16ps multiplies 16 lanes of bfloat16 pairs and adds both products to a float32 accumulator: 32
+// multiply-adds per instruction, twice an fp32 FMA's. Both products of the attention are laid out for it:
+//
+//   S = Q K^T: lanes are 16 keys. K is packed transposed, [d/2][keys][2] bf16 (one 64-byte line = 16 keys x one
+//              pair of head features); each query row's feature pair is broadcast (Q rows as bf16, row-major).
+//   O = P V:   lanes are 16 head features. V is packed [keys/2][d][2] bf16 (a line = 16 features x one pair of
+//              keys); each query row's pair of probabilities is broadcast (P rows as bf16, row-major).
+//
+// A block of 32 query rows has its scores (float32) and probabilities (bf16) in L1; register blocks are 4 query
+// rows x 4 vectors (16 accumulators: 4 loads and 4 broadcasts per 16 vdpbf16ps). The softmax runs in float32
+// between the two products, and the division by the row sum in the second one's epilogue.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "attention.h"
+
+namespace hf_sparse {
+namespace {
+
+constexpr int kVec = 16;
+constexpr int kRows = 4;    // query rows per register block
+constexpr int kBlock = 32;  // query rows per block (a multiple of kRows)
+constexpr int kCols = 4;    // vectors per register block
+constexpr float kExpMin = -87.33654475f;  // log(FLT_MIN): exp below it is subnormal, taken as 0
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+inline __mmask16 mask16(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : (n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1));
+}
+
+// acc += a.bf16[2i] * b.bf16[2i] + a.bf16[2i+1] * b.bf16[2i+1] per lane. Inline asm keeps the accumulator in its
+// register (as for vpdpbusd in kernels_avx512.cpp).
+inline __m512 dpbf16(__m512 acc, __m512i a, __m512i b) {
+#if defined(__GNUC__)
+  __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+#else
+  return _mm512_dpbf16_ps(acc, _mm512_castsi512_pbh(a), _mm512_castsi512_pbh(b));
+#endif
+}
+
+// 32 floats -> 32 bf16 (round to nearest even): lo's 16 in the low half, hi's in the high half.
+inline __m512i bf16x32(__m512 lo, __m512 hi) { return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); }
+inline __m256i bf16x16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+
+// exp(x) for x <= 0 (NaN-free; -inf gives 0): Cephes' expf polynomial after x = n ln2 + r, |r| <= ln2 / 2
+// (~1 ulp), scaled by 2^n with vscalefps; 0 below kExpMin.
+inline __m512 exp_ps(__m512 x) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpMin), _CMP_GE_OQ);
+  x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(y, n));
+}
+
+// In-place transpose of 16 rows of 16 32-bit lanes.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// Scratch of one thread, in 64-byte aligned pieces.
+struct Layout {
+  int64_t pairs, sp, sp2, dv;  // feature pairs, keys padded to 16 and to 32, feature vectors
+  size_t k_off, v_off, q_off, s_off, p_off, l_off, bytes;
+  Layout(int64_t d, int64_t s) {
+    pairs = (d + 1) / 2;
+    sp = round_up(s, kVec);
+    sp2 = round_up(s, 2 * kVec);
+    dv = (d + kVec - 1) / kVec;
+    const auto a64 = [](size_t b) { return (b + 63) & ~size_t{63}; };
+    k_off = 0;
+    v_off = k_off + a64(static_cast<size_t>(pairs * sp) * 4);              // K: [pairs][sp] words
+    q_off = v_off + a64(static_cast<size_t>(sp2 / 2 * dv * kVec) * 4);      // V: [sp2/2][dv*16] words
+    s_off = q_off + a64(static_cast<size_t>(kBlock * pairs) * 4);          // Q: [kBlock][pairs] words
+    p_off = s_off + a64(static_cast<size_t>(kBlock * sp) * 4);             // scores: [kBlock][sp] floats
+    l_off = p_off + a64(static_cast<size_t>(kBlock * sp2 / 2) * 4);        // P: [kBlock][sp2/2] words
+    bytes = l_off + a64(kBlock * sizeof(float));                            // row divisors
+  }
+};
+
+size_t scratch_bytes(int64_t d, int64_t s, int64_t) { return Layout(d, s).bytes; }
+
+// K rows 0..s-1 -> kp[w][j] = (bf16 k[j][2w], bf16 k[j][2w+1]), zero past s (up to sp) and past d.
+void pack_k(const float* k, int64_t ldk, int64_t s, int64_t d, const Layout& L, uint32_t* kp) {
+  for (int64_t j0 = 0; j0 < L.sp; j0 += kVec) {
+    for (int64_t w0 = 0; w0 < L.pairs; w0 += kVec) {
+      __m512i r[16];
+      const int64_t f0 = 2 * w0;
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) {
+        if (j0 + t < s) {
+          const float* row = k + (j0 + t) * ldk + f0;
+          r[t] = bf16x32(_mm512_maskz_loadu_ps(mask16(d - f0), row),
+                         _mm512_maskz_loadu_ps(mask16(d - f0 - kVec), row + kVec));
+        } else {
+          r[t] = _mm512_setzero_si512();
+        }
+      }
+      transpose16(r);
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) {
+        if (w0 + t < L.pairs) _mm512_store_si512(kp + (w0 + t) * L.sp + j0, r[t]);
+      }
+    }
+  }
+}
+
+// V rows 0..s-1 -> vp[jp][c] = (bf16 v[2jp][c], bf16 v[2jp+1][c]), zero past s (up to sp2) and past d.
+void pack_v(const float* v, int64_t ldv, int64_t s, int64_t d, const Layout& L, uint32_t* vp) {
+  // bf16 element 2t of the output is element t of the first row, 2t+1 element t of the second.
+  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kInterleave);
+  const int64_t words = L.dv * kVec;
+  for (int64_t jp = 0; jp < L.sp2 / 2; ++jp) {
+    const int64_t j = 2 * jp;
+    for (int64_t c = 0; c < L.dv; ++c) {
+      const __mmask16 m = mask16(d - c * kVec);
+      const __m512 a = j < s ? _mm512_maskz_loadu_ps(m, v + j * ldv + c * kVec) : _mm512_setzero_ps();
+      const __m512 b = j + 1 < s ? _mm512_maskz_loadu_ps(m, v + (j + 1) * ldv + c * kVec) : _mm512_setzero_ps();
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(bf16x16(a)), bf16x16(b), 1);
+      _mm512_store_si512(vp + jp * words + c * kVec, _mm512_permutexvar_epi16(idx, both));
+    }
+  }
+}
+
+// Scores of kRows query rows x C key vectors: sc[r][16c + lane] = sum_w q[r][w] . kp[w][16c + lane].
+template <int C>
+void qk_block(const uint32_t* qw, int64_t pairs, const uint32_t* kp, int64_t sp, float* sc) {
+  __m512 acc[kRows][C];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  }
+  for (int64_t w = 0; w < pairs; ++w) {
+    __m512i kv[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) kv[c] = _mm512_load_si512(kp + w * sp + c * kVec);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i qb = _mm512_set1_epi32(static_cast<int>(qw[r * pairs + w]));
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[r][c] = dpbf16(acc[r][c], qb, kv[c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) _mm512_store_ps(sc + r * sp + c * kVec, acc[r][c]);
+  }
+}
+
+// Outputs of kRows query rows x C feature vectors: out[r][16c + lane] = sum_jp p[r][jp] . vp[jp][16c + lane],
+// divided by the row's divisor; only rows < nrows and features < d are stored.
+template <int C>
+void pv_block(const uint32_t* pw, int64_t pst, int64_t key_pairs, const uint32_t* vp, int64_t vst, const float* div,
+              int nrows, float* out, int64_t ldo, int64_t dleft) {
+  __m512 acc[kRows][C];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  }
+  for (int64_t jp = 0; jp < key_pairs; ++jp) {
+    __m512i vv[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) vv[c] = _mm512_load_si512(vp + jp * vst + c * kVec);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i pb = _mm512_set1_epi32(static_cast<int>(pw[r * pst + jp]));
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[r][c] = dpbf16(acc[r][c], pb, vv[c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+    if (r >= nrows) break;
+    const __m512 dv = _mm512_set1_ps(div[r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      _mm512_mask_storeu_ps(out + r * ldo + c * kVec, mask16(dleft - c * kVec), _mm512_div_ps(acc[r][c], dv));
+    }
+  }
+}
+
+// Softmax of one row of scores (keys 0..keys-1 valid; sc holds sp floats), in place: writes the bf16
+// probabilities (row of sp2/2 words) and returns the divisor: the sum of the float32 probabilities, +inf when every
+// key is masked (the row comes out 0), NaN when a score is NaN (the row comes out NaN).
+float softmax_row(float* sc, int64_t nvec, int64_t keys, float scale, int mask_kind, const void* mask, uint32_t* pw,
+                  int64_t pwords) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 vscale = _mm512_set1_ps(scale);
+  __m512 m = ninf;
+  __mmask16 nan = 0;
+  for (int64_t c = 0; c < nvec; ++c) {
+    const __mmask16 valid = mask16(keys - c * kVec);
+    __m512 v = _mm512_mul_ps(_mm512_load_ps(sc + c * kVec), vscale);
+    __mmask16 keep = valid;
+    if (mask_kind == kMaskAdd) {
+      v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(valid, static_cast<const float*>(mask) + c * kVec));
+    } else if (mask_kind == kMaskKeep) {
+      const __m128i b = _mm_maskz_loadu_epi8(valid, static_cast<const uint8_t*>(mask) + c * kVec);
+      keep = _mm_test_epi8_mask(b, b);
+    }
+    v = _mm512_mask_mov_ps(ninf, keep, v);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, v);
+    _mm512_store_ps(sc + c * kVec, v);
+  }
+  const float mx = _mm512_reduce_max_ps(m);
+  if (nan || mx == -std::numeric_limits<float>::infinity()) {
+    std::memset(pw, 0, static_cast<size_t>(pwords) * 4);
+    return nan ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  }
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 l = _mm512_setzero_ps();
+  for (int64_t c = 0; c < nvec; c += 2) {
+    const __m512 p0 = exp_ps(_mm512_sub_ps(_mm512_load_ps(sc + c * kVec), vm));
+    const __m512 p1 = c + 1 < nvec ? exp_ps(_mm512_sub_ps(_mm512_load_ps(sc + (c + 1) * kVec), vm))
+                                   : _mm512_setzero_ps();
+    l = _mm512_add_ps(l, _mm512_add_ps(p0, p1));
+    _mm512_storeu_si512(pw + c * (kVec / 2), bf16x32(p0, p1));
+  }
+  return _mm512_reduce_add_ps(l);
+}
+
+void item(const AttnItem& a, void* scratch) {
+  const int64_t d = a.d;
+  const int64_t s = a.causal ? (a.q1 < a.s ? a.q1 : a.s) : a.s;  // keys any row of this item may see
+  const Layout L(d, a.s);
+  char* base = static_cast<char*>(scratch);
+  uint32_t* kp = reinterpret_cast<uint32_t*>(base + L.k_off);
+  uint32_t* vp = reinterpret_cast<uint32_t*>(base + L.v_off);
+  uint32_t* qw = reinterpret_cast<uint32_t*>(base + L.q_off);
+  float* sc = reinterpret_cast<float*>(base + L.s_off);
+  uint32_t* pw = reinterpret_cast<uint32_t*>(base + L.p_off);
+  float* div = reinterpret_cast<float*>(base + L.l_off);
+  pack_k(a.k, a.ldk, s, d, L, kp);
+  pack_v(a.v, a.ldv, s, d, L, vp);
+  const int64_t pst = L.sp2 / 2, vst = L.dv * kVec;
+  for (int64_t i0 = a.q0; i0 < a.q1; i0 += kBlock) {
+    const int nb = static_cast<int>(a.q1 - i0 < kBlock ? a.q1 - i0 : kBlock);
+    const int nbp = static_cast<int>(round_up(nb, kRows));
+    // Q rows as bf16 pairs; padding rows are zero.
+    for (int r = 0; r < nbp; ++r) {
+      uint32_t* dst = qw + r * L.pairs;
+      for (int64_t w0 = 0; w0 < L.pairs; w0 += kVec) {
+        __m512i q = _mm512_setzero_si512();
+        if (r < nb) {
+          const float* row = a.q + (i0 + r) * a.ldq + 2 * w0;
+          q = bf16x32(_mm512_maskz_loadu_ps(mask16(d - 2 * w0), row),
+                      _mm512_maskz_loadu_ps(mask16(d - 2 * w0 - kVec), row + kVec));
+        }
+        _mm512_mask_storeu_epi32(dst + w0, mask16(L.pairs - w0), q);
+      }
+    }
+    const int64_t keys_blk = a.causal ? (i0 + nb < s ? i0 + nb : s) : s;
+    const int64_t nvec = (keys_blk + kVec - 1) / kVec;
+    for (int r0 = 0; r0 < nbp; r0 += kRows) {
+      for (int64_t c0 = 0; c0 < nvec; c0 += kCols) {
+        const uint32_t* q = qw + r0 * L.pairs;
+        const uint32_t* kk = kp + c0 * kVec;
+        float* so = sc + r0 * L.sp + c0 * kVec;
+        switch (nvec - c0 < kCols ? nvec - c0 : kCols) {
+          case 1: qk_block<1>(q, L.pairs, kk, L.sp, so); break;
+          case 2: qk_block<2>(q, L.pairs, kk, L.sp, so); break;
+          case 3: qk_block<3>(q, L.pairs, kk, L.sp, so); break;
+          default: qk_block<4>(q, L.pairs, kk, L.sp, so); break;
+        }
+      }
+    }
+    for (int r = 0; r < nbp; ++r) {
+      uint32_t* prow = pw + r * pst;
+      if (r >= nb) {
+        std::memset(prow, 0, static_cast<size_t>(pst) * 4);
+        continue;
+      }
+      const int64_t i = i0 + r;
+      const int64_t keys = a.causal ? (i + 1 < s ? i + 1 : s) : s;
+      const void* mrow = nullptr;
+      if (a.mask_kind == kMaskAdd) mrow = static_cast<const float*>(a.mask) + i * a.mask_ld;
+      if (a.mask_kind == kMaskKeep) mrow = static_cast<const uint8_t*>(a.mask) + i * a.mask_ld;
+      div[r] = softmax_row(sc + r * L.sp, nvec, keys, a.scale, a.mask_kind, mrow, prow, pst);
+    }
+    const int64_t key_pairs = (keys_blk + 1) / 2;
+    for (int r0 = 0; r0 < nbp; r0 += kRows) {
+      for (int64_t c0 = 0; c0 < L.dv; c0 += kCols) {
+        const uint32_t* p = pw + r0 * pst;
+        const uint32_t* vv = vp + c0 * kVec;
+        float* o = a.out + (i0 + r0) * a.ldo + c0 * kVec;
+        const int nrows = nb - r0;
+        const int64_t dleft = d - c0 * kVec;
+        switch (L.dv - c0 < kCols ? L.dv - c0 : kCols) {
+          case 1: pv_block<1>(p, pst, key_pairs, vv, vst, div + r0, nrows, o, a.ldo, dleft); break;
+          case 2: pv_block<2>(p, pst, key_pairs, vv, vst, div + r0, nrows, o, a.ldo, dleft); break;
+          case 3: pv_block<3>(p, pst, key_pairs, vv, vst, div + r0, nrows, o, a.ldo, dleft); break;
+          default: pv_block<4>(p, pst, key_pairs, vv, vst, div + r0, nrows, o, a.ldo, dleft); break;
+        }
+      }
+    }
+  }
+}
+
+// y = (v - mean) * rstd * gamma + beta with v = x + res: three passes over a row held in L1.
+void add_layernorm(const float* x, int64_t ldx, const float* res, int64_t ldr, int64_t rows, int64_t n,
+                   const float* gamma, const float* beta, float eps, float* y, int64_t ldy) {
+  const float inv_n = 1.0f / static_cast<float>(n);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ldx;
+    const float* rr = res ? res + r * ldr : nullptr;
+    float* yr = y + r * ldy;
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 2 * kVec <= n; i += 2 * kVec) {
+      __m512 a = _mm512_loadu_ps(xr + i), b = _mm512_loadu_ps(xr + i + kVec);
+      if (rr) {
+        a = _mm512_add_ps(a, _mm512_loadu_ps(rr + i));
+        b = _mm512_add_ps(b, _mm512_loadu_ps(rr + i + kVec));
+      }
+      _mm512_storeu_ps(yr + i, a);
+      _mm512_storeu_ps(yr + i + kVec, b);
+      s0 = _mm512_add_ps(s0, a);
+      s1 = _mm512_add_ps(s1, b);
+    }
+    for (; i < n; i += kVec) {
+      const __mmask16 m = mask16(n - i);
+      __m512 a = _mm512_maskz_loadu_ps(m, xr + i);
+      if (rr) a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(m, rr + i));
+      _mm512_mask_storeu_ps(yr + i, m, a);
+      s0 = _mm512_add_ps(s0, a);
+    }
+    const float mean = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) * inv_n;
+    const __m512 vmean = _mm512_set1_ps(mean);
+    __m512 q0 = _mm512_setzero_ps(), q1 = _mm512_setzero_ps();
+    for (i = 0; i + 2 * kVec <= n; i += 2 * kVec) {
+      const __m512 a = _mm512_sub_ps(_mm512_loadu_ps(yr + i), vmean);
+      const __m512 b = _mm512_sub_ps(_mm512_loadu_ps(yr + i + kVec), vmean);
+      q0 = _mm512_fmadd_ps(a, a, q0);
+      q1 = _mm512_fmadd_ps(b, b, q1);
+    }
+    for (; i < n; i += kVec) {
+      const __m512 a = _mm512_maskz_sub_ps(mask16(n - i), _mm512_maskz_loadu_ps(mask16(n - i), yr + i), vmean);
+      q0 = _mm512_fmadd_ps(a, a, q0);
+    }
+    const float var = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1)) * inv_n;
+    const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(var + eps));
+    for (i = 0; i < n; i += kVec) {
+      const __mmask16 m = mask16(n - i);
+      const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, yr + i), vmean), rstd);
+      const __m512 o = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(m, gamma + i), _mm512_maskz_loadu_ps(m, beta + i));
+      _mm512_mask_storeu_ps(yr + i, m, o);
+    }
+  }
+}
+
+const AttnKernels kTable = {"avx512_bf16", scratch_bytes, item, add_layernorm};
+
+}  // namespace
+
+const AttnKernels* attn_avx512_bf16_kernels() { return &kTable; }
+
+}  // namespace hf_sparse
