@@ -25,6 +25,10 @@ from ..ops.packed_linear import can_call_directly
 CHUNK_TOKENS = 256
 
 
+def _no_hook(step: str | None) -> None:
+    pass
+
+
 class FusedEncoderLayer:
     """`y = LN2(FFN(a) + a)` with `a = LN1(O(attention(QKV(x))) + x)`, on hf_sparse's kernels. Inference only.
 
@@ -39,7 +43,13 @@ class FusedEncoderLayer:
 
     Call: `x` (batch, seq, hidden) float32, `mask` None or as `hf_sparse.ops.attention` takes it -> float32
     (batch, seq, hidden).
+
+    `FusedEncoderLayer.step_hook`, None normally, may be set by a profiler (benchmarks/speed) to a callable run with
+    None before each chunk of sequences and with the step's name ("qkv", "attention", "out", "norm1", "ffn",
+    "norm2") after each kernel call: the fast path has no modules for forward hooks to time.
     """
+
+    step_hook = None
 
     def __init__(
         self, qkv: PackedLinear, out: PackedLinear, ffn: FusedFFN, norm1: nn.LayerNorm, norm2: nn.LayerNorm,
@@ -105,22 +115,30 @@ class FusedEncoderLayer:
     def _chunk(self, xp, yp, nb, seq, qkv, ctx, a, h, kind, mp, sb, sh, sq, nt):
         """One chunk of `nb` sequences: x at address xp -> y at address yp (float32, hidden wide, contiguous)."""
         c, w, m = ext._C, self.width, nb * seq
+        hook = FusedEncoderLayer.step_hook or _no_hook
+        hook(None)
         self.qkv._handle.run(xp, m, qkv.data_ptr(), 0, nt, False)
+        hook("qkv")
         p = qkv.data_ptr()
         c.attention_raw(
             p, p + 4 * w, p + 8 * w, 3 * w, 3 * w, 3 * w, ctx.data_ptr(), w, nb, seq, self.heads, self.head_dim,
             self.scale, False, kind, mp, sb, sh, sq, nt,
         )  # fmt: skip
+        hook("attention")
         ap = a.data_ptr()
         self.out._handle.run(ctx.data_ptr(), m, ap, self.out._act, nt, False)
+        hook("out")
         self._norm(self.norm1, ap, xp, ap, m, nt)
+        hook("norm1")
         first, second = self.ffn.first, self.ffn.second
         if self.ffn.fused:
             c.Packed.run_ffn(first._handle, second._handle, ap, m, yp, first._act, second._act, nt)
         else:
             first._handle.run(ap, m, h.data_ptr(), first._act, nt, False)
             second._handle.run(h.data_ptr(), m, yp, second._act, nt, False)
+        hook("ffn")
         self._norm(self.norm2, yp, ap, yp, m, nt)
+        hook("norm2")
 
     def _norms_ok(self) -> bool:
         """float32 contiguous LayerNorm parameters (a model cast to another dtype runs the composed path)."""
