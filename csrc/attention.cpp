@@ -7,6 +7,7 @@
 #include <cstring>
 #include <new>
 
+#include "scratch.h"
 #include "thread_pool.h"
 
 namespace hf_sparse {
@@ -23,48 +24,7 @@ constexpr double kGrainMacs = 200000.0;
 // Query rows per work item at most (the kernels walk them in blocks of their own).
 constexpr int64_t kMaxItemRows = 256;
 
-void* aligned_malloc(size_t bytes) {
-#if defined(_MSC_VER)
-  return _aligned_malloc(bytes, 64);
-#else
-  return std::aligned_alloc(64, bytes);
-#endif
-}
-
-void aligned_free(void* p) {
-#if defined(_MSC_VER)
-  _aligned_free(p);
-#else
-  std::free(p);
-#endif
-}
-
-// The caller's grow-only scratch (one slot per thread of its calls), so workers never allocate.
-class Buffer {
- public:
-  Buffer() = default;
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  ~Buffer() { aligned_free(p_); }
-  char* get(size_t bytes) {
-    if (bytes > cap_) {
-      aligned_free(p_);
-      p_ = nullptr;
-      cap_ = 0;
-      const size_t cap = (bytes + 4095) & ~size_t{4095};
-      p_ = aligned_malloc(cap);
-      if (!p_) throw std::bad_alloc();
-      cap_ = cap;
-    }
-    return static_cast<char*>(p_);
-  }
-
- private:
-  void* p_ = nullptr;
-  size_t cap_ = 0;
-};
-
-thread_local Buffer t_attn_scratch;
+thread_local ScratchBuffer t_attn_scratch;
 
 int threads_for(double macs, int nthreads) {
   const double cap = macs / kGrainMacs;

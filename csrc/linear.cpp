@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "isa.h"
+#include "scratch.h"
 #include "thread_pool.h"
 
 namespace hf_sparse {
@@ -22,51 +23,9 @@ constexpr double kRowCost = 2.0;
 constexpr int64_t kItemsPerThread = 4;
 constexpr int64_t kMinRowsPerItem = 64;
 
-void* aligned_malloc(size_t bytes) {
-#if defined(_MSC_VER)
-  return _aligned_malloc(bytes, 64);
-#else
-  return std::aligned_alloc(64, bytes);
-#endif
-}
-
-void aligned_free(void* p) {
-#if defined(_MSC_VER)
-  _aligned_free(p);
-#else
-  std::free(p);
-#endif
-}
-
-// A grow-only 64-byte aligned buffer owned by the calling thread. All scratch of a call comes from the caller's
-// buffer before the job starts, so workers never allocate (and never throw).
-class Buffer {
- public:
-  Buffer() = default;
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  ~Buffer() { aligned_free(p_); }
-  char* get(size_t bytes) {
-    if (bytes > cap_) {
-      aligned_free(p_);
-      p_ = nullptr;
-      cap_ = 0;
-      const size_t cap = (bytes + 4095) & ~size_t{4095};
-      p_ = aligned_malloc(cap);
-      if (!p_) throw std::bad_alloc();
-      cap_ = cap;
-    }
-    return static_cast<char*>(p_);
-  }
-
- private:
-  void* p_ = nullptr;
-  size_t cap_ = 0;
-};
-
-thread_local Buffer t_scratch;
+thread_local ScratchBuffer t_scratch;
 // The unfused FFN's hidden activations (the Linear calls in between use t_scratch).
-thread_local Buffer t_hidden;
+thread_local ScratchBuffer t_hidden;
 
 // Calls per instruction set (tests check that the kernel they meant to test ran), indexed like all_isa_names().
 constexpr const char* kCallNames[4] = {"avx512_vnni", "avx2_vnni", "avx2", "scalar"};

@@ -7,36 +7,18 @@ import json
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
-from hf_sparse import SparseConfig, sparsify_
 from hf_sparse.export.save import CHECKSUMS_KEY, tensor_sha256
 from hf_sparse.quantization import fake_quantize_weight
-
-
-def bert_config(**overrides) -> BertConfig:
-    kwargs = {
-        "hidden_size": 36,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 70,
-        "vocab_size": 97,
-        "max_position_embeddings": 40,
-        "num_labels": 3,
-    }
-    kwargs.update(overrides)
-    return BertConfig(**kwargs)
+from tests.tiny_models import bert_config, prune
 
 
 def pruned_bert(pattern: str = "4-block", sparsity: float | None = None, cls=BertForSequenceClassification, seed=0):
     """(model, recipe): a tiny BERT pruned one-shot to `sparsity` (1 - N/M for N:M) with `pattern`."""
     torch.manual_seed(seed)
     model = cls(bert_config()).eval()
-    if sparsity is None:
-        sparsity = 0.5 if ":" in pattern else 0.9
-    recipe = SparseConfig(schedule="one-shot", start=0, sparsity=sparsity, pattern=pattern)
-    sparsify_(model, recipe).remove()
-    return model, recipe
+    return model, prune(model, pattern, sparsity)
 
 
 def int8_reference(model, names):

@@ -12,6 +12,8 @@ from transformers import AutoConfig, BertConfig, BertForSequenceClassification, 
 
 from hf_sparse import SparseCheckpoint, SparseConfig, save_sparse, sparsify_
 from hf_sparse.quantization import fake_quantize_activation
+from tests.tiny_models import bert_config as tiny_bert_config
+from tests.tiny_models import prune
 
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "movie", "film", "was", "is", "very", "not"]
@@ -20,26 +22,8 @@ WORDS += ["but"]
 
 
 def bert_config(**overrides) -> BertConfig:
-    """Awkward sizes on purpose: hidden 36 (a short last 4-block), intermediate 70."""
-    kwargs = {
-        "hidden_size": 36,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 70,
-        "vocab_size": len(WORDS) + 3,
-        "max_position_embeddings": 40,
-        "num_labels": 3,
-    }
-    return BertConfig(**{**kwargs, **overrides})
-
-
-def prune(model: nn.Module, pattern: str = "4-block", sparsity: float | None = None) -> SparseConfig:
-    """Prune `model` one-shot in place (0.9, or 1 - N/M for N:M); returns the recipe."""
-    if sparsity is None:
-        sparsity = 0.5 if ":" in pattern else 0.9
-    recipe = SparseConfig(schedule="one-shot", start=0, sparsity=sparsity, pattern=pattern)
-    sparsify_(model, recipe).remove()
-    return recipe
+    """The tiny awkward-sized BERT config of tests.tiny_models, with a vocabulary of WORDS."""
+    return tiny_bert_config(**{"vocab_size": len(WORDS) + 3, **overrides})
 
 
 def pruned_bert(pattern: str = "4-block", seed: int = 0, **config) -> tuple[nn.Module, SparseConfig]:
