@@ -70,6 +70,21 @@ class _StepTimer:
 
 
 class FromPretrainedRunner(TorchRunner):
+    def __init__(self, module, inputs, *, threads_backend: str | None = None, **info):
+        super().__init__(module, inputs, **info)
+        self.threads_backend = threads_backend
+
+    def time(self, iters: int) -> list[float]:
+        """As TorchRunner, on `threads_backend` ("openmp" or "pool") when one is set, restored afterwards."""
+        if self.threads_backend is None:
+            return super().time(iters)
+        previous = hf_sparse.ops.threads_backend()
+        hf_sparse.ops.set_threads_backend(self.threads_backend)
+        try:
+            return super().time(iters)
+        finally:
+            hf_sparse.ops.set_threads_backend(previous)
+
     def profile(self, iters: int = 10, warmup: int = 2) -> dict:
         """Where the time goes. Forward hooks would switch the fused encoder layers off (they run only when nothing
         watches their modules), so when they are in use their own step hook times their kernel calls instead;
@@ -111,11 +126,12 @@ def _uses_fused_layers(runner: TorchRunner) -> bool:
     return bool(calls)
 
 
-def _setup(ctx: EngineContext, batch: int, weight_dtype: str) -> Runner:
+def _setup(ctx: EngineContext, batch: int, weight_dtype: str, threads_backend: str | None = None) -> Runner:
     model = ctx.memo(
         f"hf_sparse_from_pretrained_{weight_dtype}", lambda: load_through_from_pretrained(ctx, weight_dtype)
     )
-    return FromPretrainedRunner(model, ctx.bench.inputs(batch), isa=hf_sparse.ops.isa())
+    info = {"isa": hf_sparse.ops.isa(), "threads": threads_backend or hf_sparse.ops.threads_backend()}
+    return FromPretrainedRunner(model, ctx.bench.inputs(batch), threads_backend=threads_backend, **info)
 
 
 @register_engine(
@@ -125,6 +141,16 @@ def _setup(ctx: EngineContext, batch: int, weight_dtype: str) -> Runner:
 )
 def _hf_sparse_int8(ctx: EngineContext, batch: int) -> Runner:
     return _setup(ctx, batch, "int8")
+
+
+@register_engine(
+    "hf_sparse_int8_pool",
+    precision="int8",
+    default=False,
+    help="hf_sparse_int8 with its kernels on hf_sparse's own thread pool (HF_SPARSE_THREADS=pool) while timed",
+)
+def _hf_sparse_int8_pool(ctx: EngineContext, batch: int) -> Runner:
+    return _setup(ctx, batch, "int8", threads_backend="pool")
 
 
 @register_engine(
