@@ -9,7 +9,8 @@ from hf_sparse import SparseConfig, sparsify_
 
 
 def bert_config(**overrides) -> BertConfig:
-    """Awkward sizes on purpose: hidden 36 (a short last 4-block and 2:4 group), intermediate 70."""
+    """Awkward sizes on purpose: intermediate 70 (the FFN output Linear reads 70 inputs: a short last 4-block and
+    2:4 group), hidden 36 with 2 heads of 18."""
     kwargs = {
         "hidden_size": 36,
         "num_hidden_layers": 2,

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -104,3 +105,36 @@ def test_fraction_needs_total_steps():
     assert cfg.resolve_step("end", 1000) == 500
     with pytest.raises(ValueError, match="total_steps"):
         cfg.resolve_step("end", None)
+
+
+@pytest.mark.parametrize("name", ["missing_recipe.yaml", "./configs/recipe.json", "runs/a/sparse_config.json"])
+def test_a_missing_local_recipe_is_named_not_looked_up_on_the_hub(name, monkeypatch):
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a local-looking name must not reach the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    with pytest.raises(FileNotFoundError, match=re.escape(repr(name)) + ".*does not exist"):
+        SparseConfig.from_pretrained(name)
+
+
+def test_a_hub_id_downloads_the_recipe_and_hub_failures_name_it(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cfg = SparseConfig(sparsity=0.75, pattern="4-block")
+    cfg.save_pretrained(tmp_path)
+    calls = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs))
+        if repo_id == "org/missing":
+            raise LocalEntryNotFoundError("offline")
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert SparseConfig.from_pretrained("org/recipe", revision="v1") == cfg
+    assert calls == [("org/recipe", "sparse_config.json", {"revision": "v1"})]
+    with pytest.raises(OSError, match="'org/missing' is neither a local file or folder nor a Hub repository"):
+        SparseConfig.from_pretrained("org/missing")

@@ -102,6 +102,24 @@ class ConfigMixin:
             if not candidate.is_file():
                 raise FileNotFoundError(f"No {cls.config_name} in folder {str(path)!r}")
             return cls.from_file(candidate)
+        name = str(name_or_path)
+        if path.suffix in (".json", ".yaml", ".yml") or isinstance(name_or_path, os.PathLike) or _looks_local(name):
+            raise FileNotFoundError(
+                f"{cls.__name__}.from_pretrained: {name!r} does not exist (it looks like a local file or folder, not "
+                "a Hub repository id 'org/name'); check the path"
+            )
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
-        return cls.from_file(hf_hub_download(str(name_or_path), cls.config_name, **hub_kwargs))
+        try:
+            return cls.from_file(hf_hub_download(name, cls.config_name, **hub_kwargs))
+        except (HFValidationError, LocalEntryNotFoundError, HfHubHTTPError) as e:
+            raise OSError(
+                f"{cls.__name__}.from_pretrained: {name!r} is neither a local file or folder nor a Hub repository "
+                f"whose {cls.config_name} could be downloaded ({type(e).__name__}: {e})"
+            ) from e
+
+
+def _looks_local(name: str) -> bool:
+    """A relative or absolute path rather than a Hub id 'org/name' (which has at most one '/' and no '.' start)."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
