@@ -8,8 +8,8 @@
 outputs returned split); `activation="gelu"` fuses BERT's exact GELU into the kernel; `fuse_ffn(first, second)`
 runs a whole FFN (Linear, activation, Linear) as one call; `attention(qkv, heads=...)` runs multi-head
 self-attention straight from the packed Q/K/V output (bf16 products, fp32 softmax) and `add_layernorm` a residual
-add + LayerNorm. docs/kernels.md has the numerics, the packed layouts, the dispatch rules, the threads and the
-environment variables.
+add + LayerNorm (`set_attention_precision("fp32")` / HF_SPARSE_ATTENTION=fp32 keeps models on float32 attention).
+docs/kernels.md has the numerics, the packed layouts, the dispatch rules, the threads and the environment variables.
 """
 
 from ._extension import (
@@ -24,7 +24,13 @@ from ._extension import (
     set_threads_backend,
     threads_backend,
 )
-from .attention import attention, attention_isa, attention_reference
+from .attention import (
+    attention,
+    attention_isa,
+    attention_precision,
+    attention_reference,
+    set_attention_precision,
+)
 from .fused_ffn import FusedFFN, fuse_ffn
 from .layernorm import add_layernorm, add_layernorm_reference
 from .layouts import ACTIVATIONS, LAYOUTS, MAX_IN_FEATURES, Layout, block4_density, get_handler
@@ -51,6 +57,7 @@ __all__ = [
     "add_layernorm_reference",
     "attention",
     "attention_isa",
+    "attention_precision",
     "attention_reference",
     "available_isas",
     "block4_density",
@@ -63,6 +70,7 @@ __all__ = [
     "pack_linear",
     "pack_linears",
     "quantize_activation",
+    "set_attention_precision",
     "set_isa",
     "set_num_threads",
     "set_spin_us",
