@@ -4,7 +4,9 @@ A fused layer computes what the layer's own forward on the kernels computes (the
 except the attention's bfloat16 rounding (docs/kernels.md, "Attention") and the LayerNorms' summation order:
 logits agree within ATTENTION_TOL of the largest logit with the module path, and within 1e-5 with the int8 reference
 whose attention computes the kernel's numerics (`kernel_reference`). Whenever an assumption of the fast path fails,
-the layer's own forward runs, and the output is then bit for bit the module path's.
+the layer's own forward runs, and the output is then bit for bit the module path's; HF_SPARSE_ATTENTION=fp32 (or
+`ops.set_attention_precision("fp32")`) is one such case, and its logits match the int8 reference with torch's
+float32 attention within 1e-5.
 """
 
 from __future__ import annotations
@@ -157,6 +159,54 @@ def test_fallbacks_name_their_reason(bert, monkeypatch):
         layer.intermediate.eval()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert _reason(layer, x).startswith("compiling")
+
+
+def _attention_calls() -> int:
+    return sum(ops.kernel_calls("attention").values())
+
+
+def test_fp32_attention_switch_runs_the_module_path(bert, monkeypatch):
+    model, folder = bert
+    layer, x = _layers(model)[0], torch.randn(2, 5, 36)
+    expected = logits(_unfused(model))
+    reference = logits(int8_reference(folder, BertForSequenceClassification))  # torch's fp32 SDPA
+    ops.set_attention_precision(None)
+    try:
+        for how in ("environment", "function"):
+            if how == "environment":
+                monkeypatch.setenv("HF_SPARSE_ATTENTION", "fp32")
+            else:
+                monkeypatch.setenv("HF_SPARSE_ATTENTION", "bf16")
+                ops.set_attention_precision("fp32")  # wins over the variable
+            assert ops.attention_precision() == "fp32"
+            assert _reason(layer, x).startswith("attention precision fp32"), how
+            calls = _attention_calls()
+            out = logits(model)
+            assert _attention_calls() == calls, f"{how}: the fused layer ran with fp32 attention"
+            assert torch.equal(out, expected), how  # the layers' own forward: the module path exactly
+            assert_close(out, reference, 1e-5, f"fp32 attention ({how}) vs the int8 reference")
+        ops.set_attention_precision(None)  # back to the variable, read at the next call
+        for value in ("bf16", " ", None):
+            if value is None:
+                monkeypatch.delenv("HF_SPARSE_ATTENTION")
+            else:
+                monkeypatch.setenv("HF_SPARSE_ATTENTION", value)
+            calls = _attention_calls()
+            assert_close(logits(model), expected, ATTENTION_TOL, f"HF_SPARSE_ATTENTION={value!r}")
+            assert _attention_calls() == calls + 2, f"HF_SPARSE_ATTENTION={value!r} must run the fused layers"
+    finally:
+        ops.set_attention_precision(None)
+
+
+def test_invalid_attention_precision_names_the_variable(bert, monkeypatch):
+    model, _ = bert
+    monkeypatch.setenv("HF_SPARSE_ATTENTION", "fp16")
+    with pytest.raises(ValueError, match=r"HF_SPARSE_ATTENTION='fp16' is not an attention precision: use 'bf16'"):
+        logits(model)
+    with pytest.raises(ValueError, match=r"set_attention_precision\(precision\)='float32'.*'fp32'"):
+        ops.set_attention_precision("float32")
+    monkeypatch.delenv("HF_SPARSE_ATTENTION")
+    assert ops.attention_precision() == "bf16"
 
 
 def test_training_mode_runs_the_module_path(bert):

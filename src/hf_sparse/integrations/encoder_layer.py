@@ -3,7 +3,8 @@
 `pack_model` replaces the `forward` of each eligible layer instance by a `FusedEncoderForward`, which runs
 `hf_sparse.nn.FusedEncoderLayer` (six kernel calls) when the fast path computes exactly what the layer's own forward
 would (up to the attention's bfloat16 rounding), and the class's forward otherwise. `why_not(...)` says which
-assumption failed; the tests go through every one of them.
+assumption failed; the tests go through every one of them. `HF_SPARSE_ATTENTION=fp32` (or
+`hf_sparse.ops.set_attention_precision("fp32")`) keeps every layer on its own forward: float32 attention.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from ..nn import FusedEncoderLayer, SparseLinear
-from ..ops import extension_available, fuse_ffn
+from ..ops import attention_precision, extension_available, fuse_ffn
 from .fusion_rules import EncoderLayerFusion, class_key
 
 
@@ -49,7 +50,8 @@ class FusedEncoderForward:
     """Stands in for `forward` on one encoder layer instance. Not a Module (it must not become a child);
     `dequantize_model` removes it, which brings the class's forward back.
 
-    The fast path runs when: not compiling; the input is a plain float32 CPU tensor (batch, seq, hidden) not
+    The fast path runs when: the attention precision is "bf16" (`hf_sparse.ops.attention_precision()`, read at
+    each call: `HF_SPARSE_ATTENTION` or `set_attention_precision`); not compiling; the input is a plain float32 CPU tensor (batch, seq, hidden) not
     requiring gradients; no cross-attention, cache or other extra argument is given (only `_IGNORED` keywords, or
     None / False values); the mask is None or a bool / float32 mask the kernel reads; the layer and everything in
     it are in eval mode; no forward hook is registered on anything inside the layer (transformers' own output
@@ -80,6 +82,8 @@ class FusedEncoderForward:
 
     def why_not(self, x, mask, args: tuple = (), kwargs: dict | None = None) -> str | None:
         """None when the fast path may run for this call, else the reason it may not."""
+        if attention_precision() != "bf16":
+            return "attention precision fp32 (HF_SPARSE_ATTENTION / set_attention_precision): the model's attention"
         if torch.compiler.is_compiling():
             return "compiling (the layer's own forward runs the kernels' torch ops)"
         if not (type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu and x.dim() == 3):

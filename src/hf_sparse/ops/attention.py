@@ -8,7 +8,9 @@ Reads Q, K and V straight from the packed Q/K/V output (or any three views with 
 context in the layout the attention-output Linear reads, (..., heads * head_dim) with head h in columns
 h * D .. h * D + D - 1: no head split or merge copies. Numerics (docs/kernels.md, "Attention"): Q, K, V and the
 softmax probabilities rounded to bfloat16 (round to nearest even), products exact, sums and the softmax in float32;
-`attention_reference` computes the same in pure torch.
+`attention_reference` computes the same in pure torch. The kernels have no float32 path: `HF_SPARSE_ATTENTION=fp32`
+(or `set_attention_precision("fp32")`) keeps the backend's models on their own float32 PyTorch attention instead of
+the fused encoder layers that call this op.
 
 Masks: None; a key mask (batch, seq); or a 4-D mask broadcastable to (batch, heads, seq, seq), as transformers
 builds them. bool masks keep the keys that are True; float masks are added to the scaled scores (transformers'
@@ -16,6 +18,8 @@ additive masks, finfo.min or -inf where masked). A query whose keys are all mask
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -204,10 +208,52 @@ def attention(qkv, *, heads: int, batch: int | None = None, mask=None, causal: b
     return out.reshape(*lead, width)
 
 
+#: environment variable read at every call of a fused encoder layer: "bf16" (default) or "fp32"
+ATTENTION_ENV = "HF_SPARSE_ATTENTION"
+ATTENTION_PRECISIONS = ("bf16", "fp32")
+_precision: str | None = None  # set_attention_precision's choice; None: the environment variable's
+
+
+def _check_precision(value, where: str) -> str:
+    if value not in ATTENTION_PRECISIONS:
+        raise ValueError(
+            f"{where}={value!r} is not an attention precision: use 'bf16' (the default: fused encoder layers, "
+            "Q/K/V and the probabilities rounded to bfloat16) or 'fp32' (the model's own float32 PyTorch attention)"
+        )
+    return value
+
+
+def set_attention_precision(precision: str | None) -> None:
+    """Attention numerics of the backend's models, for the whole process: "bf16" runs eligible encoder layers fused
+    (`hf_sparse.ops.attention`: bfloat16 Q/K/V and probabilities), "fp32" runs them through their own forward (the
+    Linears still on the kernels, the attention in the model's float32 PyTorch attention); None goes back to the
+    `HF_SPARSE_ATTENTION` environment variable (default "bf16"). Takes effect at the next forward."""
+    global _precision
+    _precision = None if precision is None else _check_precision(precision, "set_attention_precision(precision)")
+
+
+def attention_precision() -> str:
+    """The attention precision in force: `set_attention_precision`'s, else `HF_SPARSE_ATTENTION` read now (unset or
+    empty: "bf16"). An invalid value of the variable raises a ValueError naming it."""
+    if _precision is not None:
+        return _precision
+    value = os.environ.get(ATTENTION_ENV, "").strip()
+    return _check_precision(value, ATTENTION_ENV) if value else "bf16"
+
+
 def attention_isa() -> str:
     """The attention (and LayerNorm) kernels in use: "avx512_bf16" (AVX512-BF16, with the avx512_vnni level),
     "avx2" (fp32 FMA on the same bf16-rounded values), "scalar", or "reference" (pure torch)."""
     return ext._C.attention_isa() if ext._C is not None else "reference"
 
 
-__all__ = ["EXP_MIN", "attention", "attention_isa", "attention_reference"]
+__all__ = [
+    "ATTENTION_ENV",
+    "ATTENTION_PRECISIONS",
+    "EXP_MIN",
+    "attention",
+    "attention_isa",
+    "attention_precision",
+    "attention_reference",
+    "set_attention_precision",
+]
