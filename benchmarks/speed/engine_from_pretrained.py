@@ -6,9 +6,13 @@
 
 Engine "hf_sparse_int8": the pruned model is written with `hf_sparse.save_sparse(..., weight_dtype="int8")` to a
 temporary folder and loaded with `AutoModelForSequenceClassification.from_pretrained`, exactly as a user would
-(`import hf_sparse` registers the backend): sparse Linears on the int8 kernels with Q/K/V packed together and the
-FFN's GELU fused, everything else plain PyTorch. "hf_sparse_fp32" does the same with float32 weights (the sparse
-fp32 kernel). Embeddings, pooler and classifier stay float32, as in the other engines.
+(`import hf_sparse` registers the backend): every encoder layer runs fused, as six kernel calls (Q/K/V packed
+together, bf16 attention, attention output, residual add + LayerNorm, the fused FFN, residual add + LayerNorm;
+docs/kernels.md, "Attention"); embeddings, pooler and classifier stay float32 PyTorch, as in the other engines.
+"hf_sparse_fp32" loads float32 weights (the sparse fp32 kernel). Off by default, the same loaded int8 model with one
+setting switched while it runs: "hf_sparse_int8_pool" (kernel threads from hf_sparse's pool) and
+"hf_sparse_int8_fp32attn" (`set_attention_precision("fp32")`: the layers' own forward, attention and LayerNorms in
+PyTorch float32, as DeepSparse computes attention).
 """
 
 from __future__ import annotations
@@ -70,9 +74,19 @@ class _StepTimer:
 
 
 class FromPretrainedRunner(TorchRunner):
-    def __init__(self, module, inputs, *, threads_backend: str | None = None, **info):
+    def __init__(self, module, inputs, *, threads_backend: str | None = None, attention: str | None = None, **info):
         super().__init__(module, inputs, **info)
-        self.threads_backend = threads_backend
+        self.threads_backend, self.attention = threads_backend, attention
+
+    def run(self):
+        """As TorchRunner, with `attention` ("bf16" or "fp32") as the attention precision when one is set."""
+        if self.attention is None:
+            return super().run()
+        previous = hf_sparse.ops.set_attention_precision(self.attention)
+        try:
+            return super().run()
+        finally:
+            hf_sparse.ops.set_attention_precision(previous)
 
     def time(self, iters: int) -> list[float]:
         """As TorchRunner, on `threads_backend` ("openmp" or "pool") when one is set, restored afterwards."""
@@ -126,12 +140,20 @@ def _uses_fused_layers(runner: TorchRunner) -> bool:
     return bool(calls)
 
 
-def _setup(ctx: EngineContext, batch: int, weight_dtype: str, threads_backend: str | None = None) -> Runner:
+def _setup(
+    ctx: EngineContext, batch: int, weight_dtype: str, threads_backend: str | None = None, attention: str | None = None
+) -> Runner:
     model = ctx.memo(
         f"hf_sparse_from_pretrained_{weight_dtype}", lambda: load_through_from_pretrained(ctx, weight_dtype)
     )
-    info = {"isa": hf_sparse.ops.isa(), "threads": threads_backend or hf_sparse.ops.threads_backend()}
-    return FromPretrainedRunner(model, ctx.bench.inputs(batch), threads_backend=threads_backend, **info)
+    info = {
+        "isa": hf_sparse.ops.isa(),
+        "threads": threads_backend or hf_sparse.ops.threads_backend(),
+        "attention_precision": attention or hf_sparse.ops.attention_precision(),
+    }
+    return FromPretrainedRunner(
+        model, ctx.bench.inputs(batch), threads_backend=threads_backend, attention=attention, **info
+    )
 
 
 @register_engine(
@@ -151,6 +173,17 @@ def _hf_sparse_int8(ctx: EngineContext, batch: int) -> Runner:
 )
 def _hf_sparse_int8_pool(ctx: EngineContext, batch: int) -> Runner:
     return _setup(ctx, batch, "int8", threads_backend="pool")
+
+
+@register_engine(
+    "hf_sparse_int8_fp32attn",
+    precision="int8",
+    default=False,
+    help="hf_sparse_int8 with float32 attention (HF_SPARSE_ATTENTION=fp32: the layers' own PyTorch attention and "
+    "LayerNorms, Linears on the kernels), as DeepSparse computes attention",
+)
+def _hf_sparse_int8_fp32attn(ctx: EngineContext, batch: int) -> Runner:
+    return _setup(ctx, batch, "int8", attention="fp32")
 
 
 @register_engine(

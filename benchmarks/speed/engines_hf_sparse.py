@@ -1,10 +1,10 @@
-"""hf_sparse's own CPU kernels (`hf_sparse.ops`) in the pruned BERT, as benchmark engines.
+"""hf_sparse's own CPU kernels (`hf_sparse.ops`) in the pruned BERT, swapped in by hand, as benchmark engines.
 
-Until the transformers backend loads hf_sparse checkpoints through `from_pretrained`, these engines put the kernels
-in the model themselves: every pruned encoder Linear is packed once with `hf_sparse.ops.pack_linear` (layout chosen
-from its zeros) and called through a small module; the FFN's first Linear gets BERT's exact GELU fused into its
-epilogue. Pooler and classifier stay torch Linears (they are not pruned). When the backend lands, register an
-engine that loads through it the same way (see engines.py).
+These engines put the kernels in the model themselves: every pruned encoder Linear is packed once with
+`hf_sparse.ops.pack_linear` (layout chosen from its zeros) and called through a small module; the FFN's first Linear
+gets BERT's exact GELU fused into its epilogue. Attention, LayerNorms, pooler and classifier stay PyTorch. They
+measure the Linear kernels alone; what a user gets (`save_sparse` + `from_pretrained`: Q/K/V siblings, the fused
+FFN and whole encoder layers on the kernels) is engine_from_pretrained.py's `hf_sparse_int8`.
 """
 
 from __future__ import annotations

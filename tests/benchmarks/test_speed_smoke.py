@@ -106,20 +106,27 @@ def test_torch_engines_agree_and_profile_adds_up(tmp_path):
 
 @pytest.mark.skipif(not _has_kernels(), reason="the hf_sparse C++ extension is not built")
 def test_from_pretrained_engine_profiles_its_fused_layers(tmp_path):
-    # forward hooks would switch the fused encoder layers off: the engine times their kernel calls itself
+    # forward hooks would switch the fused encoder layers off: the engine times their kernel calls itself;
+    # hf_sparse_int8_fp32attn runs the same model without them (fp32 attention), profiled by forward hooks
+    engines = ["hf_sparse_int8", "hf_sparse_int8_fp32attn"]
     out = _run(
-        ["--extra-engines", str(SPEED / "engine_from_pretrained.py"), "--engines", "torch_eager", "hf_sparse_int8",
+        ["--extra-engines", str(SPEED / "engine_from_pretrained.py"), "--engines", "torch_eager", *engines,
          "--rounds", "1", "--sparsity", "0.9", "--batch", "2", "--pattern", "4-block", "--round-seconds", "0.05",
          "--profile", "--profile-iters", "2"],
         tmp_path,
     )  # fmt: skip
     rows = {r["engine"]: r for r in out["rows"]}
-    assert not rows["hf_sparse_int8"]["error"] and rows["hf_sparse_int8"]["label_agreement"] == 1.0
-    assert 0 < rows["hf_sparse_int8"]["max_abs_diff"] < 0.05
-    p = {p["engine"]: p for p in out["profiles"]}["hf_sparse_int8"]
-    assert p["note"].startswith("fused encoder layers")
-    assert p["linear_ms"] > 0 and p["attention_ms"] > 0 and p["other_ms"] > 0
-    assert p["total_ms"] == pytest.approx(p["linear_ms"] + p["attention_ms"] + p["other_ms"])
+    profiles = {p["engine"]: p for p in out["profiles"]}
+    for name in engines:
+        assert not rows[name]["error"] and rows[name]["label_agreement"] == 1.0, name
+        assert 0 < rows[name]["max_abs_diff"] < 0.05, name
+        p = profiles[name]
+        assert p["linear_ms"] > 0 and p["attention_ms"] > 0 and p["other_ms"] > 0, name
+        assert p["total_ms"] == pytest.approx(p["linear_ms"] + p["attention_ms"] + p["other_ms"])
+    assert profiles["hf_sparse_int8"]["note"].startswith("fused encoder layers")
+    # fp32 attention: the layers' own forward ran, so hooks saw both self-attention modules
+    assert "note" not in profiles["hf_sparse_int8_fp32attn"]
+    assert profiles["hf_sparse_int8_fp32attn"]["modules"]["attention"] == 2
 
 
 @pytest.fixture

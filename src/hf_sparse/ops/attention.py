@@ -223,13 +223,16 @@ def _check_precision(value, where: str) -> str:
     return value
 
 
-def set_attention_precision(precision: str | None) -> None:
+def set_attention_precision(precision: str | None) -> str | None:
     """Attention numerics of the backend's models, for the whole process: "bf16" runs eligible encoder layers fused
     (`hf_sparse.ops.attention`: bfloat16 Q/K/V and probabilities), "fp32" runs them through their own forward (the
     Linears still on the kernels, the attention in the model's float32 PyTorch attention); None goes back to the
-    `HF_SPARSE_ATTENTION` environment variable (default "bf16"). Takes effect at the next forward."""
+    `HF_SPARSE_ATTENTION` environment variable (default "bf16"). Takes effect at the next forward. Returns the
+    previous setting (None where the variable was in force), to restore it with."""
     global _precision
+    previous = _precision
     _precision = None if precision is None else _check_precision(precision, "set_attention_precision(precision)")
+    return previous
 
 
 def attention_precision() -> str:
