@@ -272,3 +272,14 @@ def test_memory_budget_is_checked_before_anything_is_allocated(tiny_bert):
     )
     with pytest.raises(ValueError, match=r"above method_args.max_memory_gb=0.0001.*block_size"):
         sparsify_(tiny_bert, config, dataloader=Untouchable())
+
+
+@pytest.mark.parametrize("dtype, nbytes", [("float32", 4), ("float64", 8)])
+def test_memory_estimate_counts_the_inverse_and_buffers_in_their_dtype(tiny_bert, dtype, nbytes):
+    args = {"block_size": 20, "fisher_chunk": 3, "dtype": dtype}
+    config = SparseConfig(method="obert", sparsity=0.5, schedule="one-shot", start=5, method_args=args)
+    sparsifier = sparsify_(tiny_bert, config, dataloader=[{}])  # starts at step 5: nothing is read here
+    numels = [m.weight.numel() for m in sparsifier.targets.values()]
+    blocks = sum(-(-n // 20) for n in numels)  # each tensor padded to whole blocks
+    assert sparsifier.method.memory_estimate() == (blocks * 20 * 20 * nbytes, blocks * 20 * 3 * nbytes)
+    sparsifier.remove()

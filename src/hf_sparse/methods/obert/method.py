@@ -78,7 +78,9 @@ class OBertPruning(PruningMethod):
         """Bytes of the Fisher inverse and of the gradient buffers (all processes' gradients of one chunk)."""
         inverse = sum(inverse_bytes(lay.num_blocks, self.block, self.dtype) for lay in self.layouts.values())
         world = _dist_info()[1]
-        per_grad = sum(lay.num_blocks * self.block * 4 for lay in self.layouts.values())
+        per_grad = (
+            sum(lay.num_blocks * self.block for lay in self.layouts.values()) * torch.finfo(self.dtype).bits // 8
+        )
         return inverse, per_grad * self.args.fisher_chunk * world
 
     def detach(self) -> None:
