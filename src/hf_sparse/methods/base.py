@@ -42,7 +42,8 @@ class PruningMethod:
 
     name: ClassVar[str]
     args_class: ClassVar[type] = NoArgs
-    #: zero the gradients of pruned weights during backward (movement pruning needs them, so it turns this off)
+    #: zero the gradients of pruned weights during backward (movement turns this off: its scores read them, then it
+    #: zeroes them itself before the optimizer step)
     mask_gradients: ClassVar[bool] = True
 
     def __init__(self, sparsifier: Sparsifier, args: Any):
