@@ -3,6 +3,7 @@
     python benchmarks/speed/bench_speed.py --extra-engines benchmarks/speed/engine_from_pretrained.py \
         --engines torch_eager deepsparse_int8 hf_sparse_int8 --sparsity 0.9 --pattern 4-block --batch 1 16
     python benchmarks/speed/engine_from_pretrained.py      # per-call overheads and where a forward's time goes
+    python benchmarks/speed/engine_from_pretrained.py --attention-error     # bf16 vs fp32 attention, BERT-base
 
 Engine "hf_sparse_int8": the pruned model is written with `hf_sparse.save_sparse(..., weight_dtype="int8")` to a
 temporary folder and loaded with `AutoModelForSequenceClassification.from_pretrained`, exactly as a user would
@@ -327,6 +328,62 @@ def _bert_base_split(sparsity: float, pattern: str) -> None:
               f"| {swap / total:.2f}x |")  # fmt: skip
 
 
+def _attention_error(sparsity: float, pattern: str) -> None:
+    """bf16 attention (the fused layers' numerics) against float32 attention, on BERT-base shapes: the op alone on
+    random Q/K/V at three score spreads, then the logits of the from_pretrained model with and without fp32
+    attention. Errors are max |difference| over max |float64 result|; torch's own fp32 SDPA is given for scale."""
+    import torch.nn.functional as F
+    from models import build_model
+
+    batch, seq, heads, d = 8, 128, 12, 64
+    print(f"\nAttention op, batch {batch}, seq {seq}, {heads} heads x {d} (BERT-base), random Q/K/V ~ N(0, 1);")
+    print("error of the context (max |diff| / max |context|) against float64 attention:")
+    print("| score std | hf_sparse.ops.attention (bf16 Q/K/V/P) | torch SDPA float32 | mean abs, bf16 |")
+    print("|---|---|---|---|")
+    gen = torch.Generator().manual_seed(0)
+    for spread in (1.0, 3.0, 8.0):  # std of q . k * d^-0.5; trained models reach the peaky end
+        q, k, v = (torch.randn(batch * seq, heads * d, generator=gen) for _ in range(3))
+        q = q * spread
+        ours = hf_sparse.ops.attention((q, k, v), heads=heads, batch=batch)
+
+        def split(t, dtype):
+            return t.reshape(batch, seq, heads, d).transpose(1, 2).to(dtype)
+
+        exact = F.scaled_dot_product_attention(*(split(t, torch.float64) for t in (q, k, v)))
+        exact = exact.transpose(1, 2).reshape(batch * seq, heads * d)
+        sdpa = F.scaled_dot_product_attention(*(split(t, torch.float32) for t in (q, k, v)))
+        sdpa = sdpa.transpose(1, 2).reshape(batch * seq, heads * d)
+        top = float(exact.abs().max())
+        err = (ours.double() - exact).abs()
+        print(f"| {spread:g} | {float(err.max()) / top:.2e} | {float((sdpa.double() - exact).abs().max()) / top:.2e} "
+              f"| {float(err.mean()) / top:.2e} |")  # fmt: skip
+
+    class _Ctx:  # the little of EngineContext that load_through_from_pretrained uses
+        def __init__(self, bench):
+            self.bench, self.log = bench, print
+
+    bench = build_model("base", sparsity, pattern)
+    model = load_through_from_pretrained(_Ctx(bench), "int8")
+    print(f"\nBERT-base {sparsity:.0%} {pattern} int8 (from_pretrained, random weights), seq {bench.seq_len}: logits "
+          "with bf16 attention (fused layers) vs HF_SPARSE_ATTENTION=fp32, and each vs torch_eager fp32;")  # fmt: skip
+    print("differences as max |diff| / max |fp32-attention logit|:")
+    print("| batch | bf16 vs fp32 attention | fp32 attention vs torch_eager | bf16 attention vs torch_eager |")
+    print("|---|---|---|---|")
+    for b in (1, 16):
+        inputs = bench.inputs(b)
+        with torch.inference_mode():
+            fused = model(**inputs).logits
+            previous = hf_sparse.ops.set_attention_precision("fp32")
+            try:
+                plain = model(**inputs).logits
+            finally:
+                hf_sparse.ops.set_attention_precision(previous)
+            eager = bench.model(**inputs).logits
+        top = float(plain.abs().max())
+        diffs = [float((a - c).abs().max()) / top for a, c in ((fused, plain), (plain, eager), (fused, eager))]
+        print(f"| {b} | " + " | ".join(f"{x:.2e}" for x in diffs) + " |")
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -334,9 +391,18 @@ if __name__ == "__main__":
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--pattern", default="4-block")
     parser.add_argument("--skip-bert", action="store_true", help="skip the BERT-base table (the rest takes seconds)")
+    parser.add_argument(
+        "--attention-error",
+        action="store_true",
+        help="only measure the bf16 attention's error against fp32 attention on BERT-base shapes (~1 min)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"isa {hf_sparse.ops.isa()}, torch {torch.__version__}, hf_sparse {hf_sparse.__version__}")
+    if args.attention_error:
+        print(f"attention kernel {hf_sparse.ops.attention_isa()}")
+        _attention_error(args.sparsity, args.pattern)
+        raise SystemExit(0)
     _per_call_overheads()
     _fixed_cost()
     if not args.skip_bert:
