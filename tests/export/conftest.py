@@ -41,3 +41,12 @@ def rewrite_weights(path, edit) -> None:
     edit(tensors)
     metadata[CHECKSUMS_KEY] = json.dumps({k: tensor_sha256(t) for k, t in tensors.items()})
     save_file(tensors, str(path), metadata=metadata)
+
+
+def flip_byte(path, key: str, offset: int = 0) -> None:
+    """Corrupt one byte of tensor `key`'s data in the safetensors file `path`, leaving header and checksums alone."""
+    data = bytearray(path.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    begin, _ = json.loads(data[8 : 8 + header_size])[key]["data_offsets"]
+    data[8 + header_size + begin + offset] ^= 0x01
+    path.write_bytes(bytes(data))

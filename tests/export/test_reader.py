@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from hf_sparse.export import CheckpointError, SparseCheckpoint, save_sparse
+from hf_sparse.export.bits import pack_uints, unpack_uints
+from hf_sparse.export.save import CHECKSUMS_KEY
 from tests.export.conftest import pruned_bert, rewrite_weights
 
 
@@ -16,12 +18,16 @@ QUERY = "bert.encoder.layer.0.attention.self.query"
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """One int8 4-block checkpoint and one fp32 2:4 checkpoint, copied fresh for each test."""
+    """An int8 4-block checkpoint, fp32 2:4 and 2:6 checkpoints, and a sharded 4-block one, copied fresh for each
+    test. M=6 needs 3-bit indices, whose codes 6 and 7 are positions out of range."""
     root = tmp_path_factory.mktemp("saved")
     model, recipe = pruned_bert("4-block")
     save_sparse(model, root / "block4", recipe, weight_dtype="int8")
+    save_sparse(model, root / "sharded", recipe, max_shard_size=10_000)
     model, recipe = pruned_bert("2:4")
     save_sparse(model, root / "nm", recipe)
+    model, recipe = pruned_bert("2:6", sparsity=1 - 2 / 6)
+    save_sparse(model, root / "nm6", recipe)
     return root
 
 
@@ -136,7 +142,7 @@ def test_tensor_added_without_checksum(ckpt):
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     tensors["extra"] = torch.zeros(3)
     save_file(tensors, str(path), metadata=metadata)
-    expect_error(folder, "does not list exactly the file's tensors")
+    expect_error(folder, "metadata does not list the file's tensor 'extra'; the file was altered")
 
 
 def test_wrong_shape(ckpt):
@@ -160,7 +166,7 @@ def test_counts_that_do_not_add_up(ckpt):
     expect_error(folder, f"tensor '{QUERY}.compressed' has shape")
 
 
-def test_index_out_of_range(ckpt):
+def test_repeated_nm_positions(ckpt):
     folder = ckpt("nm")
 
     def scramble(t):
@@ -168,6 +174,26 @@ def test_index_out_of_range(ckpt):
 
     rewrite_weights(folder / "model.safetensors", scramble)
     expect_error(folder, f"tensor '{QUERY}.nm_indices' repeats a position or is out of order")
+
+
+def set_nm_index(t, name=QUERY, row=0, slot=1, value=6, m=6, n=2):
+    """Overwrite one packed 3-bit position of a 2:6 module (6 and 7 are valid codes but no position in a group)."""
+    packed = t[f"{name}.nm_indices"]
+    cols = int(t[f"{name}.shape"][1])
+    k = -(-cols // m) * n
+    slots = unpack_uints(packed, k, 3)
+    slots[row, slot] = value
+    t[f"{name}.nm_indices"] = pack_uints(slots, 3)
+
+
+def test_nm_index_out_of_range(ckpt):
+    folder = ckpt("nm6")
+    SparseCheckpoint(folder).validate()
+    rewrite_weights(folder / "model.safetensors", set_nm_index)  # group 0 of row 0 keeps positions (p, 6)
+    expect_error(folder, rf"tensor '{QUERY}.nm_indices' holds a position >= M=6: index out of range")
+    model, _ = pruned_bert("2:6", sparsity=1 - 2 / 6)
+    with pytest.raises(CheckpointError, match="index out of range"):
+        SparseCheckpoint(folder).load_into(model)
 
 
 def test_bad_scale(ckpt):
@@ -207,3 +233,61 @@ def test_inconsistent_index(tmp_path):
     index["weight_map"][key] = "../elsewhere.safetensors"
     index_path.write_text(json.dumps(index))
     expect_error(folder, "not a file in the folder")
+
+
+def shard_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def test_shards_list_their_own_checksums(ckpt):
+    folder = ckpt("sharded")
+    files = sorted(folder.glob("model-*.safetensors"))
+    assert len(files) > 1
+    for path in files:
+        metadata, tensors = shard_metadata(path)
+        assert sorted(json.loads(metadata[CHECKSUMS_KEY])) == sorted(tensors)
+    SparseCheckpoint(folder).validate()
+
+
+def test_shard_checksum_lists_may_cover_the_whole_checkpoint_but_must_agree(ckpt):
+    """transformers' save_pretrained writes one metadata dict into every shard: each shard then lists all the
+    checkpoint's tensors. That is accepted; lists naming a tensor no file holds, or disagreeing, are not."""
+    from safetensors.torch import save_file
+
+    folder = ckpt("sharded")
+    files = sorted(folder.glob("model-*.safetensors"))
+    everything = {}
+    for path in files:
+        everything.update(json.loads(shard_metadata(path)[0][CHECKSUMS_KEY]))
+
+    def relist(path, checksums):
+        metadata, tensors = shard_metadata(path)
+        metadata[CHECKSUMS_KEY] = json.dumps(checksums)
+        save_file(tensors, str(path), metadata=metadata)
+
+    for path in files:
+        relist(path, everything)
+    checkpoint = SparseCheckpoint(folder)
+    checkpoint.validate()
+    key = sorted(everything)[0]
+    assert checkpoint.checksum(key) == everything[key]
+
+    relist(files[0], {**everything, "bert.ghost.weight": everything[key]})
+    expect_error(folder, r"lists tensor 'bert\.ghost\.weight', which no weight file holds: a shard is missing")
+
+    other = next(k for k in everything if checkpoint.keys[k] != files[0].name)  # a tensor of another shard
+    relist(files[0], {**everything, other: "0" * 64})
+    expect_error(folder, f"disagree on tensor '{other}': the files come from different saves, or one was altered")
+
+
+def test_a_tampered_shard_fails_its_checksum(ckpt):
+    from tests.export.conftest import flip_byte
+
+    folder = ckpt("sharded")
+    checkpoint = SparseCheckpoint(folder)
+    key = f"{QUERY}.compressed"
+    flip_byte(folder / checkpoint.keys[key], key)
+    expect_error(folder, f"tensor '{key}' in '{checkpoint.keys[key]}' does not match its checksum")

@@ -17,7 +17,9 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from hf_sparse.export import CheckpointError
 from hf_sparse.integrations.quantizer import HfSparseConfig, require_registered
 from hf_sparse.nn import SparseLinear
-from tests.export.conftest import rewrite_weights
+from tests.export.conftest import flip_byte, rewrite_weights
+from tests.export.conftest import pruned_bert as pruned_bert_with_sparsity
+from tests.export.test_reader import set_nm_index
 from tests.integrations.backend_support import pruned_bert, save
 
 
@@ -88,6 +90,43 @@ def test_corrupted_values_fail_their_checksum(folder):
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(CheckpointError, match=f"tensor '{OUT}.compressed' does not match its checksum"):
         load(folder)
+
+
+def test_a_tampered_bias_of_a_converted_module_fails_its_checksum(folder):
+    flip_byte(folder / "model.safetensors", f"{OUT}.bias", offset=5)  # a value changes; no format check sees it
+    with pytest.raises(CheckpointError, match=rf"tensor '{OUT}\.bias' in 'model\.safetensors' does not match its"):
+        load(folder)
+
+
+def test_an_nm_index_out_of_range_is_refused(tmp_path):
+    model, recipe = pruned_bert_with_sparsity("2:6", sparsity=1 - 2 / 6)  # 3-bit positions: 6 and 7 are no position
+    folder = save(model, tmp_path / "nm6", recipe)
+    query = "bert.encoder.layer.0.attention.self.query"
+    rewrite_weights(folder / "model.safetensors", lambda t: set_nm_index(t, query))
+    with pytest.raises(CheckpointError, match=rf"tensor '{query}\.nm_indices' holds a position >= M=6: index out"):
+        load(folder)
+
+
+INPUT = torch.tensor([[2, 17, 5, 9, 3, 0], [2, 5, 6, 7, 8, 3]])
+
+
+def test_a_sharded_save_pretrained_loads_again(pristine, tmp_path):
+    """save_pretrained writes the same metadata (the whole checksum list) into every shard; the reader accepts it,
+    and still catches a tampered shard."""
+    model = load(pristine)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    reloaded = load(tmp_path / "sharded")
+    assert isinstance(reloaded.bert.encoder.layer[0].output.dense, SparseLinear)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=INPUT).logits, model(input_ids=INPUT).logits)
+
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]
+    key = f"{OUT}.compressed"
+    flip_byte(tmp_path / "sharded" / index[key], key, offset=3)
+    with pytest.raises(CheckpointError, match=rf"tensor '{OUT}\.compressed' does not match its checksum"):
+        load(tmp_path / "sharded")
 
 
 def test_an_edited_config_is_refused(folder):

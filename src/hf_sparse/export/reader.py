@@ -116,6 +116,7 @@ class SparseCheckpoint:
                     f"{WEIGHTS_INDEX_NAME} does not match the weight files: tensor {diff[0]!r} ({diff[1]!r}); the "
                     "folder mixes files from different saves"
                 )
+        self._check_checksum_lists()
         self._check_structure()
 
     # ---- opening ------------------------------------------------------------------------------------------------
@@ -157,12 +158,49 @@ class SparseCheckpoint:
             checksums = json.loads(metadata.get(CHECKSUMS_KEY, "null"))
         except json.JSONDecodeError:
             checksums = None
-        if not isinstance(checksums, dict) or set(checksums) != set(header):
+        if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
             raise CheckpointError(
-                f"{where!r}: the {CHECKSUMS_KEY!r} metadata does not list exactly the file's tensors; the file was "
-                "altered after save_sparse wrote it"
+                f"{where!r}: its {CHECKSUMS_KEY!r} metadata is missing or is not a JSON object of sha256 strings; "
+                "the file was altered after hf_sparse wrote it"
+            )
+        unlisted = sorted(set(header) - set(checksums))
+        if unlisted:
+            raise CheckpointError(
+                f"{where!r}: the {CHECKSUMS_KEY!r} metadata does not list the file's tensor {unlisted[0]!r}; the file "
+                "was altered after hf_sparse wrote it"
             )
         self._checksums[filename] = checksums
+
+    def _check_checksum_lists(self) -> None:
+        """save_sparse lists exactly each file's tensors; transformers' save_pretrained writes one metadata dict, so
+        its shards each list the whole checkpoint. Either way all lists together must name exactly the tensors
+        the files hold, and agree wherever they overlap."""
+        seen: dict[str, tuple[str, str]] = {}  # tensor -> (checksum, file listing it)
+        for filename in self.files:
+            for key, checksum in self._checksums[filename].items():
+                if key not in self.keys:
+                    raise CheckpointError(
+                        f"{str(self.path / filename)!r}: its {CHECKSUMS_KEY!r} metadata lists tensor {key!r}, which "
+                        "no weight file holds: a shard is missing or the files come from different saves"
+                    )
+                if key in seen and seen[key][0] != checksum:
+                    raise CheckpointError(
+                        f"the {CHECKSUMS_KEY!r} metadata of {seen[key][1]!r} and {filename!r} disagree on tensor "
+                        f"{key!r}: the files come from different saves, or one was altered"
+                    )
+                seen.setdefault(key, (checksum, filename))
+
+    def checksum(self, key: str) -> str:
+        """The sha256 stored for tensor `key` by the file holding it."""
+        return self._checksums[self.keys[key]][key]
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors as stored, each checked against its checksum (when `verify_checksums`)."""
+        missing = [k for k in keys if k not in self.keys]
+        if missing:
+            raise CheckpointError(f"{str(self.path)!r} has no tensor {missing[0]!r}")
+        with self._open() as get:
+            return {k: get(k) for k in keys}
 
     def _check_structure(self) -> None:
         """Every converted module has exactly its format's tensors (and maybe a bias); nothing else uses its name."""
@@ -191,10 +229,12 @@ class SparseCheckpoint:
         from safetensors import safe_open
 
         with contextlib.ExitStack() as stack:
-            handles = {f: stack.enter_context(safe_open(str(self.path / f), "pt")) for f in self.files}
+            handles: dict = {}
 
             def get(key: str) -> torch.Tensor:
                 filename = self.keys[key]
+                if filename not in handles:  # opened on first use: a single read touches one file
+                    handles[filename] = stack.enter_context(safe_open(str(self.path / filename), "pt"))
                 t = handles[filename].get_tensor(key)
                 if self.verify_checksums and tensor_sha256(t) != self._checksums[filename][key]:
                     raise CheckpointError(

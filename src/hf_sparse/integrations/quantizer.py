@@ -76,17 +76,6 @@ class SparseDeserialize(ConversionOps):
         return _Identity()
 
 
-def _checksums(files: list[str]) -> dict[str, str]:
-    """{tensor name: sha256} from the weight files' metadata (already checked by SparseCheckpoint)."""
-    from safetensors import safe_open
-
-    out = {}
-    for file in files:
-        with safe_open(file, "pt") as f:
-            out.update(json.loads((f.metadata() or {})[CHECKSUMS_KEY]))
-    return out
-
-
 class HfSparseQuantizer(HfQuantizer):
     """Loads hf_sparse checkpoints (written by `save_sparse`) onto hf_sparse's CPU kernels. Inference only."""
 
@@ -104,7 +93,7 @@ class HfSparseQuantizer(HfQuantizer):
             )
         super().__init__(quantization_config, **kwargs)
         self.modules: dict[str, str] = {}  # model module name -> checkpoint module name
-        self.checksums: dict[str, str] | None = None
+        self.checkpoint: SparseCheckpoint | None = None  # the folder's files, checked; holds the checksums
         self.loaded: set[str] = set()
         self.errors: list[CheckpointError] = []
 
@@ -137,9 +126,9 @@ class HfSparseQuantizer(HfQuantizer):
         if files and files[0].endswith(".safetensors"):
             folder = Path(files[0]).parent
             if Path(files[0]).name == WEIGHTS_NAME or (folder / WEIGHTS_INDEX_NAME).is_file():
-                SparseCheckpoint(folder)  # config block, files, headers, metadata, checksum lists, tensor sets
-                self.checksums = _checksums(files)
-        if self.checksums is None:
+                # config block, files, headers, metadata, checksum lists, tensor sets
+                self.checkpoint = SparseCheckpoint(folder)
+        if self.checkpoint is None:
             logger.info("hf_sparse: no checkpoint folder to check; each module is still checked as it loads")
         self.modules = replace_modules(model, self.sparse)
 
@@ -174,10 +163,10 @@ class HfSparseQuantizer(HfQuantizer):
 
     def _decode(self, module_name: str, ckpt_name: str, module, tensors: dict) -> dict[str, torch.Tensor]:
         entry = self.sparse.modules[ckpt_name]
-        if self.checksums is not None:
+        if self.checkpoint is not None:
             for suffix, t in tensors.items():
                 key = f"{ckpt_name}.{suffix}"
-                if tensor_sha256(t) != self.checksums.get(key):
+                if key not in self.checkpoint.keys or tensor_sha256(t) != self.checkpoint.checksum(key):
                     raise CheckpointError(
                         f"tensor {key!r} does not match its checksum: the file is corrupt; re-download or re-save it"
                     )
@@ -205,6 +194,7 @@ class HfSparseQuantizer(HfQuantizer):
                     f"the checkpoint has no tensors for module {ckpt_name!r}, which its quantization_config stores "
                     f"as {entry.format} / {entry.dtype}"
                 )
+        self._check_biases(model)
         counts = pack_model(model)
         self._rename_to_model()
         logger.info(
@@ -213,6 +203,20 @@ class HfSparseQuantizer(HfQuantizer):
             counts,
         )
         return model
+
+    def _check_biases(self, model) -> None:
+        """The biases of converted modules load through transformers like any plain tensor, so check them here:
+        each against its checksum in the file, and the loaded value against the file's."""
+        if self.checkpoint is None:
+            return
+        keys = {name: f"{ckpt}.bias" for name, ckpt in self.modules.items() if f"{ckpt}.bias" in self.checkpoint.keys}
+        stored = self.checkpoint.read(list(keys.values()))  # raises naming a tensor that fails its checksum
+        for module_name, key in keys.items():
+            bias = getattr(model.get_submodule(module_name), "bias", None)
+            if bias is None or not torch.equal(bias.detach(), stored[key].to(bias.dtype)):
+                raise CheckpointError(
+                    f"tensor {key!r} was not loaded into {module_name!r} as stored; re-save the checkpoint"
+                )
 
     def _rename_to_model(self) -> None:
         """Name the config's modules as this model does (a checkpoint may have been loaded into another head), so
@@ -236,8 +240,9 @@ class HfSparseQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model):
         """The checkpoint-format tensors, plus the metadata every hf_sparse weight file carries (the config block and
-        the tensors' checksums). save_pretrained writes the same metadata into every shard, so the checksum list
-        is only exact for a single file: keep the default max_shard_size."""
+        the tensors' checksums). save_pretrained writes the same metadata into every shard, so each shard of a
+        sharded save lists the checksums of all the checkpoint's tensors; `SparseCheckpoint` accepts that (every
+        file's tensors listed, all lists together naming exactly the checkpoint's tensors, and agreeing)."""
         state = compressed_state_dict(model, self.sparse)
         metadata = {
             METADATA_KEY: json.dumps(self.quantization_config.to_dict()),
