@@ -106,3 +106,15 @@ def test_layer_type():
     assert layer_type("bert.encoder.layer.11.attention.self.query") == "attention.self.query"
     assert layer_type("model.layers.0.mlp.experts.3.up_proj") == "mlp.experts.up_proj"
     assert layer_type("bert.pooler.dense") == "bert.pooler.dense"
+
+
+def test_card_says_first_to_import_hf_sparse(tmp_path):
+    model, recipe = pruned_bert("4-block")
+    out = save_sparse(model, tmp_path / "ckpt", recipe, weight_dtype="int8")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers"
+    body = card.text.lstrip().splitlines()
+    assert body[0] == "# ckpt"
+    first = next(line for line in body[1:] if line.strip())  # the first thing under the title
+    assert first.startswith("> **Load this model after `import hf_sparse`**")
+    assert "leaves every compressed Linear layer randomly initialised" in first

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,9 +158,11 @@ def test_bad_arguments_are_named(tmp_path):
         save_sparse(model, tmp_path / "a", recipe, int8_embeddings=["nope"])
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="non-empty folder without config.json"):
+    with pytest.raises(FileExistsError, match=r"holds no hf_sparse checkpoint .*: notes\.txt\. save_sparse replaces"):
         save_sparse(model, tmp_path / "home", recipe)
     assert (tmp_path / "home" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        save_sparse(model, tmp_path / "home", recipe, overwrite="yes")
 
 
 def test_interrupted_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
@@ -206,3 +209,120 @@ def test_architecture_mismatch_is_refused(tmp_path):
         match=r"tensor 'bert\.encoder\.layer\.0\.intermediate\.dense\.weight' .* has shape \(70, 36\), but BertForSequenceClassification expects \(72, 36\)",
     ):
         SparseCheckpoint(out).load_into(wider)
+
+
+def trainer_output(folder, model):
+    """What a Trainer leaves in output_dir: the dense final model, state, and checkpoint folders."""
+    model.save_pretrained(folder)
+    (folder / "trainer_state.json").write_text('{"global_step": 500}')
+    (folder / "checkpoint-500").mkdir()
+    (folder / "checkpoint-500" / "optimizer.pt").write_bytes(b"optimizer state")
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_folder_holding_other_files_is_refused(tmp_path):
+    model, recipe = pruned_bert("4-block")
+    folder = tmp_path / "out"
+    before = trainer_output(folder, model)
+    with pytest.raises(FileExistsError) as info:
+        save_sparse(model, folder, recipe)
+    message = str(info.value)
+    assert f"save_directory {str(folder)!r} holds no hf_sparse checkpoint" in message
+    assert "checkpoint-500/, config.json, model.safetensors, trainer_state.json" in message
+    assert "would be lost. Pass a new or empty folder, move them elsewhere, or pass overwrite=True" in message
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+    # an earlier hf_sparse checkpoint with something else beside it: only the foreign entries are named
+    save_sparse(model, tmp_path / "ckpt", recipe)
+    (tmp_path / "ckpt" / "trainer_state.json").write_text("{}")
+    (tmp_path / "ckpt" / "runs").mkdir()
+    with pytest.raises(
+        FileExistsError,
+        match=r"holds an hf_sparse checkpoint plus entries save_sparse does not "
+        r"write: runs/, trainer_state\.json\. ",
+    ):
+        save_sparse(model, tmp_path / "ckpt", recipe)
+    assert (tmp_path / "ckpt" / "trainer_state.json").is_file() and (tmp_path / "ckpt" / "runs").is_dir()
+
+
+def test_overwrite_writes_into_the_folder_and_keeps_the_rest(tmp_path):
+    model, recipe = pruned_bert("4-block")
+    folder = tmp_path / "out"
+    before = trainer_output(folder, model)
+    model.save_pretrained(folder, max_shard_size=20_000)  # dense shards + index, which the checkpoint replaces
+    assert (folder / "model.safetensors.index.json").is_file()
+    (folder / "model.safetensors").write_bytes(b"stale")
+    save_sparse(model, folder, recipe, weight_dtype="int8", overwrite=True)
+    assert sorted(os.listdir(folder)) == [
+        "README.md",
+        "checkpoint-500",
+        "config.json",
+        "model.safetensors",
+        "sparse_config.json",
+        "trainer_state.json",
+    ]
+    for kept in ("trainer_state.json", "checkpoint-500/optimizer.pt"):
+        assert (folder / kept).read_bytes() == before[Path(kept)]
+    checkpoint = SparseCheckpoint(folder)
+    loaded = checkpoint.load_into(BertForSequenceClassification(model.config).eval())
+    assert torch.equal(logits(loaded), logits(int8_reference(model, checkpoint.quantization.modules)))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_an_earlier_checkpoint_is_replaced_as_a_whole(tmp_path):
+    from transformers import BertTokenizer
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "sparse"]) + "\n")
+    model, recipe = pruned_bert("4-block")
+    folder = save_sparse(model, tmp_path / "ckpt", recipe, max_shard_size=10_000, tokenizer=BertTokenizer(str(vocab)))
+    assert len(list(folder.glob("model-*.safetensors"))) > 1 and (folder / "tokenizer.json").is_file()
+    save_sparse(model, folder, modules=["query"], pattern="4-block")
+    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(SparseCheckpoint(folder).quantization.modules) == [
+        f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)
+    ]
+
+
+def test_stale_temporaries_of_the_target_are_removed(tmp_path):
+    """A hard kill leaves `.<name>.<pid>.<random>.tmp` beside the target; the next save removes those of dead
+    processes (and older ones without a pid), and leaves live ones and other targets' alone."""
+    model, recipe = pruned_bert("4-block")
+    dead = tmp_path / ".ckpt.999999999.k2x9_abc.tmp"  # above any pid_max: no such process
+    old_style = tmp_path / ".ckpt.q1w2e3r4.tmp"
+    live = tmp_path / f".ckpt.{os.getppid()}.a1b2c3d4.tmp"
+    other = tmp_path / ".ckpt2.999999999.a1b2c3d4.tmp"
+    for folder in (dead, old_style, live, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half a file")
+    stale_file = tmp_path / ".ckpt.999999998.zzzzzzzz.tmp"
+    stale_file.write_bytes(b"")
+    save_sparse(model, tmp_path / "ckpt", recipe)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", live.name, other.name])
+
+
+def test_every_file_and_folder_is_flushed_before_the_rename(tmp_path, monkeypatch):
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name the synced file descriptors")
+    from hf_sparse.utils import io
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "fsync", fsync)
+    monkeypatch.setattr(io.os, "replace", replace)
+    model, recipe = pruned_bert("4-block")
+    target = save_sparse(model, tmp_path / "ckpt", recipe)
+    rename = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(target))
+    tmp = events[rename][1]
+    synced_before = {e[1] for e in events[:rename] if e[0] == "fsync"}
+    assert {f"{tmp}/{name}" for name in os.listdir(target)} | {tmp} <= synced_before
+    assert ("fsync", str(tmp_path)) in events[rename + 1 :]

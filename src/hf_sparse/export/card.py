@@ -171,6 +171,13 @@ def _body(info: CardInfo, facts: CheckpointFacts, title: str, base_model: str | 
     sparse = q.sparse_modules()
     int8 = q.weights.dtype == "int8"
     lines = [f"# {title}", ""]
+    # library_name stays "transformers" (what loads it); the one extra step goes first, where nobody misses it
+    lines += [
+        "> **Load this model after `import hf_sparse`** (`pip install hf-sparse`). Without that import, transformers "
+        "does not know the `hf_sparse` quantization format: it only logs a warning and leaves every compressed "
+        "Linear layer randomly initialised, so the model loads but its outputs are garbage.",
+        "",
+    ]
     origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a dense model"
     lines.append(
         f"A sparse{' int8' if int8 else ''} version of {origin}, saved with "

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,14 +242,69 @@ def write_weights(
     return written
 
 
-def _check_destination(path: Path) -> None:
+#: names save_sparse writes besides the weight files (tokenizers add their class's `vocab_files_names` too)
+CHECKPOINT_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "sparse_config.json",
+        CARD_NAME,
+        WEIGHTS_INDEX_NAME,
+        # what transformers tokenizers save
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "vocab.txt",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+    }
+)
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+
+
+def _is_weights_file(name: str) -> bool:
+    """model.safetensors, its shards and their index: the files one save's weights are split into."""
+    return name == WEIGHTS_INDEX_NAME or _WEIGHT_FILE.fullmatch(name) is not None
+
+
+def _is_hf_sparse_checkpoint(path: Path) -> bool:
+    try:
+        block = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(block, dict) and block.get("quant_method") == "hf_sparse"
+
+
+def _check_destination(path: Path, overwrite: bool, tokenizer: Any) -> bool:
+    """Refuse to replace a folder holding anything save_sparse would not write again (see `save_sparse`); return
+    whether the checkpoint must be merged into the folder (overwrite=True over such a folder)."""
     if path.is_file():
         raise ValueError(f"save_directory {str(path)!r} is a file; pass a folder")
-    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
-        raise ValueError(
-            f"save_directory {str(path)!r} is a non-empty folder without config.json; saving replaces the whole "
-            "folder, so pass a new folder or an earlier checkpoint folder"
-        )
+    entries = sorted(os.listdir(path)) if path.is_dir() else []
+    if not entries:
+        return False
+    ours = CHECKPOINT_FILES | set(getattr(tokenizer, "vocab_files_names", {}).values())
+    if _is_hf_sparse_checkpoint(path):
+        foreign = [e for e in entries if not (e in ours or _is_weights_file(e)) or not (path / e).is_file()]
+        what = "an hf_sparse checkpoint plus entries save_sparse does not write"
+    else:
+        foreign, what = entries, "no hf_sparse checkpoint (no config.json with an hf_sparse quantization_config)"
+    if not foreign or overwrite:
+        return bool(foreign)
+    shown = ", ".join(f"{e}/" if (path / e).is_dir() else e for e in foreign[:6])
+    more = f" and {len(foreign) - 6} more" if len(foreign) > 6 else ""
+    raise FileExistsError(
+        f"save_directory {str(path)!r} holds {what}: {shown}{more}. save_sparse replaces its folder as a whole, "
+        "so these would be lost. Pass a new or empty folder, move them elsewhere, or pass overwrite=True to write "
+        "the checkpoint into this folder: its model files (config.json, model*.safetensors, README.md, ...) are "
+        "replaced and everything else is kept"
+    )
 
 
 def save_sparse(
@@ -258,21 +314,31 @@ def save_sparse(
     *,
     tokenizer: Any = None,
     card: CardInfo | dict | None = None,
+    overwrite: bool = False,
     **options,
 ) -> Path:
     """Write `model` (a transformers model whose pruned weights hold exact zeros) as an hf_sparse checkpoint.
 
     The folder gets `model.safetensors` (sparse modules compressed, see docs/format.md), `config.json` with the
     `quantization_config` block, the recipe `sparse_config.json` (when `config` is given), the tokenizer (when
-    given) and a model card `README.md`. The write is atomic: a failure leaves the old folder or nothing.
+    given) and a model card `README.md`. The write is atomic: everything is written to a hidden temporary folder
+    beside `save_directory` and flushed to disk, then takes its place in one rename, so an exception or a crash
+    leaves the old folder or nothing (a hard kill may leave the temporary folder, `.<name>.<pid>.<random>.tmp`,
+    which the next save to the same folder removes).
 
     Args:
         model: the model after pruning (e.g. after `Sparsifier.remove()`).
-        save_directory: the folder to write; an existing checkpoint folder there is replaced as a whole.
+        save_directory: the folder to write. It must be new, empty, or an earlier hf_sparse checkpoint holding
+            only files save_sparse writes, which is then replaced as a whole; anything else is refused, naming the
+            files that would be lost.
         config: the SparseConfig the model was pruned with: selects the sparse modules and the pattern, and is
             saved beside the weights.
         tokenizer: saved into the folder when given.
         card: what the card should say beyond what is measured (`CardInfo`: base model, license, metrics, ...).
+        overwrite: write into a folder that holds other things (a Trainer output folder, a dense checkpoint):
+            the files this save writes replace those of the same names, the weight files and `sparse_config.json`
+            of an earlier save are removed, and everything else (`checkpoint-500/`, `trainer_state.json`, ...) is
+            kept. The files are moved in one by one, so a crash in the middle can leave a mix, which readers refuse.
         **options: `ExportConfig` fields: modules, pattern, weight_dtype ("int8", ...), int8_embeddings,
             int8_linears, float_dtype, max_shard_size.
 
@@ -283,10 +349,12 @@ def save_sparse(
         raise TypeError(f"save_sparse expects a transformers PreTrainedModel, got {type(model).__name__}")
     if config is not None and not isinstance(config, SparseConfig):
         raise TypeError(f"config must be the SparseConfig the model was pruned with, got {type(config).__name__}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     options = ExportConfig.from_kwargs(options)
     card = CardInfo.from_any(card)
     save_directory = Path(save_directory).absolute()
-    _check_destination(save_directory)
+    merge = _check_destination(save_directory, overwrite, tokenizer)
 
     plan = plan_export(model, config, options)
     state, qconfig, numel, dense_bytes = convert_state_dict(model, plan)
@@ -302,7 +370,8 @@ def save_sparse(
     model_config.dtype = str(getattr(model, "dtype", torch.float32)).split(".")[-1]
     model_config.quantization_config = qconfig.to_dict()
 
-    with atomic_dir(save_directory) as tmp:
+    stale = (lambda name: _is_weights_file(name) or name == "sparse_config.json") if merge else None
+    with atomic_dir(save_directory, merge=stale) as tmp:
         checkpoint_bytes = write_weights(state, tmp, qconfig, options.max_shard_size)
         model_config.save_pretrained(tmp)
         generation_config = getattr(model, "generation_config", None)
