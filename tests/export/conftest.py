@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import BertForSequenceClassification
 
+from hf_sparse.export.bits import pack_uints, unpack_uints
 from hf_sparse.export.save import CHECKSUMS_KEY, tensor_sha256
 from hf_sparse.quantization import fake_quantize_weight
 from tests.tiny_models import bert_config, prune
@@ -50,3 +51,13 @@ def flip_byte(path, key: str, offset: int = 0) -> None:
     begin, _ = json.loads(data[8 : 8 + header_size])[key]["data_offsets"]
     data[8 + header_size + begin + offset] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+def set_nm_index(t, name="bert.encoder.layer.0.attention.self.query", row=0, slot=1, value=6, m=6, n=2):
+    """Overwrite one packed 3-bit position of a 2:6 module (6 and 7 are valid codes but no position in a group)."""
+    packed = t[f"{name}.nm_indices"]
+    cols = int(t[f"{name}.shape"][1])
+    k = -(-cols // m) * n
+    slots = unpack_uints(packed, k, 3)
+    slots[row, slot] = value
+    t[f"{name}.nm_indices"] = pack_uints(slots, 3)

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from hf_sparse.export import CheckpointError, SparseCheckpoint, save_sparse
-from hf_sparse.export.bits import pack_uints, unpack_uints
 from hf_sparse.export.save import CHECKSUMS_KEY
-from tests.export.conftest import pruned_bert, rewrite_weights
+from tests.export.conftest import pruned_bert, rewrite_weights, set_nm_index
 
 
 QUERY = "bert.encoder.layer.0.attention.self.query"
@@ -174,16 +173,6 @@ def test_repeated_nm_positions(ckpt):
 
     rewrite_weights(folder / "model.safetensors", scramble)
     expect_error(folder, f"tensor '{QUERY}.nm_indices' repeats a position or is out of order")
-
-
-def set_nm_index(t, name=QUERY, row=0, slot=1, value=6, m=6, n=2):
-    """Overwrite one packed 3-bit position of a 2:6 module (6 and 7 are valid codes but no position in a group)."""
-    packed = t[f"{name}.nm_indices"]
-    cols = int(t[f"{name}.shape"][1])
-    k = -(-cols // m) * n
-    slots = unpack_uints(packed, k, 3)
-    slots[row, slot] = value
-    t[f"{name}.nm_indices"] = pack_uints(slots, 3)
 
 
 def test_nm_index_out_of_range(ckpt):

@@ -17,9 +17,8 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from hf_sparse.export import CheckpointError
 from hf_sparse.integrations.quantizer import HfSparseConfig, require_registered
 from hf_sparse.nn import SparseLinear
-from tests.export.conftest import flip_byte, rewrite_weights
+from tests.export.conftest import flip_byte, rewrite_weights, set_nm_index
 from tests.export.conftest import pruned_bert as pruned_bert_with_sparsity
-from tests.export.test_reader import set_nm_index
 from tests.integrations.backend_support import pruned_bert, save
 
 
