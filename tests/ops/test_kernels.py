@@ -2,7 +2,8 @@
 
 int8: outputs must be bit-identical to numerics.int8_linear_reference (no fused activation) and the int32 sums
 exact; fp32 and the fused GELU within tight tolerances. Shapes are odd on purpose (tails of every vector, tile,
-panel and pass), sparsity runs 0 .. 100%, patterns unstructured / 4-block / dense.
+panel and pass), sparsity runs 0 .. 100%, patterns unstructured / 4-block / dense: 300 random cases for int8, 150
+for fp32, 100 for the GELU (~18 s on a busy 2-core machine, every instruction set).
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ def _cases(count: int, seed: int):
     for i in range(count):
         m, k = rng.choice(rows), rng.choice(ks)
         n = rng.choice([1, 2, 15, 16, 17, 33, 48, rng.randint(1, 150)])
-        sparsity = rng.choice([0.0, 0.3, 0.5, 0.8, 0.9, 0.97, 0.99, 1.0])
+        sparsity = rng.choice([0.0, 0.1, 0.3, 0.5, 0.6, 0.8, 0.9, 0.95, 0.97, 0.99, 1.0])
         yield pytest.param(
             i, m, n, k, sparsity, PATTERNS[i % 3], id=f"{i}-m{m}-n{n}-k{k}-s{sparsity}-{PATTERNS[i % 3]}"
         )
 
 
-CASES = list(_cases(96, seed=0))
+CASES = list(_cases(300, seed=0))
 
 
 def _inputs(i, m, n, k, sparsity, pattern):
