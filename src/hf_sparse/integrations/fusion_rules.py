@@ -13,7 +13,8 @@ Four kinds of rule, each checked against the class's source when it was added (a
 - `EncoderLayerFusion`: the layer's eval forward is a post-LayerNorm encoder layer, `LN2(FFN(a) + a)` with
   `a = LN1(O(self_attention(QKV(x), mask)) + x)`. Its `forward` is replaced on the instance by a
   `hf_sparse.integrations.encoder_layer.FusedEncoderForward`: six kernel calls (`hf_sparse.nn.FusedEncoderLayer`)
-  whenever the call is one the fast path computes, the class's forward otherwise.
+  whenever the call is one the fast path computes, the class's forward otherwise (always with
+  `HF_SPARSE_ATTENTION=fp32`: the fused layer's attention rounds Q, K, V and the probabilities to bfloat16).
 
 A class is named by `module.qualname` so that no modeling file is imported to build the table, and subclasses (which
 may override `forward`) never match. New architectures are one line each.

@@ -5,8 +5,9 @@
     a   = LN1(O(ctx) + x)         the attention-output Linear, then `add_layernorm` (residual add + LayerNorm)
     y   = LN2(FFN(a) + a)         the FFN as one call (`FusedFFN`), then `add_layernorm`
 
-Dropout is the identity (inference). Nothing here knows about transformers: `hf_sparse.integrations` decides when a
-model's layer may run this way and falls back to the layer's own forward otherwise.
+Dropout is the identity (inference). The attention's numerics are bfloat16 Q, K, V and probabilities (docs/kernels.md,
+"Attention"). Nothing here knows about transformers: `hf_sparse.integrations` decides when a model's layer may run
+this way (never with HF_SPARSE_ATTENTION=fp32) and falls back to the layer's own forward otherwise.
 """
 
 from __future__ import annotations
