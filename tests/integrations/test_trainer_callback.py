@@ -130,6 +130,51 @@ def test_resume_mid_schedule_gives_the_same_masks(tmp_path):
         assert torch.allclose(straight_w[name], resumed_w[name], atol=1e-6), name
 
 
+def test_resume_from_a_checkpoint_outside_output_dir_reads_its_state(tmp_path, caplog):
+    import shutil
+
+    cfg = SparseConfig(method="movement", sparsity=0.5, schedule="linear", start=2, end=10, update_every=2)
+    run(tmp_path / "a", make_tiny_bert(), cfg, save_strategy="steps", save_steps=6)
+    moved = tmp_path / "elsewhere" / "ckpt"
+    shutil.copytree(tmp_path / "a" / "checkpoint-6", moved)
+    saved = load_file(str(moved / STATE_FILE))
+    cb = SparseCallback(cfg)
+    at_begin = {}
+
+    class Probe(TrainerCallback):  # runs after SparseCallback's on_train_begin
+        def on_train_begin(self, args, state, control, **kwargs):
+            at_begin.update({k: v.clone() for k, v in cb.sparsifier.state_dict()["tensors"].items()})
+
+    trainer = Trainer(
+        model=make_tiny_bert(seed=7),
+        args=args(tmp_path / "b"),  # another output_dir: no checkpoint-6 there
+        train_dataset=TinyClassificationData(n=96),
+        callbacks=[cb, Probe()],
+    )
+    with caplog.at_level(logging.INFO, logger="hf_sparse"):
+        trainer.train(resume_from_checkpoint=str(moved))
+    assert f"restored masks and method state from {moved / STATE_FILE}" in caplog.text
+    assert set(at_begin) == set(saved) and any(k.startswith("method.") for k in saved)  # movement scores
+    for key, value in saved.items():
+        assert torch.equal(at_begin[key], value), key
+
+
+def test_resume_without_the_state_a_method_needs_is_an_error(tmp_path):
+    cfg = SparseConfig(method="movement", sparsity=0.5, schedule="linear", start=2, end=10, update_every=2)
+    run(tmp_path, make_tiny_bert(), cfg, save_strategy="steps", save_steps=6)
+    (tmp_path / "checkpoint-6" / STATE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=r"resuming at step 6 needs hf_sparse_state.*movement.*Copy it"):
+        run(tmp_path, make_tiny_bert(seed=3), cfg, resume=str(tmp_path / "checkpoint-6"))
+
+
+def test_resume_under_another_recipe_is_refused(tmp_path):
+    cfg = SparseConfig(sparsity=0.5, pattern="4-block", schedule="linear", start=2, end=10, update_every=2)
+    run(tmp_path, make_tiny_bert(), cfg, save_strategy="steps", save_steps=6)
+    other = SparseConfig(**{**cfg.to_dict(), "sparsity": 0.75})
+    with pytest.raises(ValueError, match=r"another recipe \(sparsity: saved 0.5, now 0.75\)"):
+        run(tmp_path, make_tiny_bert(seed=3), other, resume=str(tmp_path / "checkpoint-6"))
+
+
 def test_resume_without_state_file_rebuilds_masks_from_zeros(tmp_path, caplog):
     cfg = SparseConfig(sparsity=0.5, schedule="one-shot", start=0)
     run(tmp_path, make_tiny_bert(), cfg, save_strategy="steps", save_steps=6)

@@ -31,18 +31,34 @@ def _calling_handler():
     return None
 
 
-def _calling_trainer():
-    """The Trainer whose event is being dispatched, found on the call stack (read only, for sanity checks)."""
+def _trainer_frames():
+    """The frames of the Trainer methods dispatching the current event, innermost first (read only).
+
+    Callbacks are not given the Trainer nor `train()`'s arguments; the stack is the only way to find them. If a
+    transformers release moves them, the callers below degrade to a warning, never to a wrong result.
+    """
     from transformers import Trainer
 
-    frame = sys._getframe(1)
+    frame = sys._getframe(2)
     for _ in range(12):
         if frame is None:
-            return None
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer):
-            return candidate
+            return
+        if isinstance(frame.f_locals.get("self"), Trainer):
+            yield frame
         frame = frame.f_back
+
+
+def _calling_trainer():
+    """The Trainer whose event is being dispatched (read only, for sanity checks), or None."""
+    return next((f.f_locals["self"] for f in _trainer_frames()), None)
+
+
+def _resume_path() -> Path | None:
+    """The checkpoint folder `trainer.train(resume_from_checkpoint=...)` resumes from, or None."""
+    for frame in _trainer_frames():
+        value = frame.f_locals.get("resume_from_checkpoint")
+        if isinstance(value, (str, os.PathLike)):
+            return Path(value)
     return None
 
 
@@ -121,7 +137,12 @@ class SparseCallback(TrainerCallback):
         if getattr(args, "label_smoothing_factor", 0.0):
             problems.append(f"label_smoothing_factor={args.label_smoothing_factor}")
         trainer = _calling_trainer()
-        if trainer is not None and getattr(trainer, "compute_loss_func", None) is not None:
+        if trainer is None:
+            logger.warning(
+                "hf_sparse: could not find the Trainer on the call stack, so Trainer(compute_loss_func=...) cannot be "
+                "checked here; the distiller still refuses a loss it would not see at the first labelled batch"
+            )
+        elif getattr(trainer, "compute_loss_func", None) is not None:
             problems.append("compute_loss_func=...")
         if problems:
             raise ValueError(
@@ -131,22 +152,30 @@ class SparseCallback(TrainerCallback):
             )
 
     def _resume(self, args, state) -> None:
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        path = folder / STATE_FILE
-        if path.is_file():
-            self.sparsifier.load(path)
-            logger.info("hf_sparse: restored masks and method state from %s", path)
-            return
+        folders = [Path(args.output_dir) / f"checkpoint-{state.global_step}"]
+        resumed = _resume_path()
+        if resumed is not None and resumed not in folders:
+            folders.insert(0, resumed)
+        for folder in folders:
+            path = folder / STATE_FILE
+            if path.is_file():
+                self.sparsifier.load(path)
+                logger.info("hf_sparse: restored masks and method state from %s", path)
+                return
+        if self.sparsifier.method.state_dict():
+            raise FileNotFoundError(
+                f"hf_sparse: resuming at step {state.global_step} needs {STATE_FILE} (the masks and the "
+                f"{self.config.method} method's state, e.g. movement scores, which the weights cannot give back), "
+                f"but none was found in {', '.join(repr(str(f)) for f in folders)}. Copy it from the run's checkpoint "
+                "folder into the folder you resume from"
+            )
         # The checkpoint's weights hold the zeros exactly, so the masks can be recovered from them.
         keep = {n: self.sparsifier.pattern.keep_from_weight(m.weight) for n, m in self.sparsifier.targets.items()}
         self.sparsifier.set_masks(keep)
         self.sparsifier.global_step = state.global_step
         self.sparsifier.last_prune_step = self.sparsifier.timeline.last_update_at_or_before(state.global_step)
         logger.warning(
-            "hf_sparse: no %s in %s; masks rebuilt from the zeros in the resumed weights (method state such as "
-            "movement scores starts afresh)",
-            STATE_FILE,
-            folder,
+            "hf_sparse: no %s in %s; masks rebuilt from the zeros in the resumed weights", STATE_FILE, folders[0]
         )
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -28,6 +28,11 @@ from .targets import final_sparsities, find_targets
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "hf_sparse_state.safetensors"
+# SparseConfig fields that decide the masks: state saved under other values is refused on load.
+_RECIPE_FIELDS = (
+    "method", "sparsity", "pattern", "distribution", "targets", "exclude", "sparsity_overrides", "schedule",
+    "initial_sparsity", "start", "end", "update_every",
+)  # fmt: skip
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Sparsifier] = weakref.WeakKeyDictionary()
 
 
@@ -260,6 +265,7 @@ class Sparsifier:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         tensors, meta = state["tensors"], state["meta"]
+        self._check_same_recipe(meta.get("config"))
         masks = {}
         for name in self.targets:
             key = f"masks.{name}"
@@ -275,6 +281,19 @@ class Sparsifier:
         self.last_prune_step = meta["last_prune_step"]
         for pool, target in zip(self.pools, meta.get("pools", [])):
             pool.target = int(target)
+
+    def _check_same_recipe(self, saved: dict | None) -> None:
+        """Masks and method state only make sense under the recipe that produced them: refuse another one."""
+        if saved is None:
+            return
+        now = self.config.to_dict()
+        changed = [k for k in _RECIPE_FIELDS if k in saved and saved[k] != now.get(k)]
+        if changed:
+            details = ", ".join(f"{k}: saved {saved[k]!r}, now {now.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"hf_sparse state was saved under another recipe ({details}). Resume with the recipe it was saved "
+                "with, or start a new run (a new output_dir) for the new recipe"
+            )
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the state (masks, method state, step counters) to a safetensors file, atomically."""
