@@ -286,13 +286,14 @@ def test_an_earlier_checkpoint_is_replaced_as_a_whole(tmp_path):
 
 def test_stale_temporaries_of_the_target_are_removed(tmp_path):
     """A hard kill leaves `.<name>.<pid>.<random>.tmp` beside the target; the next save removes those of dead
-    processes (and older ones without a pid), and leaves live ones and other targets' alone."""
+    processes (and older ones without a pid), and leaves those of running processes and other targets alone."""
     model, recipe = pruned_bert("4-block")
     dead = tmp_path / ".ckpt.999999999.k2x9_abc.tmp"  # above any pid_max: no such process
     old_style = tmp_path / ".ckpt.q1w2e3r4.tmp"
     live = tmp_path / f".ckpt.{os.getppid()}.a1b2c3d4.tmp"
     other = tmp_path / ".ckpt2.999999999.a1b2c3d4.tmp"
-    for folder in (dead, old_style, live, other):
+    ours = tmp_path / f".ckpt.{os.getpid()}.ownownow.tmp"  # this pid, but no write of this process: pids repeat
+    for folder in (dead, old_style, live, other, ours):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half a file")
     stale_file = tmp_path / ".ckpt.999999998.zzzzzzzz.tmp"

@@ -4,7 +4,7 @@ New content goes to a hidden temporary name beside the target (`.<name>.<pid>.<r
 (every file, then its folder), and then takes the target's place in one rename, after which the parent folder is
 flushed too (POSIX; skipped where the system cannot fsync folders). So an exception, a power cut or a hard kill
 leaves either the old or the new content. A hard kill can leave the temporary itself behind; the next write of the
-same target removes such leftovers of processes that are no longer running.
+same target removes such leftovers of writes that are no longer running.
 """
 
 from __future__ import annotations
@@ -58,9 +58,11 @@ def _temp_prefix(path: Path) -> str:
 _TEMP_MIDDLE = re.compile(r"(?:(\d+)\.)?[a-z0-9_]{8}")
 
 
+#: temporaries this process is writing now; one of its pid that is not here is a leftover (pids repeat in containers)
+_LIVE: set[str] = set()
+
+
 def _pid_running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True  # another write in this process (a thread) may own it
     if os.name != "posix":
         return False  # no cheap, safe liveness check (os.kill(pid, 0) signals on Windows): treat as stale
     try:
@@ -74,13 +76,17 @@ def _pid_running(pid: int) -> bool:
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Remove the temporaries (`.<name>.<pid>.*.tmp`) that hard-killed writes of `path` left beside it: those of
-    processes no longer running, and old-style ones without a pid. Returns what was removed."""
+    processes no longer running (or of this process's pid that it is not writing: pids repeat across container
+    restarts), and old-style ones without a pid. Returns what was removed."""
     path = Path(path)
     removed = []
     for entry in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")):
         match = _TEMP_MIDDLE.fullmatch(entry.name[len(path.name) + 2 : -len(".tmp")])
-        if match is None or (match.group(1) is not None and _pid_running(int(match.group(1)))):
-            continue  # another target's temporary, or one a running process is writing
+        if match is None or str(entry) in _LIVE:
+            continue  # another target's temporary, or one this process is writing
+        pid = match.group(1)
+        if pid is not None and int(pid) != os.getpid() and _pid_running(int(pid)):
+            continue  # another running process is writing it
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
@@ -98,6 +104,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iter
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    _LIVE.add(tmp)
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
@@ -108,6 +115,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iter
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    finally:
+        _LIVE.discard(tmp)
     _fsync_path(path.parent, directory=True)
 
 
@@ -129,15 +138,24 @@ def atomic_dir(path: str | os.PathLike, *, merge: Callable[[str], bool] | None =
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    _LIVE.add(str(tmp))
     try:
         yield tmp
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _LIVE.discard(str(tmp))
         raise
-    if merge is not None and path.is_dir():
-        _merge_into(tmp, path, merge)
-        return
+    try:
+        if merge is not None and path.is_dir():
+            _merge_into(tmp, path, merge)
+        else:
+            _swap(tmp, path)
+    finally:
+        _LIVE.discard(str(tmp))
+
+
+def _swap(tmp: Path, path: Path) -> None:
     old = None
     if path.exists():
         # the same temporary pattern: if a hard kill strikes between the two renames, the next write cleans it up
@@ -181,6 +199,7 @@ def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: di
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
+    _LIVE.add(tmp)
     try:
         save_file(tensors, tmp, metadata=metadata)
         _fsync_path(Path(tmp))
@@ -189,5 +208,7 @@ def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: di
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    finally:
+        _LIVE.discard(tmp)
     _fsync_path(path.parent, directory=True)
     return path
