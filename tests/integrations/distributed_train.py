@@ -14,9 +14,30 @@ from hf_sparse import SparseCallback, SparseConfig  # noqa: E402
 from tests.conftest import TinyClassificationData, make_tiny_bert  # noqa: E402
 
 
+def skew_scores_on_rank_1() -> None:
+    """Make rank 1 rank the weights differently, as rounding or data-dependent scores could: only the masks'
+    broadcast from rank 0 keeps the ranks identical then (without it this test fails)."""
+    import torch.distributed as dist
+
+    from hf_sparse.methods.magnitude import MagnitudePruning
+
+    plain = MagnitudePruning.scores
+
+    def skewed(self):
+        scores = plain(self)
+        if dist.is_initialized() and dist.get_rank() == 1:
+            g = torch.Generator().manual_seed(1)
+            scores = {n: s * torch.rand(s.shape, generator=g).to(s) for n, s in scores.items()}
+        return scores
+
+    MagnitudePruning.scores = skewed
+
+
 def recipe(method: str) -> SparseConfig:
+    method_args = {"num_grads": 8, "grad_batch_size": 2} if method == "obert" else {}
     return SparseConfig(
         method=method,
+        method_args=method_args,
         sparsity=0.8,
         pattern="4-block",
         schedule="cubic",
@@ -54,6 +75,7 @@ def accelerate_loop(out_dir: str, method: str):
 
 
 def main(out_dir: str, method: str, mode: str):
+    skew_scores_on_rank_1()
     if mode == "accelerate":
         rank, sparsifier = accelerate_loop(out_dir, method)
         save(out_dir, rank, sparsifier)
