@@ -226,6 +226,7 @@ def measure_config(args, sparsity: float, pattern: str, deepsparse: DeepSparseHo
                         runner.close()
                 continue
             row.setup_s = time.perf_counter() - start
+            row.info = _reportable(getattr(runner, "info", None))
             iters[batch, name] = max(1, min(args.max_iters, round(args.round_seconds / max(min(warm), 1e-6))))
             runners[batch, name] = runner
             rows[batch, name] = row
@@ -312,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     header = results.run_header(
         payload["command"], payload["versions"], commit=payload["commit"], cpu=payload["cpu"], when=payload["date"]
     )
-    body = [header, "", table]
+    engines = results.engines_line(rows)
+    body = [header + ("\n" + engines if engines else ""), "", table]
     if payload["profiles"]:
         ptable = results.profile_table(payload["profiles"])
         print("\nWhere the time goes (median ms per forward):")
@@ -359,6 +361,13 @@ def measure(args) -> tuple[dict, bool]:
         "profiles": all_profiles,
     }
     return payload, failed
+
+
+def _reportable(info) -> dict:
+    """The scalar entries of a runner's `info` (kernel set, threads, DeepSparse's supported-ops fraction...)."""
+    if not isinstance(info, dict):
+        return {}
+    return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))}
 
 
 def _command() -> str:

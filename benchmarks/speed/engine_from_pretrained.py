@@ -151,6 +151,7 @@ def _setup(
         "isa": hf_sparse.ops.isa(),
         "threads": threads_backend or hf_sparse.ops.threads_backend(),
         "attention_precision": attention or hf_sparse.ops.attention_precision(),
+        "attention_kernel": hf_sparse.ops.attention_isa(),
     }
     return FromPretrainedRunner(
         model, ctx.bench.inputs(batch), threads_backend=threads_backend, attention=attention, **info

@@ -44,6 +44,7 @@ class Row:
     label_agreement: float = float("nan")
     setup_s: float = float("nan")
     error: str = ""
+    info: dict = field(default_factory=dict)  # what the engine reports about itself (kernels, threads, ...)
 
     @property
     def median_ms(self) -> float:
@@ -161,6 +162,16 @@ def record(results_file: Path, label: str, body: str) -> None:
         section = "\n" + section
     with atomic_file(results_file, "w", encoding="utf-8") as f:
         f.write(head + BEGIN + section + END + tail)
+
+
+def engines_line(rows: list[Row]) -> str:
+    """One line naming what each engine reported about itself (first report per engine), or "" if none did."""
+    seen: dict[str, dict] = {}
+    for r in rows:
+        if r.info and r.engine not in seen:
+            seen[r.engine] = r.info
+    parts = [f"{name} ({', '.join(f'{k} {v}' for k, v in info.items())})" for name, info in seen.items()]
+    return "- engines: " + "; ".join(parts) if parts else ""
 
 
 def run_header(

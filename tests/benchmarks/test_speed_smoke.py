@@ -127,6 +127,9 @@ def test_from_pretrained_engine_profiles_its_fused_layers(tmp_path):
     # fp32 attention: the layers' own forward ran, so hooks saw both self-attention modules
     assert "note" not in profiles["hf_sparse_int8_fp32attn"]
     assert profiles["hf_sparse_int8_fp32attn"]["modules"]["attention"] == 2
+    # each engine says what it ran on
+    assert rows["hf_sparse_int8"]["info"]["attention_precision"] == "bf16"
+    assert rows["hf_sparse_int8_fp32attn"]["info"]["attention_precision"] == "fp32"
 
 
 @pytest.fixture
@@ -225,3 +228,18 @@ def test_registering_an_engine_is_one_function(bench_speed):
     runner = engines.ENGINES.get("test_double_eager").setup(ctx, 3)
     assert runner.run().shape == (3, 2) and len(runner.time(2)) == 2
     assert runner.run() == pytest.approx(bench.reference(3))
+
+
+def test_recorded_header_names_what_each_engine_ran_on(bench_speed):
+    import results
+
+    rows = [
+        results.Row(0.9, "4-block", 1, "hf_sparse_int8", "int8", info={"isa": "avx512_vnni", "threads": "openmp"}),
+        results.Row(0.9, "4-block", 16, "hf_sparse_int8", "int8", info={"isa": "avx512_vnni", "threads": "openmp"}),
+        results.Row(0.9, "4-block", 1, "torch_eager", "fp32"),
+        results.Row(0.9, "4-block", 1, "deepsparse_int8", "int8", info={"fraction_of_supported_ops": 1.0}),
+    ]
+    assert results.engines_line(rows) == (
+        "- engines: hf_sparse_int8 (isa avx512_vnni, threads openmp); deepsparse_int8 (fraction_of_supported_ops 1.0)"
+    )
+    assert results.engines_line(rows[2:3]) == ""
