@@ -90,17 +90,24 @@ def run_one(name: str, args) -> tuple[str, float, int]:
 
 
 def table(work_dir: Path) -> str:
-    rows = ["| run | pattern | target | measured sparsity | dev accuracy | train time |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| run | pattern | target | measured sparsity | dev accuracy | int8 export: accuracy (size vs fp32) "
+        "| all compressed: accuracy (size vs fp32) | train time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name in GRID:
         path = work_dir / name / "result.json"
         if not path.is_file():
-            rows.append(f"| {name} | | | | not run | |")
+            rows.append(f"| {name} | | | | not run | | | |")
             continue
         r = json.loads(path.read_text())
         measured = f"{r['sparsity_measured']:.4f}" if "sparsity_measured" in r else "0"
+        exports = r.get("exports") or []
+        cells = [f"{e['accuracy'] * 100:.2f} ({e['ratio']:.2f}x)" for e in exports[1:2] + exports[-1:]]
+        cells = cells if len(cells) == 2 else ["-", "-"]
         rows.append(
             f"| {name} | {r['pattern'] or '-'} | {r['sparsity_target']:.0%} | {measured} | "
-            f"{r['dev_accuracy'] * 100:.2f} | {r['train_seconds'] / 60:.0f} min |"
+            f"{r['dev_accuracy'] * 100:.2f} | {cells[0]} | {cells[1]} | {r['train_seconds'] / 60:.0f} min |"
         )
     return "\n".join(rows)
 
