@@ -80,8 +80,8 @@ class Reference:
     during the ramp.
     """
 
-    def __init__(self, sp, block=1, lam=0.0, lr=None, tau=0.1):
-        self.sp, self.block, self.lam, self.tau = sp, block, lam, tau
+    def __init__(self, sp, grads, block=1, lam=0.0, lr=None, tau=0.1):
+        self.sp, self.grads, self.block, self.lam, self.tau = sp, grads, block, lam, tau
         weights = {n: m.weight for n, m in sp.targets.items()}
         self.masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
         self.saved = {n: torch.zeros_like(w.detach()) for n, w in weights.items()}
@@ -95,11 +95,12 @@ class Reference:
     def after_backward(self):
         for n, m in self.sp.targets.items():
             stored = torch.where(self.masks[n], m.weight, self.saved[n])
+            grad = self.grads[n]  # dL/dW', masked weights included (the module's .grad has them zeroed)
             if self.adam is None:
-                self.scores[n] -= stored * m.weight.grad
+                self.scores[n] -= stored * grad
             else:
                 sig = torch.sigmoid(self.scores[n])
-                self.scores[n].grad = stored * m.weight.grad + self.lam / self.numel * sig * (1 - sig)
+                self.scores[n].grad = stored * grad + self.lam / self.numel * sig * (1 - sig)
         if self.adam is not None:
             self.adam.step()
 
@@ -136,14 +137,26 @@ class Reference:
             assert torch.equal(sp.method.values[n][masked], self.saved[n][masked]), f"{n}: stored values moved"
 
 
+def capture_grads(model) -> dict[str, torch.Tensor]:
+    """dL/dW' of every Linear weight at each backward, as autograd produces it: hooks registered before
+    sparsify_'s run first and see the gradient before the method masks it."""
+    grads = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            module.weight.register_hook(lambda g, name=name: grads.__setitem__(name, g.detach().clone()))
+    return grads
+
+
 def run_with_reference(model, sp, ref, data, opt, masks_at):
     """Train, checking everything against `ref`; masks_at(step) gives the reference masks of a pruning step."""
     for step, (x, y) in enumerate(data, start=sp.global_step + 1):
         nn.functional.cross_entropy(model(x), y).backward()
+        # masked weights do not train (dL/dW = dL/dW' * M), and gradient clipping, which runs here, sees only
+        # the kept weights' gradients
+        for n, m in sp.targets.items():
+            assert not m.weight.grad[~ref.masks[n]].any()
         ref.after_backward()
         sp.before_optimizer_step()
-        for n, m in sp.targets.items():  # masked weights do not train: dL/dW = dL/dW' * M
-            assert not m.weight.grad[~ref.masks[n]].any()
         opt.step()
         after_opt = {n: m.weight.detach().clone() for n, m in sp.targets.items()}
         pruned = sp.step()
@@ -158,13 +171,14 @@ def test_hard_regrows_masked_weights_with_their_stored_values(pattern, optimizer
     config = movement_config(
         pattern=pattern, schedule="linear", sparsity=0.5, initial_sparsity=0.3, start=2, end=12, update_every=1
     )
+    grads = capture_grads(model)
     sp = sparsify_(model, config)
     assert sp.method.mask_gradients is False and sp._hooks == []
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=0.2)
     else:  # weight decay and momentum both move masked weights unless the engine re-zeroes them
         opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
-    ref = Reference(sp, block=4 if pattern == "4-block" else 1)
+    ref = Reference(sp, grads, block=4 if pattern == "4-block" else 1)
 
     def masks_at(step):
         return ref.hard_masks(0.3 + 0.2 * (step - 2) / 10)
@@ -185,8 +199,9 @@ def test_soft_ramp_masks_are_the_threshold_and_the_last_step_hits_the_target(cap
             schedule="cubic", sparsity=0.6, start=3, end=9, update_every=2,
             method_args={"variant": "soft", "score_lr": lr, "regularization": lam, "threshold": tau},
         )  # fmt: skip
+        grads = capture_grads(model)
         sp = sparsify_(model, config)
-        ref = Reference(sp, lam=lam, lr=lr, tau=tau)
+        ref = Reference(sp, grads, lam=lam, lr=lr, tau=tau)
         opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
 
         def masks_at(step, sp=sp, ref=ref, tau=tau):
@@ -359,3 +374,20 @@ def test_scores_are_saved_with_trainer_checkpoints_and_restored_on_resume(tiny_b
         assert '"global_step": 4' in f.metadata()["hf_sparse"]
     for key in names + [k for k in straight if k.startswith("masks.")]:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_accumulation_sums_the_movement_and_remove_leaves_no_hook():
+    # two half batches then one step move the scores as one full batch does
+    full, halves = TwoLinear(), TwoLinear()
+    sps = [sparsify_(m, movement_config(start=5)) for m in (full, halves)]
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(full(x), y).backward()
+    for part in (slice(0, 8), slice(8, 16)):
+        (nn.functional.cross_entropy(halves(x[part]), y[part]) / 2).backward()
+    for sp in sps:
+        sp.before_optimizer_step()
+    for n in sps[0].targets:
+        torch.testing.assert_close(sps[0].method.scores_[n], sps[1].method.scores_[n], rtol=1e-5, atol=1e-8)
+    for model, sp in zip((full, halves), sps):
+        sp.remove()
+        assert all(not p._backward_hooks for p in model.parameters())

@@ -19,15 +19,17 @@ class MovementPruning(PruningMethod):
     """Movement pruning (Sanh et al. 2020): keep the weights moving away from zero, drop those moving towards it.
 
     The module's weight is the paper's masked weight W' = W * M. The stored value W of each masked weight lives in
-    `values` (saved with checkpoints like the scores), so at each optimizer step (`before_optimizer_step`, clipped
-    gradients) every weight's score moves with the straight-through dL/dS = W * dL/dW', masked ones included. The
-    gradients of masked weights are then zeroed (dL/dW = dL/dW' * M), so they do not train. Each pruning step ranks
-    all weights (groups: the sum of their scores) through the pattern: a masked weight whose score rose back into
-    the top is restored to its stored value.
+    `values` (saved with checkpoints like the scores). A gradient hook on each weight, run as backward produces
+    dL/dW', adds the straight-through dL/dS = W * dL/dW' of every weight, masked ones included, to a per-step sum,
+    and passes on dL/dW = dL/dW' * M: masked weights do not train, and gradient clipping sees only the kept weights
+    (with 90% of the weights masked, their dL/dW' would dominate the norm and shrink every update). At each
+    optimizer step (`before_optimizer_step`) the scores move with that sum. Each pruning step ranks all weights
+    (groups: the sum of their scores) through the pattern: a masked weight whose score rose back into the top is
+    restored to its stored value.
     """
 
     args_class = MovementArgs
-    #: the engine must let the pruned weights' gradients through: their scores need dL/dW' (zeroed here after use)
+    #: the engine's own masking hook would hide dL/dW' of the masked weights; this method's hook masks after use
     mask_gradients = False
 
     def attach(self) -> None:
@@ -50,36 +52,52 @@ class MovementPruning(PruningMethod):
             self.exp_avg_sq = {n: torch.zeros_like(s) for n, s in self.scores_.items()}
         self.steps = 0
         self._numel = sum(s.numel() for s in self.scores_.values())
+        # dL/dS summed over the backward passes of the current optimizer step (gradient accumulation included)
+        self._pending = {n: torch.zeros_like(s) for n, s in self.scores_.items()}
+        self._seen = False
+        self._hooks = [m.weight.register_hook(self._straight_through(n)) for n, m in sp.targets.items()]
+
+    def _straight_through(self, name: str):
+        weight, masks = self.sparsifier.targets[name].weight, self.sparsifier.masks
+
+        @torch.no_grad()
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            keep = masks[name]
+            stored = torch.where(keep, weight.detach(), self.values[name])
+            self._pending[name].add_(stored.float() * grad.float())
+            self._seen = True
+            return grad.masked_fill(~keep, 0.0)
+
+        return hook
 
     def detach(self) -> None:
-        self.scores_, self.values = {}, {}
+        for handle in getattr(self, "_hooks", []):
+            handle.remove()
+        self._hooks = []
+        self.scores_, self.values, self._pending = {}, {}, {}
         self.exp_avg, self.exp_avg_sq = {}, {}
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
-        self.steps += 1
-        seen = False
-        for name, module in self.sparsifier.targets.items():
-            grad = module.weight.grad
-            if grad is None:
-                continue
-            seen = True
-            keep = self.sparsifier.masks[name]
-            stored = torch.where(keep, module.weight.detach(), self.values[name])
-            # dL/dS through the straight-through mask: W * dL/dW'; hard movement accumulates its negative
-            ste = stored.float() * grad.float()
-            grad.masked_fill_(~keep, 0.0)
-            if not self.soft:
-                self.scores_[name].sub_(ste)
-                continue
-            sig = torch.sigmoid(self.scores_[name])
-            ste.add_(sig * (1.0 - sig), alpha=self.args.regularization / self._numel)
-            self._adam(name, ste)
-        if not seen:
+        if not self._seen:
             raise ValueError(
                 "movement pruning found no gradient on any targeted weight: call sparsifier.before_optimizer_step() "
                 "after loss.backward() and before optimizer.zero_grad()"
             )
+        self.steps += 1
+        self._seen = False
+        world = _world_size()
+        for name in self.sparsifier.targets:
+            ste = self._pending[name]  # dL/dS = W * dL/dW'; hard movement accumulates its negative
+            if world > 1:  # the mean over processes, as DDP averages the weights' gradients
+                torch.distributed.all_reduce(ste)
+                ste.div_(world)
+            if not self.soft:
+                self.scores_[name].sub_(ste)
+            else:
+                sig = torch.sigmoid(self.scores_[name])
+                self._adam(name, ste.add_(sig * (1.0 - sig), alpha=self.args.regularization / self._numel))
+            ste.zero_()
 
     def _adam(self, name: str, grad: torch.Tensor) -> None:
         (b1, b2), t = _BETAS, self.steps
@@ -184,3 +202,8 @@ class MovementPruning(PruningMethod):
                 )
             table[name].copy_(state[key])
         self.steps = int(state["steps"])
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
