@@ -41,6 +41,7 @@ GRID: dict[str, list[str]] = {
 VARIANTS: dict[str, list[str]] = {
     "obert-unstructured-90-damping1e-8": ["--method-args", '{"num_grads": 128, "grad_batch_size": 16, "damping": 1e-8}'],
     "obert-unstructured-90-recover": ["--end", "0.4"],
+    "obert-unstructured-90-grads256": ["--method-args", '{"num_grads": 256, "grad_batch_size": 16}'],
     "magnitude-unstructured-90-recover": ["--end", "0.4"],
     # movement's scores after 100 steps on a converged model are mostly noise: no 70% jump, a cubic ramp from 0
     "movement-unstructured-90-nojump": ["--initial-sparsity", "0"],
