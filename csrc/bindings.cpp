@@ -19,6 +19,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "scratch.h"
 #include "attention.h"
 #include "common.h"
 #include "isa.h"
@@ -39,18 +40,13 @@ template <class T>
 using In1 = nb::ndarray<const T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
+  void operator()(void* p) const { scratch_aligned_free(p); }
 };
 using Owned = std::unique_ptr<char, FreeDeleter>;
 
-// 64-byte aligned copy of `bytes` bytes of src (uninitialised when src is null).
+// 64-byte aligned copy of `bytes` bytes of src (uninitialised when src is null); huge pages from 2 MB (scratch.h).
 Owned alloc_copy(const void* src, size_t bytes) {
-  const size_t cap = ((bytes ? bytes : 1) + 63) & ~size_t{63};
-#if defined(_MSC_VER)
-  char* p = static_cast<char*>(std::malloc(cap));  // MSVC has no aligned_alloc; the kernels use unaligned loads
-#else
-  char* p = static_cast<char*>(std::aligned_alloc(64, cap));
-#endif
+  char* p = static_cast<char*>(scratch_aligned_malloc(bytes ? bytes : 1));
   if (!p) throw std::bad_alloc();
   if (bytes && src) std::memcpy(p, src, bytes);
   return Owned(p);
