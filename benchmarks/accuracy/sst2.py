@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start", type=float, default=0.1, help="first pruning step, fraction of --max-steps")
     p.add_argument("--end", type=float, default=0.6, help="last pruning step, fraction of --max-steps")
     p.add_argument("--pruning-steps", type=int, default=6, help="pruning steps from start to end (inclusive)")
+    p.add_argument(
+        "--distribution", default="global", help="'global' (one ranking) or 'uniform' (the same sparsity per layer)"
+    )
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--hardness", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=42)
@@ -98,6 +101,7 @@ def build_config(args: argparse.Namespace, steps: int):
         pattern=args.pattern,
         initial_sparsity=min(args.initial_sparsity, args.sparsity),
         schedule="cubic",
+        distribution=args.distribution,
         start=max(start, 1),
         end=max(end, start, 1),
         update_every=every,
