@@ -55,6 +55,8 @@ VARIANTS: dict[str, list[str]] = {
     "magnitude-unstructured-90-recover": ["--end", "0.4"],
     # movement's scores after 100 steps on a converged model are mostly noise: no 70% jump, a cubic ramp from 0
     "movement-unstructured-90-nojump": ["--initial-sparsity", "0"],
+    # the student starts as its KD teacher, so pure KD has no gradient and movement's first scores are noise
+    "movement-unstructured-90-hardness05": ["--hardness", "0.5"],
 }  # fmt: skip
 for _name, _extra in VARIANTS.items():
     GRID[_name] = GRID[_name.split("-90-")[0] + "-90"] + _extra
