@@ -169,8 +169,9 @@ def run_with_reference(model, sp, ref, data, opt, masks_at):
 def test_hard_regrows_masked_weights_with_their_stored_values(pattern, optimizer):
     model = TwoLinear()
     config = movement_config(
-        pattern=pattern, schedule="linear", sparsity=0.5, initial_sparsity=0.3, start=2, end=12, update_every=1
-    )
+        pattern=pattern, schedule="linear", sparsity=0.5, initial_sparsity=0.3, start=2, end=12, update_every=1,
+        method_args={"regrow": True},
+    )  # fmt: skip
     grads = capture_grads(model)
     sp = sparsify_(model, config)
     assert sp.method.mask_gradients is False and sp._hooks == []
@@ -197,7 +198,7 @@ def test_soft_ramp_masks_are_the_threshold_and_the_last_step_hits_the_target(cap
         lr, tau = 0.6, 0.1
         config = movement_config(
             schedule="cubic", sparsity=0.6, start=3, end=9, update_every=2,
-            method_args={"variant": "soft", "score_lr": lr, "regularization": lam, "threshold": tau},
+            method_args={"variant": "soft", "score_lr": lr, "regularization": lam, "threshold": tau, "regrow": True},
         )  # fmt: skip
         grads = capture_grads(model)
         sp = sparsify_(model, config)
@@ -391,3 +392,35 @@ def test_gradient_accumulation_sums_the_movement_and_remove_leaves_no_hook():
     for model, sp in zip((full, halves), sps):
         sp.remove()
         assert all(not p._backward_hooks for p in model.parameters())
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "4-block"])
+def test_without_regrow_masked_weights_stay_masked_and_the_rest_rank_by_score(pattern):
+    # the default: a masked weight never comes back, whatever its score; the kept ones still rank by their scores
+    model = TwoLinear()
+    config = movement_config(
+        pattern=pattern, schedule="linear", sparsity=0.6, initial_sparsity=0.2, start=2, end=10, update_every=1
+    )
+    sp = sparsify_(model, config)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    block = 4 if pattern == "4-block" else 1
+    for step, (x, y) in enumerate(batches(12, seed=4), start=1):
+        before = {n: m.clone() for n, m in sp.masks.items()}
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.before_optimizer_step()
+        opt.step()
+        scores = {n: s.clone() for n, s in sp.method.scores_.items()}
+        if sp.step():
+            names = list(sp.targets)
+            groups = [scores[n].view(scores[n].shape[0], -1, block).sum(-1) for n in names]
+            kept_before = [before[n].view(before[n].shape[0], -1, block).any(-1) for n in names]
+            flat = torch.cat([g.masked_fill(~k, float("-inf")).flatten() for g, k in zip(groups, kept_before)])
+            k = round(round(sp.sparsity()["global"] * sum(g.numel() for g in groups) * block) / block)
+            pruned = torch.zeros_like(flat, dtype=torch.bool)
+            pruned[torch.argsort(flat, stable=True)[:k]] = True
+            got = torch.cat([(~sp.masks[n]).view(sp.masks[n].shape[0], -1, block).all(-1).flatten() for n in names])
+            assert torch.equal(got, pruned), step
+        for n in sp.targets:
+            assert not (sp.masks[n] & ~before[n]).any(), f"{n}: a masked weight came back at step {step}"
+        opt.zero_grad()
+    assert sp.sparsity()["global"] == pytest.approx(0.6, abs=1e-9)

@@ -124,6 +124,10 @@ class MovementPruning(PruningMethod):
         if self.soft and sp.global_step < sp.timeline.end:
             self._threshold_targets(pools)
         group_scores = {n: sp.pattern.group_scores(s.float()) for n, s in scores.items()}
+        if not self.args.regrow:  # masked groups rank first, so they stay masked
+            for n, g in group_scores.items():
+                kept = sp.pattern.group_scores(sp.masks[n].float()) > 0
+                group_scores[n] = g.masked_fill(~kept, float("-inf"))
         masks = {}
         for pool in pools:
             masks.update(sp.pattern.select({n: group_scores[n] for n in pool.names}, sp.shapes, pool.target))
