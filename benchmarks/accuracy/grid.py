@@ -31,18 +31,8 @@ GRID: dict[str, list[str]] = {
         for method in ("magnitude", "obert", "movement")
         for pattern, tag in (("unstructured", "unstructured"), ("4-block", "4block"))
     },
-    # movement ranks within each layer, as the paper's top-k does: its scores' scale differs between layers, and one
-    # global ranking pruned whole query/key matrices (MiniLM at chance, RESULTS.md)
-    **{
-        f"movement-{tag}-{round(s * 100)}": [
-            "--method", "movement", "--pattern", pattern, "--sparsity", str(s), "--distribution", "uniform",
-        ]
-        for s in (0.9, 0.8)
-        for pattern, tag in (("unstructured", "unstructured"), ("4-block", "4block"))
-    },
     "movement-soft-unstructured-90": [
-        "--method", "movement", "--sparsity", "0.9", "--distribution", "uniform",
-        "--method-args", '{"variant": "soft", "regularization": 1.0}',
+        "--method", "movement", "--sparsity", "0.9", "--method-args", '{"variant": "soft", "regularization": 1.0}',
     ],
 }  # fmt: skip
 
