@@ -107,5 +107,16 @@ def save(out_dir, rank, sparsifier):
     save_file(tensors, str(Path(out_dir) / f"rank{rank}.safetensors"))
 
 
+def shutdown() -> None:
+    """Leave the process group before exiting: gloo's threads torn down at interpreter exit while a peer is still
+    talking can abort the process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3])
+    shutdown()  # not after a failure: the barrier would wait for the rank that failed
