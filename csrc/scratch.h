@@ -16,9 +16,9 @@ namespace hf_sparse {
 constexpr size_t kHugePage = size_t{2} << 20;
 
 // 64-byte aligned memory; from 2 MB up on Linux, 2 MB aligned and advised for transparent huge pages before it is
-// first touched. The kernels stream through weights and activation tiles of several MB: with 4 KB pages the TLB
-// misses cost up to a third of a BERT forward (measured: the same model ran 11 or 17 ms depending on whether its
-// buffers happened to get huge pages). Where THP is "never", madvise does nothing. Free with scratch_aligned_free.
+// first touched: the kernels stream through weights and activation tiles of several MB, and 2 MB pages save the
+// TLB misses of 4 KB ones. (Its effect on a BERT forward is not established: benchmarks/RESULTS.md.) Where THP is
+// "never", madvise does nothing. Free with scratch_aligned_free.
 inline void* scratch_aligned_malloc(size_t bytes) {
 #if defined(_MSC_VER)
   return _aligned_malloc(bytes, 64);
