@@ -80,25 +80,22 @@ class FromPretrainedRunner(TorchRunner):
         self.threads_backend, self.attention = threads_backend, attention
 
     def run(self):
-        """As TorchRunner, with `attention` ("bf16" or "fp32") as the attention precision when one is set."""
-        if self.attention is None:
-            return super().run()
-        previous = hf_sparse.ops.set_attention_precision(self.attention)
+        """As TorchRunner, with `attention` ("bf16" or "fp32") as the attention precision and `threads_backend`
+        ("openmp" or "pool") as the kernels' threads when set, restored afterwards (so timing, the output check and
+        the profile all run on them)."""
+        previous_attention = previous_threads = None
+        if self.attention is not None:
+            previous_attention = hf_sparse.ops.set_attention_precision(self.attention)
+        if self.threads_backend is not None:
+            previous_threads = hf_sparse.ops.threads_backend()
+            hf_sparse.ops.set_threads_backend(self.threads_backend)
         try:
             return super().run()
         finally:
-            hf_sparse.ops.set_attention_precision(previous)
-
-    def time(self, iters: int) -> list[float]:
-        """As TorchRunner, on `threads_backend` ("openmp" or "pool") when one is set, restored afterwards."""
-        if self.threads_backend is None:
-            return super().time(iters)
-        previous = hf_sparse.ops.threads_backend()
-        hf_sparse.ops.set_threads_backend(self.threads_backend)
-        try:
-            return super().time(iters)
-        finally:
-            hf_sparse.ops.set_threads_backend(previous)
+            if self.threads_backend is not None:
+                hf_sparse.ops.set_threads_backend(previous_threads)
+            if self.attention is not None:
+                hf_sparse.ops.set_attention_precision(previous_attention)
 
     def profile(self, iters: int = 10, warmup: int = 2) -> dict:
         """Where the time goes. Forward hooks would switch the fused encoder layers off (they run only when nothing

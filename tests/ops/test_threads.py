@@ -103,25 +103,7 @@ def test_concurrent_callers_share_a_packed_weight(backend):
     packed = pack_linear(_weight(), bias=torch.randn(256))
     xs = [torch.randn(m, 384, generator=torch.Generator().manual_seed(m)) for m in (3, 64, 130, 200)]
     expected = [packed(x) for x in xs]
-    errors = []
-
-    def work(tid: int):
-        try:
-            for step in range(15):
-                i = (tid + step) % len(xs)
-                y = packed(xs[i])
-                if not torch.equal(y, expected[i]):
-                    errors.append(f"thread {tid} step {step}: result differs for input {i}")
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(repr(e))
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a caller hung"
-    assert not errors, errors[:3]
+    run_concurrently(packed, xs, expected, steps=15)
 
 
 def test_concurrent_callers_share_a_fused_ffn(backend):
@@ -130,24 +112,7 @@ def test_concurrent_callers_share_a_fused_ffn(backend):
     ffn = ops.fuse_ffn(first, pack_linear(make_weight(96, 300, 0.8, "4-block", gen)))
     xs = [torch.randn(m, 384, generator=gen) for m in (2, 64, 130, 200)]
     expected = [ffn.second(ffn.first(x)) for x in xs]
-    errors = []
-
-    def work(tid: int):
-        try:
-            for step in range(10):
-                i = (tid + step) % len(xs)
-                if not torch.equal(ffn(xs[i]), expected[i]):
-                    errors.append(f"thread {tid} step {step}: result differs for input {i}")
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(repr(e))
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a caller hung"
-    assert not errors, errors[:3]
+    run_concurrently(ffn, xs, expected, steps=10)
 
 
 def _child(queue, packed, x):
@@ -207,3 +172,26 @@ def test_environment_variables():
     assert fallback.returncode == 0, fallback.stderr
     assert fallback.stdout.split()[0] == "reference" and float(fallback.stdout.split()[2]) == 0.0
     assert fallback.stderr.count("Falling back to the pure-torch reference kernels") == 1
+
+
+def run_concurrently(call, xs, expected, steps: int, callers: int = 4) -> None:
+    """`callers` Python threads call `call` on the inputs in turn, `steps` times each; every result must equal
+    `expected` exactly, and no caller may hang."""
+    errors = []
+
+    def work(tid: int):
+        try:
+            for step in range(steps):
+                i = (tid + step) % len(xs)
+                if not torch.equal(call(xs[i]), expected[i]):
+                    errors.append(f"thread {tid} step {step}: result differs for input {i}")
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    assert not errors, errors[:3]
