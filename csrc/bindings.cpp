@@ -13,15 +13,18 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "scratch.h"
 #include "attention.h"
 #include "common.h"
+#include "encoder_layer.h"
 #include "isa.h"
 #include "linear.h"
 #include "thread_pool.h"
@@ -32,7 +35,7 @@ using namespace nb::literals;
 namespace hf_sparse {
 namespace {
 
-constexpr int kAbiVersion = 5;
+constexpr int kAbiVersion = 6;
 
 enum Kind : int { kI8Sparse = 0, kI8Dense = 1, kF32Sparse = 2 };
 
@@ -209,14 +212,18 @@ class Packed {
     if (m < 0) throw nb::value_error("number of rows must be >= 0");
     if (accum && kind_ == kF32Sparse) throw nb::value_error("accumulators exist only for int8 weights");
     const Output o = make_output(out, n_, act, accum);
-    const float* xf = reinterpret_cast<const float*>(x);
     nb::gil_scoped_release release;
+    forward(reinterpret_cast<const float*>(x), m, o, clamp_threads(nthreads));
+  }
+
+  // The product without the GIL or argument checks (callers checked them): also for worker threads.
+  void forward(const float* x, int64_t m, const Output& o, int nthreads) const {
     if (kind_ == kI8Sparse) {
-      linear_i8_sparse(si8_, xf, k_, m, o, clamp_threads(nthreads));
+      linear_i8_sparse(si8_, x, k_, m, o, nthreads);
     } else if (kind_ == kI8Dense) {
-      linear_i8_dense(di8_, xf, k_, m, o, clamp_threads(nthreads));
+      linear_i8_dense(di8_, x, k_, m, o, nthreads);
     } else {
-      linear_f32_sparse(sf32_, xf, k_, m, o, clamp_threads(nthreads));
+      linear_f32_sparse(sf32_, x, k_, m, o, nthreads);
     }
   }
 
@@ -224,6 +231,15 @@ class Packed {
   static void run_ffn(const Packed& first, const Packed& second, uintptr_t x, int64_t m, uintptr_t out, int act1,
                       int act2, int nthreads) {
     if (m < 0) throw nb::value_error("number of rows must be >= 0");
+    check_ffn(first, second);
+    make_output(0, 0, act1, false);  // checks the code
+    const Output o = make_output(out, second.n_, act2, false);
+    const float* xf = reinterpret_cast<const float*>(x);
+    nb::gil_scoped_release release;
+    linear_i8_ffn(first.si8_, act1, second.si8_, xf, first.k_, m, o, clamp_threads(nthreads));
+  }
+
+  static void check_ffn(const Packed& first, const Packed& second) {
     if (first.kind_ != kI8Sparse || second.kind_ != kI8Sparse) {
       throw nb::value_error("the fused FFN takes two int8 4-block weights");
     }
@@ -232,12 +248,11 @@ class Packed {
                              str(second.k_) + " inputs")
                                 .c_str());
     }
-    make_output(0, 0, act1, false);  // checks the code
-    const Output o = make_output(out, second.n_, act2, false);
-    const float* xf = reinterpret_cast<const float*>(x);
-    nb::gil_scoped_release release;
-    linear_i8_ffn(first.si8_, act1, second.si8_, xf, first.k_, m, o, clamp_threads(nthreads));
   }
+
+  int64_t out_features() const { return n_; }
+  int64_t in_features() const { return k_; }
+  const SparseI8& sparse_i8() const { return si8_; }
 
   nb::dict tensors(nb::handle self) const {
     nb::dict d;
@@ -279,6 +294,109 @@ class Packed {
   SparseI8 si8_{};
   DenseI8 di8_{};
   SparseF32 sf32_{};
+};
+
+// ------------------------------------------------------------------------------------------------------------------
+// A whole encoder layer (encoder_layer.h) over packed weights: Q/K/V packed together (no activation), the attention
+// output, and the FFN (fused: both int8 4-block; or two calls through a hidden buffer). Built once per layer;
+// run() takes the addresses of x, y, the mask and the LayerNorm parameters, which hf_sparse.nn checks first.
+
+thread_local ScratchBuffer t_ffn_hidden;  // the unfused FFN's hidden activations, per thread
+
+class EncoderLayerPlan {
+ public:
+  EncoderLayerPlan(nb::object qkv, nb::object out, nb::object first, nb::object second, bool ffn_fused, int act_out,
+                   int act1, int act2, int64_t heads, int64_t head_dim, double scale)
+      : qkv_obj_(qkv), out_obj_(out), first_obj_(first), second_obj_(second) {
+    const Packed& q = nb::cast<const Packed&>(qkv);
+    const Packed& o = nb::cast<const Packed&>(out);
+    const Packed& f1 = nb::cast<const Packed&>(first);
+    const Packed& f2 = nb::cast<const Packed&>(second);
+    for (int act : {act_out, act1, act2}) make_output(0, 0, act, false);  // checks the codes
+    if (heads < 1 || head_dim < 1) throw nb::value_error("encoder layer: heads and head_dim must be >= 1");
+    const int64_t width = heads * head_dim, hidden = o.out_features();
+    if (q.out_features() != 3 * width || o.in_features() != width || q.in_features() != hidden ||
+        f1.in_features() != hidden || f2.out_features() != hidden || f1.out_features() != f2.in_features()) {
+      throw nb::value_error(("encoder layer: sizes do not chain (qkv " + str(q.in_features()) + " -> " +
+                             str(q.out_features()) + ", out " + str(o.in_features()) + " -> " + str(hidden) +
+                             ", ffn " + str(f1.in_features()) + " -> " + str(f1.out_features()) + " -> " +
+                             str(f2.out_features()) + ", heads x head_dim " + str(width) + ")")
+                                .c_str());
+    }
+    if (ffn_fused) Packed::check_ffn(f1, f2);
+    const Packed *pq = &q, *po = &o, *p1 = &f1, *p2 = &f2;
+    call_.qkv = [pq](const float* x, int64_t m, float* y, int nt) { pq->forward(x, m, plain(y, pq), nt); };
+    call_.out = [po, act_out](const float* x, int64_t m, float* y, int nt) {
+      Output out = plain(y, po);
+      out.act = act_out;
+      po->forward(x, m, out, nt);
+    };
+    if (ffn_fused) {
+      call_.ffn = [p1, p2, act1, act2](const float* x, int64_t m, float* y, int nt) {
+        Output out = plain(y, p2);
+        out.act = act2;
+        linear_i8_ffn(p1->sparse_i8(), act1, p2->sparse_i8(), x, p1->in_features(), m, out, nt);
+      };
+    } else {
+      call_.ffn = [p1, p2, act1, act2](const float* x, int64_t m, float* y, int nt) {
+        float* h = reinterpret_cast<float*>(t_ffn_hidden.get(static_cast<size_t>(m * p1->out_features()) * 4));
+        Output mid = plain(h, p1);
+        mid.act = act1;
+        p1->forward(x, m, mid, nt);
+        Output out = plain(y, p2);
+        out.act = act2;
+        p2->forward(h, m, out, nt);
+      };
+    }
+    call_.hidden = hidden;
+    call_.width = width;
+    call_.heads = heads;
+    call_.head_dim = head_dim;
+    call_.scale = static_cast<float>(scale);
+  }
+
+  // y = layer(x) for batch sequences of seq tokens; norms: addresses of gamma1, beta1, gamma2, beta2 (float32,
+  // hidden each); profile: 0 or the address of kLayerSteps int64 counters (ns added). Returns encoder_layer's.
+  int run(uintptr_t x, uintptr_t y, int64_t batch, int64_t seq, int mask_kind, uintptr_t mask, int64_t mask_sb,
+          int64_t mask_sh, int64_t mask_sq, const std::vector<uintptr_t>& norms, double eps1, double eps2,
+          int64_t chunk_tokens, bool split_sequences, int nthreads, uintptr_t profile) const {
+    if (batch < 0 || seq < 0) throw nb::value_error("encoder layer: batch and seq must be >= 0");
+    if (norms.size() != 4) throw nb::value_error("encoder layer: 4 LayerNorm parameter addresses expected");
+    if (mask_kind != kMaskNone && mask_kind != kMaskAdd && mask_kind != kMaskKeep) {
+      throw nb::value_error(("encoder layer: unknown mask kind " + str(mask_kind)).c_str());
+    }
+    EncoderLayerCall c = call_;
+    c.x = reinterpret_cast<const float*>(x);
+    c.y = reinterpret_cast<float*>(y);
+    c.batch = batch;
+    c.seq = seq;
+    c.mask_kind = mask_kind;
+    c.mask = reinterpret_cast<const void*>(mask);
+    c.mask_sb = mask_sb;
+    c.mask_sh = mask_sh;
+    c.mask_sq = mask_sq;
+    c.gamma1 = reinterpret_cast<const float*>(norms[0]);
+    c.beta1 = reinterpret_cast<const float*>(norms[1]);
+    c.gamma2 = reinterpret_cast<const float*>(norms[2]);
+    c.beta2 = reinterpret_cast<const float*>(norms[3]);
+    c.eps1 = static_cast<float>(eps1);
+    c.eps2 = static_cast<float>(eps2);
+    c.chunk_tokens = std::max<int64_t>(1, chunk_tokens);
+    c.split_sequences = split_sequences;
+    nb::gil_scoped_release release;
+    return encoder_layer(c, clamp_threads(nthreads), reinterpret_cast<int64_t*>(profile));
+  }
+
+ private:
+  static Output plain(float* y, const Packed* p) {
+    Output o;
+    o.y = y;
+    o.ldy = p->out_features();
+    return o;
+  }
+
+  nb::object qkv_obj_, out_obj_, first_obj_, second_obj_;  // keep the packed weights alive
+  EncoderLayerCall call_;
 };
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -483,6 +601,15 @@ NB_MODULE(_C, m) {
       .def("tensors", [](nb::handle self) { return nb::cast<const Packed&>(self).tensors(self); })
       .def_prop_ro("kind", &Packed::kind)
       .def_prop_ro("nnz", &Packed::nnz);
+
+  nb::class_<EncoderLayerPlan>(m, "EncoderLayer")
+      .def(nb::init<nb::object, nb::object, nb::object, nb::object, bool, int, int, int, int64_t, int64_t, double>(),
+           "qkv"_a, "out"_a, "first"_a, "second"_a, "ffn_fused"_a, "act_out"_a, "act1"_a, "act2"_a, "heads"_a,
+           "head_dim"_a, "scale"_a)
+      .def("run", &EncoderLayerPlan::run, "x"_a, "y"_a, "batch"_a, "seq"_a, "mask_kind"_a, "mask"_a, "mask_sb"_a,
+           "mask_sh"_a, "mask_sq"_a, "norms"_a, "eps1"_a, "eps2"_a, "chunk_tokens"_a, "split_sequences"_a, "nthreads"_a,
+           "profile"_a);
+  m.attr("LAYER_STEPS") = nb::make_tuple("qkv", "attention", "out", "norm1", "ffn", "norm2");
 
   m.def("i8_sparse_raw", &i8_sparse_raw);
   m.def("i8_ffn_raw", &i8_ffn_raw);

@@ -222,9 +222,24 @@ struct GompJob {
   std::atomic<int> next_tid{0};
 };
 
+using OmpThreadNum = int (*)();
+
+OmpThreadNum omp_thread_num() {
+#if HF_SPARSE_POSIX
+  static const OmpThreadNum f = reinterpret_cast<OmpThreadNum>(dlsym(RTLD_DEFAULT, "omp_get_thread_num"));
+  return f;
+#else
+  return nullptr;
+#endif
+}
+
 void gomp_entry(void* p) {
   auto* job = static_cast<GompJob*>(p);
-  job->fn(job->ctx, job->next_tid.fetch_add(1, std::memory_order_relaxed), job->nthreads);
+  // The OpenMP thread number when there is one: the same OS thread gets the same tid from call to call (as the
+  // pool's workers do), so jobs that give each tid the same share keep their data in that core's caches.
+  const OmpThreadNum num = omp_thread_num();
+  const int tid = num ? num() : job->next_tid.fetch_add(1, std::memory_order_relaxed);
+  job->fn(job->ctx, tid, job->nthreads);
 }
 
 }  // namespace

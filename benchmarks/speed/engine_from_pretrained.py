@@ -7,8 +7,8 @@
 
 Engine "hf_sparse_int8": the pruned model is written with `hf_sparse.save_sparse(..., weight_dtype="int8")` to a
 temporary folder and loaded with `AutoModelForSequenceClassification.from_pretrained`, exactly as a user would
-(`import hf_sparse` registers the backend): every encoder layer runs fused, as six kernel calls (Q/K/V packed
-together, bf16 attention, attention output, residual add + LayerNorm, the fused FFN, residual add + LayerNorm;
+(`import hf_sparse` registers the backend): every encoder layer runs fused, as one call of six kernel steps (Q/K/V
+packed together, bf16 attention, attention output, residual add + LayerNorm, the fused FFN, residual add + LayerNorm;
 docs/kernels.md, "Attention"); embeddings, pooler and classifier stay float32 PyTorch, as in the other engines.
 "hf_sparse_fp32" loads float32 weights (the sparse fp32 kernel). Off by default, the same loaded int8 model with one
 setting switched while it runs: "hf_sparse_int8_pool" (kernel threads from hf_sparse's pool) and
@@ -60,18 +60,13 @@ def load_through_from_pretrained(ctx: EngineContext, weight_dtype: str) -> torch
 _STEP_CATEGORY = {"qkv": "linear", "out": "linear", "ffn": "linear", "attention": "attention"}
 
 
-class _StepTimer:
-    """`FusedEncoderLayer.step_hook`: the time since the previous event, per category (layer norms go to "other")."""
-
-    def __init__(self):
-        self.totals = {"linear": 0.0, "attention": 0.0}
-        self.last = 0.0
-
-    def __call__(self, step: str | None) -> None:
-        now = time.perf_counter()
+def _category_totals(step_times: dict[str, float]) -> dict[str, float]:
+    """`FusedEncoderLayer.step_times` (seconds per step) per category (layer norms go to "other")."""
+    totals = {"linear": 0.0, "attention": 0.0}
+    for step, seconds in step_times.items():
         if step in _STEP_CATEGORY:
-            self.totals[_STEP_CATEGORY[step]] += now - self.last
-        self.last = now
+            totals[_STEP_CATEGORY[step]] += seconds
+    return totals
 
 
 class FromPretrainedRunner(TorchRunner):
@@ -99,7 +94,8 @@ class FromPretrainedRunner(TorchRunner):
 
     def profile(self, iters: int = 10, warmup: int = 2) -> dict:
         """Where the time goes. Forward hooks would switch the fused encoder layers off (they run only when nothing
-        watches their modules), so when they are in use their own step hook times their kernel calls instead;
+        watches their modules), so when they are in use their own step timer (`FusedEncoderLayer.step_times`) times
+        their steps instead (with whole sequences per thread: each step's mean over the threads);
         "other" is the rest of the forward (layer norms, embeddings, pooler, classifier, Python)."""
         if not _uses_fused_layers(self):
             return profile_module(self.module, self.run, iters=iters, warmup=warmup)
@@ -112,12 +108,12 @@ class FromPretrainedRunner(TorchRunner):
             plain.append(time.perf_counter() - start)
         try:
             for _ in range(iters):
-                FusedEncoderLayer.step_hook = timer = _StepTimer()
+                FusedEncoderLayer.step_times = times = {}
                 start = time.perf_counter()
                 self.run()
-                samples.append({**timer.totals, "total": time.perf_counter() - start})
+                samples.append({**_category_totals(times), "total": time.perf_counter() - start})
         finally:
-            FusedEncoderLayer.step_hook = None
+            FusedEncoderLayer.step_times = None
         out = {f"{c}_ms": statistics.median(s[c] for s in samples) * 1e3 for c in ("linear", "attention", "total")}
         out["other_ms"] = statistics.median(s["total"] - s["linear"] - s["attention"] for s in samples) * 1e3
         out["total_ms"] = out["linear_ms"] + out["attention_ms"] + out["other_ms"]
@@ -129,13 +125,12 @@ class FromPretrainedRunner(TorchRunner):
 
 def _uses_fused_layers(runner: TorchRunner) -> bool:
     """Whether a forward of the runner goes through at least one FusedEncoderLayer fast path."""
-    calls = []
-    FusedEncoderLayer.step_hook = calls.append
+    FusedEncoderLayer.step_times = times = {}
     try:
         runner.run()
     finally:
-        FusedEncoderLayer.step_hook = None
-    return bool(calls)
+        FusedEncoderLayer.step_times = None
+    return bool(times)
 
 
 def _setup(

@@ -1,7 +1,7 @@
 """Whole encoder layers on the kernels (`EncoderLayerFusion` rules): installing them, and when they may run.
 
 `pack_model` replaces the `forward` of each eligible layer instance by a `FusedEncoderForward`, which runs
-`hf_sparse.nn.FusedEncoderLayer` (six kernel calls) when the fast path computes exactly what the layer's own forward
+`hf_sparse.nn.FusedEncoderLayer` (one call, six kernel steps) when the fast path computes exactly what the layer's own forward
 would (up to the attention's bfloat16 rounding), and the class's forward otherwise. `why_not(...)` says which
 assumption failed; the tests go through every one of them. `HF_SPARSE_ATTENTION=fp32` (or
 `hf_sparse.ops.set_attention_precision("fp32")`) keeps every layer on its own forward: float32 attention.

@@ -12,7 +12,7 @@ Four kinds of rule, each checked against the class's source when it was added (a
   repeats the rest of the original code. The submodules keep working on their own; only this path is fused.
 - `EncoderLayerFusion`: the layer's eval forward is a post-LayerNorm encoder layer, `LN2(FFN(a) + a)` with
   `a = LN1(O(self_attention(QKV(x), mask)) + x)`. Its `forward` is replaced on the instance by a
-  `hf_sparse.integrations.encoder_layer.FusedEncoderForward`: six kernel calls (`hf_sparse.nn.FusedEncoderLayer`)
+  `hf_sparse.integrations.encoder_layer.FusedEncoderForward`: one call of six kernel steps (`hf_sparse.nn.FusedEncoderLayer`)
   whenever the call is one the fast path computes, the class's forward otherwise (always with
   `HF_SPARSE_ATTENTION=fp32`: the fused layer's attention rounds Q, K, V and the probabilities to bfloat16).
 

@@ -158,7 +158,7 @@ def _replace_tied_heads(model: nn.Module) -> None:
 def pack_model(model: nn.Module) -> dict[str, int]:
     """Pack every loaded `SparseLinear` of `model` for the kernels, in place: exact GELUs after a converted Linear
     are fused into its kernel, sibling Linears are packed side by side, the rest alone, then whole FFNs become one
-    kernel call where the layouts allow, and whole encoder layers as six calls (the attention kernel included). The
+    kernel call where the layouts allow, and whole encoder layers as one call of six kernel steps (the attention kernel included). The
     dense loading copies are dropped, and parameters stop requiring gradients (the kernels have no backward).
     Returns counts of what was done."""
     modules = dict(model.named_modules())

@@ -1,9 +1,11 @@
-"""`FusedEncoderLayer`: a post-LayerNorm transformer encoder layer (BERT, RoBERTa, DistilBERT...) in six kernel calls.
+"""`FusedEncoderLayer`: a post-LayerNorm transformer encoder layer (BERT, RoBERTa, DistilBERT...) in one kernel call.
 
     qkv = QKV(x)                  Q, K and V packed side by side (`pack_linears`): one activation quantization
     ctx = attention(qkv, mask)    `hf_sparse.ops.attention`, read from and written in place of the head split/merge
     a   = LN1(O(ctx) + x)         the attention-output Linear, then `add_layernorm` (residual add + LayerNorm)
     y   = LN2(FFN(a) + a)         the FFN as one call (`FusedFFN`), then `add_layernorm`
+
+(six steps, run by `hf_sparse._C.EncoderLayer` without returning to Python in between).
 
 Dropout is the identity (inference). The attention's numerics are bfloat16 Q, K, V and probabilities (docs/kernels.md,
 "Attention"). Nothing here knows about transformers: `hf_sparse.integrations` decides when a model's layer may run
@@ -23,11 +25,9 @@ from ..ops.attention import _mask_args
 from ..ops.packed_linear import can_call_directly
 
 
+# Whole sequences per chunk, about this many tokens: a chunk's intermediates stay in L2 from one step to the next
+# (the Q/K/V output alone is 12 x hidden bytes per token).
 CHUNK_TOKENS = 256
-
-
-def _no_hook(step: str | None) -> None:
-    pass
 
 
 class FusedEncoderLayer:
@@ -45,12 +45,16 @@ class FusedEncoderLayer:
     Call: `x` (batch, seq, hidden) float32, `mask` None or as `hf_sparse.ops.attention` takes it -> float32
     (batch, seq, hidden).
 
-    `FusedEncoderLayer.step_hook`, None normally, may be set by a profiler (benchmarks/speed) to a callable run with
-    None before each chunk of sequences and with the step's name ("qkv", "attention", "out", "norm1", "ffn",
-    "norm2") after each kernel call: the fast path has no modules for forward hooks to time.
+    Threads: with several threads and at least as many sequences, each thread runs whole chunks of sequences
+    through all six steps alone; otherwise every step is split over the threads (csrc/encoder_layer.cpp says why).
+    The results are the same either way; `layer.split_sequences = False` keeps every call on the split steps.
+
+    `FusedEncoderLayer.step_times`, None normally, may be set by a profiler (benchmarks/speed) to a dict: every
+    fast-path call then adds each step's share of its wall time, in seconds, under the step's name ("qkv",
+    "attention", "out", "norm1", "ffn", "norm2"): the fast path has no modules for forward hooks to time.
     """
 
-    step_hook = None
+    step_times: dict[str, float] | None = None
 
     def __init__(
         self, qkv: PackedLinear, out: PackedLinear, ffn: FusedFFN, norm1: nn.LayerNorm, norm2: nn.LayerNorm,
@@ -75,9 +79,17 @@ class FusedEncoderLayer:
             raise ValueError(f"FusedEncoderLayer: heads={heads} must divide the attention width {width}")
         self.qkv, self.out, self.ffn, self.norm1, self.norm2 = qkv, out, ffn, norm1, norm2
         self.chunk_tokens = CHUNK_TOKENS
+        self.split_sequences = True
+        self.sequence_threads = 0  # threads that took whole sequences in the last fast-path call (1: none)
         self.heads, self.head_dim, self.scale = int(heads), width // heads, float(scale)
         self.width, self.hidden = width, hidden
-        self._direct = all(p.runs_extension for p in (qkv, out, ffn.first, ffn.second))
+        self._plan = None
+        if all(p.runs_extension for p in (qkv, out, ffn.first, ffn.second)):
+            first, second = ffn.first, ffn.second
+            self._plan = ext._C.EncoderLayer(
+                qkv._handle, out._handle, first._handle, second._handle, ffn.fused, out._act, first._act,
+                second._act, self.heads, self.head_dim, self.scale,
+            )  # fmt: skip
 
     def __deepcopy__(self, memo):  # the copied model's LayerNorms, the same (never modified) packed weights
         new = copy.copy(self)
@@ -86,60 +98,27 @@ class FusedEncoderLayer:
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if not (
-            self._direct and can_call_directly(x) and x.dtype is torch.float32 and x.dim() == 3
+            self._plan is not None and can_call_directly(x) and x.dtype is torch.float32 and x.dim() == 3
             and x.shape[2] == self.hidden and x.is_contiguous() and (mask is None or can_call_directly(mask))
             and self._norms_ok()
         ):  # fmt: skip
             return self._composed(x, mask)
-        batch, seq, hidden = x.shape
+        batch, seq, _ = x.shape
         kind, mk, sb, sh, sq = _mask_args(mask, batch, self.heads, seq, "FusedEncoderLayer")
         nt = ext._num_threads or torch.get_num_threads()
-        # Whole sequences at a time, about CHUNK_TOKENS tokens: a chunk's intermediates stay in L2 from one call to
-        # the next (the Q/K/V output alone is 12 x hidden bytes per token).
-        per = max(1, min(batch, self.chunk_tokens // max(seq, 1)))
-        m = per * seq
-        w = self.width
-        qkv = torch.empty((m, 3 * w), dtype=torch.float32)
-        ctx = torch.empty((m, w), dtype=torch.float32)
-        a = torch.empty((m, hidden), dtype=torch.float32)
-        h = torch.empty((m, self.ffn.hidden_features), dtype=torch.float32) if not self.ffn.fused else None
-        y = torch.empty((batch, seq, hidden), dtype=torch.float32)
-        bytes_per_seq = seq * hidden * 4
-        for b0 in range(0, batch, per):
-            nb = min(per, batch - b0)
-            self._chunk(
-                x.data_ptr() + b0 * bytes_per_seq, y.data_ptr() + b0 * bytes_per_seq, nb, seq, qkv, ctx, a, h,
-                kind, mk.data_ptr() + b0 * sb * mk.element_size() if mk is not None else 0, sb, sh, sq, nt,
-            )  # fmt: skip
-        return y
-
-    def _chunk(self, xp, yp, nb, seq, qkv, ctx, a, h, kind, mp, sb, sh, sq, nt):
-        """One chunk of `nb` sequences: x at address xp -> y at address yp (float32, hidden wide, contiguous)."""
-        c, w, m = ext._C, self.width, nb * seq
-        hook = FusedEncoderLayer.step_hook or _no_hook
-        hook(None)
-        self.qkv._handle.run(xp, m, qkv.data_ptr(), 0, nt, False)
-        hook("qkv")
-        p = qkv.data_ptr()
-        c.attention_raw(
-            p, p + 4 * w, p + 8 * w, 3 * w, 3 * w, 3 * w, ctx.data_ptr(), w, nb, seq, self.heads, self.head_dim,
-            self.scale, False, kind, mp, sb, sh, sq, nt,
+        y = torch.empty_like(x)
+        norms = [t.data_ptr() for t in (self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias)]
+        times = FusedEncoderLayer.step_times
+        counters = torch.zeros(len(ext._C.LAYER_STEPS), dtype=torch.int64) if times is not None else None
+        self.sequence_threads = self._plan.run(
+            x.data_ptr(), y.data_ptr(), batch, seq, kind, mk.data_ptr() if mk is not None else 0, sb, sh, sq, norms,
+            self.norm1.eps, self.norm2.eps, self.chunk_tokens, self.split_sequences, nt,
+            counters.data_ptr() if counters is not None else 0,
         )  # fmt: skip
-        hook("attention")
-        ap = a.data_ptr()
-        self.out._handle.run(ctx.data_ptr(), m, ap, self.out._act, nt, False)
-        hook("out")
-        self._norm(self.norm1, ap, xp, ap, m, nt)
-        hook("norm1")
-        first, second = self.ffn.first, self.ffn.second
-        if self.ffn.fused:
-            c.Packed.run_ffn(first._handle, second._handle, ap, m, yp, first._act, second._act, nt)
-        else:
-            first._handle.run(ap, m, h.data_ptr(), first._act, nt, False)
-            second._handle.run(h.data_ptr(), m, yp, second._act, nt, False)
-        hook("ffn")
-        self._norm(self.norm2, yp, ap, yp, m, nt)
-        hook("norm2")
+        if times is not None:
+            for step, ns in zip(ext._C.LAYER_STEPS, counters.tolist()):
+                times[step] = times.get(step, 0.0) + ns * 1e-9
+        return y
 
     def _norms_ok(self) -> bool:
         """float32 contiguous LayerNorm parameters (a model cast to another dtype runs the composed path)."""

@@ -1,0 +1,43 @@
+// A whole post-LayerNorm encoder layer (BERT family) on the kernels, and how its work is split over threads.
+//
+// Plain declarations only (see common.h). The Linear steps come in as callables, so this file knows nothing of
+// packed weights or of Python.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace hf_sparse {
+
+// One Linear step: y (m rows, row stride = its output width) from x (m rows, row stride = its input width), on up
+// to nthreads threads. Called from worker threads too, without the GIL.
+using LinearStep = std::function<void(const float* x, int64_t m, float* y, int nthreads)>;
+
+// Steps in the order they run; profile counters are indexed the same way.
+enum LayerStep : int { kStepQkv = 0, kStepAttention, kStepOut, kStepNorm1, kStepFfn, kStepNorm2, kLayerSteps };
+
+// y = LN2(ffn(a) + a) with a = LN1(out(attention(qkv(x))) + x) over `batch` sequences of `seq` tokens.
+struct EncoderLayerCall {
+  LinearStep qkv;  // hidden -> 3 * width (Q, K, V side by side)
+  LinearStep out;  // width -> hidden
+  LinearStep ffn;  // hidden -> hidden (the whole FFN)
+  int64_t hidden = 0, width = 0, heads = 0, head_dim = 0;
+  float scale = 1.0f;
+  int mask_kind = 0;              // MaskKind (attention.h)
+  const void* mask = nullptr;     // element (b, h, i, j) at b * mask_sb + h * mask_sh + i * mask_sq + j
+  int64_t mask_sb = 0, mask_sh = 0, mask_sq = 0;
+  const float *gamma1 = nullptr, *beta1 = nullptr, *gamma2 = nullptr, *beta2 = nullptr;
+  float eps1 = 1e-12f, eps2 = 1e-12f;
+  const float* x = nullptr;  // (batch * seq, hidden)
+  float* y = nullptr;        // (batch * seq, hidden), not aliasing x
+  int64_t batch = 0, seq = 0;
+  int64_t chunk_tokens = 256;  // whole sequences per chunk, about this many tokens
+  bool split_sequences = true;  // false: always split every step over the threads instead
+};
+
+// Runs the layer and returns how many threads took whole sequences (1: every step was split over the threads
+// instead). With profile_ns (kLayerSteps counters) each step's share of the wall time is added, in nanoseconds
+// (with whole sequences per thread: the mean over the threads of the time each spent in that step).
+int encoder_layer(const EncoderLayerCall& call, int nthreads, int64_t* profile_ns);
+
+}  // namespace hf_sparse

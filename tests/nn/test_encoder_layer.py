@@ -1,0 +1,117 @@
+"""`FusedEncoderLayer` built from packed weights: its threads and chunks never change a result.
+
+Every step works token by token (per-token activation scales, LayerNorm rows) or sequence by sequence (attention),
+so whether the threads take whole sequences (`sequence_threads > 1`) or split each step, and however the batch is
+cut into chunks, the output must be bit for bit the one-thread output. That output itself is checked against the
+pure-torch reference of each step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hf_sparse import ops
+from hf_sparse.nn import FusedEncoderLayer
+from hf_sparse.ops import fuse_ffn, pack_linear, pack_linears
+
+
+pytestmark = pytest.mark.skipif(not ops.extension_available(), reason="the fast path runs on the C++ kernels")
+
+HIDDEN, HEADS, FFN = 48, 4, 96
+
+
+def _block4(out_features: int, in_features: int, gen: torch.Generator, density: float = 0.3) -> torch.Tensor:
+    w = torch.randn(out_features, in_features, generator=gen) * 0.2
+    keep = torch.rand(out_features, in_features // 4, generator=gen) < density
+    return w * keep.repeat_interleave(4, dim=1)
+
+
+def _norm(gen: torch.Generator) -> nn.LayerNorm:
+    norm = nn.LayerNorm(HIDDEN, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(HIDDEN, generator=gen))
+        norm.bias.copy_(0.1 * torch.randn(HIDDEN, generator=gen))
+    return norm
+
+
+@pytest.fixture(scope="module")
+def layer() -> FusedEncoderLayer:
+    gen = torch.Generator().manual_seed(0)
+    qkv = pack_linears(
+        [_block4(HIDDEN, HIDDEN, gen) for _ in range(3)], biases=[torch.randn(HIDDEN, generator=gen) for _ in range(3)]
+    )
+    out = pack_linear(_block4(HIDDEN, HIDDEN, gen), bias=torch.randn(HIDDEN, generator=gen))
+    first = pack_linear(_block4(FFN, HIDDEN, gen), bias=torch.randn(FFN, generator=gen), activation="gelu")
+    second = pack_linear(_block4(HIDDEN, FFN, gen), bias=torch.randn(HIDDEN, generator=gen))
+    return FusedEncoderLayer(
+        qkv, out, fuse_ffn(first, second), _norm(gen), _norm(gen), HEADS, (HIDDEN // HEADS) ** -0.5
+    )
+
+
+@pytest.fixture
+def threads():
+    def use(n):
+        ops.set_num_threads(n)
+
+    yield use
+    ops.set_num_threads(None)
+
+
+def _run(layer, x, mask, nthreads, split=True, chunk_tokens=256):
+    ops.set_num_threads(nthreads)
+    layer.split_sequences, layer.chunk_tokens = split, chunk_tokens
+    try:
+        return layer(x, mask), layer.sequence_threads
+    finally:
+        layer.split_sequences, layer.chunk_tokens = True, 256
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("nthreads", [2, 3])
+def test_whole_sequences_per_thread_equal_one_thread(layer, threads, batch, nthreads):
+    gen = torch.Generator().manual_seed(batch)
+    seq = 40  # >= 32 tokens per thread: sequences go to threads whole whenever there are enough of them
+    x = torch.randn(batch, seq, HIDDEN, generator=gen)
+    mask = torch.rand(batch, 1, 1, seq, generator=gen) > 0.2
+    mask[..., 0] = True
+    one, used = _run(layer, x, mask, 1)
+    assert used == 1
+    for chunk_tokens in (40, 80, 256):  # one, two and up to six sequences per chunk
+        got, used = _run(layer, x, mask, nthreads, chunk_tokens=chunk_tokens)
+        assert used == (min(nthreads, batch) if batch >= 2 else 1), (batch, nthreads, used)
+        assert torch.equal(got, one), f"batch {batch}, {nthreads} threads, chunks of {chunk_tokens} tokens"
+        steps, used = _run(layer, x, mask, nthreads, split=False, chunk_tokens=chunk_tokens)
+        assert used == 1 and torch.equal(steps, one)
+
+
+def test_short_sequences_split_the_steps_instead(layer, threads):
+    x = torch.randn(4, 7, HIDDEN)  # 14 tokens per thread: below the threshold for threads of their own
+    one, _ = _run(layer, x, None, 1)
+    got, used = _run(layer, x, None, 2)
+    assert used == 1 and torch.equal(got, one)
+
+
+def test_matches_the_reference_of_every_step(layer, threads):
+    x = torch.randn(4, 33, HIDDEN)
+    mask = torch.zeros(4, 1, 33, 33)
+    mask[1, ..., 20:] = float("-inf")  # padding in one sequence (float mask added to the scores)
+    got, used = _run(layer, x, mask, 2)
+    assert used == 2
+    ref = layer.reference(x, mask)
+    err = (got - ref).abs().max().item()
+    assert err < 1e-4, f"max |fused - reference| = {err}"
+
+
+def test_profile_counts_every_step_once_per_call(layer, threads):
+    x = torch.randn(4, 40, HIDDEN)
+    FusedEncoderLayer.step_times = times = {}
+    try:
+        _run(layer, x, None, 2)
+        first = dict(times)
+        _run(layer, x, None, 2, split=False)
+    finally:
+        FusedEncoderLayer.step_times = None
+    assert set(first) == {"qkv", "attention", "out", "norm1", "ffn", "norm2"}
+    assert all(v > 0 for v in first.values()) and all(times[k] > first[k] for k in first)
