@@ -37,6 +37,7 @@ struct AttnJob {
   AttnCall call;
   int64_t chunks;  // query chunks per (sequence, head)
   int64_t rows;    // query rows per chunk
+  int64_t q_begin, q_end;  // the query rows computed
   char* scratch;
   size_t slot_bytes;
   std::atomic<int64_t>* next;
@@ -62,8 +63,8 @@ struct AttnJob {
       a.out = c.out + row0 * c.ldo + h * c.d;
       a.ldo = c.ldo;
       a.s = c.seq;
-      a.q0 = chunk * rows;
-      a.q1 = std::min(c.seq, a.q0 + rows);
+      a.q0 = q_begin + chunk * rows;
+      a.q1 = std::min(q_end, a.q0 + rows);
       a.d = c.d;
       a.scale = c.scale;
       a.causal = c.causal;
@@ -117,7 +118,8 @@ void count(std::atomic<int64_t>* counters, const AttnKernels& k) {
 void attention(const AttnCall& c, int nthreads) {
   if (c.batch <= 0 || c.seq <= 0 || c.heads <= 0 || c.d <= 0) return;
   const AttnKernels& kern = active_attn_kernels();
-  const double macs = 2.0 * static_cast<double>(c.batch * c.heads) * c.seq * c.seq * c.d;
+  const int64_t q_rows = (c.q_end < 0 ? c.seq : std::min(c.seq, c.q_end)) - std::max<int64_t>(0, c.q_begin);
+  const double macs = 2.0 * static_cast<double>(c.batch * c.heads) * std::max<int64_t>(q_rows, 0) * c.seq * c.d;
   const int nt = threads_for(macs, std::max(1, nthreads));
   AttnJob job{};
   job.kern = &kern;
@@ -126,9 +128,13 @@ void attention(const AttnCall& c, int nthreads) {
   const int64_t heads = c.batch * c.heads;
   const int64_t want = nt > 1 ? kItemsPerThread * nt : 1;
   int64_t chunks = heads >= want ? 1 : ceil_div(want, heads);
-  chunks = std::max<int64_t>(chunks, ceil_div(c.seq, kMaxItemRows));
-  job.rows = ceil_div(c.seq, chunks);
-  job.chunks = ceil_div(c.seq, job.rows);
+  job.q_begin = std::max<int64_t>(0, c.q_begin);
+  job.q_end = c.q_end < 0 ? c.seq : std::min(c.seq, c.q_end);
+  const int64_t queries = job.q_end - job.q_begin;
+  if (queries <= 0) return;
+  chunks = std::max<int64_t>(chunks, ceil_div(queries, kMaxItemRows));
+  job.rows = ceil_div(queries, chunks);
+  job.chunks = ceil_div(queries, job.rows);
   job.slot_bytes = align64(kern.scratch_bytes(c.d, c.seq, job.rows));
   const int threads = static_cast<int>(std::min<int64_t>(nt, heads * job.chunks));
   job.scratch = t_attn_scratch.get(job.slot_bytes * threads);

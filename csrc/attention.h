@@ -70,6 +70,9 @@ struct AttnCall {
   int mask_kind = kMaskNone;
   const void* mask = nullptr;
   int64_t mask_sb = 0, mask_sh = 0, mask_sq = 0;
+  // Only query rows q_begin .. q_end - 1 of each sequence (q_end < 0: to the end) are computed and written; keys
+  // are always all seq tokens.
+  int64_t q_begin = 0, q_end = -1;
 };
 void attention(const AttnCall& call, int nthreads);
 

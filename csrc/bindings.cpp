@@ -356,7 +356,8 @@ class EncoderLayerPlan {
   }
 
   // y = layer(x) for batch sequences of seq tokens; norms: addresses of gamma1, beta1, gamma2, beta2 (float32,
-  // hidden each); profile: 0 or the address of kLayerSteps int64 counters (ns added). Returns encoder_layer's.
+  // hidden each); profile: 0 or the address of kLayerSteps int64 counters (ns added). Returns encoder_layer's
+  // LayerParallelism flags.
   int run(uintptr_t x, uintptr_t y, int64_t batch, int64_t seq, int mask_kind, uintptr_t mask, int64_t mask_sb,
           int64_t mask_sh, int64_t mask_sq, const std::vector<uintptr_t>& norms, double eps1, double eps2,
           int64_t chunk_tokens, bool split_sequences, int nthreads, uintptr_t profile) const {
@@ -610,6 +611,9 @@ NB_MODULE(_C, m) {
            "mask_sh"_a, "mask_sq"_a, "norms"_a, "eps1"_a, "eps2"_a, "chunk_tokens"_a, "split_sequences"_a, "nthreads"_a,
            "profile"_a);
   m.attr("LAYER_STEPS") = nb::make_tuple("qkv", "attention", "out", "norm1", "ffn", "norm2");
+  m.attr("LAYER_PARALLELISM") = nb::make_tuple(nb::make_tuple("sequences", static_cast<int>(kSequenceParallel)),
+                                               nb::make_tuple("tokens", static_cast<int>(kTokenParallel)),
+                                               nb::make_tuple("steps", static_cast<int>(kStepParallel)));
 
   m.def("i8_sparse_raw", &i8_sparse_raw);
   m.def("i8_ffn_raw", &i8_ffn_raw);

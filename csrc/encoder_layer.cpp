@@ -14,6 +14,7 @@
 #include <chrono>
 #include <exception>
 #include <new>
+#include <thread>
 
 #include "attention.h"
 #include "scratch.h"
@@ -60,20 +61,16 @@ struct ChunkBuffers {
   }
 };
 
-// Sequences b0 .. b0 + nb - 1 through the layer, each step on up to nt threads.
-void run_chunk(const EncoderLayerCall& c, int64_t b0, int64_t nb, int nt, const ChunkBuffers& buf, int64_t* prof) {
-  const int64_t m = nb * c.seq, w = c.width, hidden = c.hidden;
-  const float* x = c.x + b0 * c.seq * hidden;
-  float* y = c.y + b0 * c.seq * hidden;
-  StepTimer timer(prof);
-  c.qkv(x, m, buf.qkv, nt);
-  timer.done(kStepQkv);
+// The attention of sequences b0 .. b0 + nb - 1, reading Q, K, V side by side in qkv (3 * width per token) and
+// writing ctx (width per token); both hold those sequences only.
+AttnCall attention_call(const EncoderLayerCall& c, const float* qkv, float* ctx, int64_t b0, int64_t nb) {
+  const int64_t w = c.width;
   AttnCall at;
-  at.q = buf.qkv;
-  at.k = buf.qkv + w;
-  at.v = buf.qkv + 2 * w;
+  at.q = qkv;
+  at.k = qkv + w;
+  at.v = qkv + 2 * w;
   at.ldq = at.ldk = at.ldv = 3 * w;
-  at.out = buf.ctx;
+  at.out = ctx;
   at.ldo = w;
   at.batch = nb;
   at.seq = c.seq;
@@ -88,6 +85,27 @@ void run_chunk(const EncoderLayerCall& c, int64_t b0, int64_t nb, int nt, const 
   at.mask_sb = c.mask_sb;
   at.mask_sh = c.mask_sh;
   at.mask_sq = c.mask_sq;
+  return at;
+}
+
+// profile += the mean over `threads` rows of kLayerSteps counters.
+void add_mean(int64_t* profile, const int64_t* counters, int64_t threads) {
+  for (int s = 0; s < kLayerSteps; ++s) {
+    int64_t sum = 0;
+    for (int64_t t = 0; t < threads; ++t) sum += counters[t * kLayerSteps + s];
+    profile[s] += sum / threads;
+  }
+}
+
+// Sequences b0 .. b0 + nb - 1 through the layer, each step on up to nt threads.
+void run_chunk(const EncoderLayerCall& c, int64_t b0, int64_t nb, int nt, const ChunkBuffers& buf, int64_t* prof) {
+  const int64_t m = nb * c.seq, w = c.width, hidden = c.hidden;
+  const float* x = c.x + b0 * c.seq * hidden;
+  float* y = c.y + b0 * c.seq * hidden;
+  StepTimer timer(prof);
+  c.qkv(x, m, buf.qkv, nt);
+  timer.done(kStepQkv);
+  AttnCall at = attention_call(c, buf.qkv, buf.ctx, b0, nb);
   attention(at, nt);
   timer.done(kStepAttention);
   c.out(buf.ctx, m, buf.a, nt);
@@ -141,10 +159,103 @@ struct SequenceJob {
 
 void sequence_job_fn(void* ctx, int tid, int) { static_cast<SequenceJob*>(ctx)->run(tid); }
 
+// One sequence, its tokens split over the threads in blocks (token parallelism): phase A computes the Q/K/V rows
+// of a block; phase B, once every block's Q/K/V is written, the block's attention queries (over all keys) and the
+// rest of the layer for its rows. Only the K/V rows cross between threads. A thread waits only for blocks another
+// thread has started, so a thread that never joins cannot stall the others.
+struct TokenJob {
+  const EncoderLayerCall* call;
+  int64_t b;  // the sequence
+  int64_t block_rows, blocks;
+  int threads;
+  float *qkv, *ctx, *a;  // whole-sequence buffers; each block writes its own rows
+  int64_t* prof;         // threads x kLayerSteps counters, or null
+  std::atomic<int64_t> next_a{0}, done_a{0}, next_b{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+
+  void fail() {
+    bool expected = false;
+    if (failed.compare_exchange_strong(expected, true)) error = std::current_exception();
+  }
+
+  void run(int tid) {
+    const EncoderLayerCall& c = *call;
+    const int64_t w = c.width, hidden = c.hidden, row0 = b * c.seq;
+    StepTimer timer(prof ? prof + tid * kLayerSteps : nullptr);
+    for (;;) {
+      const int64_t i = next_a.fetch_add(1, std::memory_order_relaxed);
+      if (i >= blocks) break;
+      const int64_t r0 = i * block_rows, rows = std::min(block_rows, c.seq - r0);
+      try {
+        if (!failed.load(std::memory_order_relaxed)) c.qkv(c.x + (row0 + r0) * hidden, rows, qkv + r0 * 3 * w, 1);
+      } catch (...) {
+        fail();
+      }
+      done_a.fetch_add(1, std::memory_order_release);
+    }
+    for (int spins = 1; done_a.load(std::memory_order_acquire) < blocks; ++spins) {
+      cpu_relax();
+      if ((spins & 255) == 0) std::this_thread::yield();
+    }
+    timer.done(kStepQkv);
+    try {
+      for (;;) {
+        const int64_t i = next_b.fetch_add(1, std::memory_order_relaxed);
+        if (i >= blocks || failed.load(std::memory_order_relaxed)) return;
+        const int64_t r0 = i * block_rows, rows = std::min(block_rows, c.seq - r0);
+        AttnCall at = attention_call(c, qkv, ctx, b, 1);
+        at.q_begin = r0;
+        at.q_end = r0 + rows;
+        attention(at, 1);
+        timer.done(kStepAttention);
+        float* ar = a + r0 * hidden;
+        const float* xr = c.x + (row0 + r0) * hidden;
+        float* yr = c.y + (row0 + r0) * hidden;
+        c.out(ctx + r0 * w, rows, ar, 1);
+        timer.done(kStepOut);
+        add_layernorm(ar, hidden, xr, hidden, rows, hidden, c.gamma1, c.beta1, c.eps1, ar, hidden, 1);
+        timer.done(kStepNorm1);
+        c.ffn(ar, rows, yr, 1);
+        timer.done(kStepFfn);
+        add_layernorm(yr, hidden, ar, hidden, rows, hidden, c.gamma2, c.beta2, c.eps2, yr, hidden, 1);
+        timer.done(kStepNorm2);
+      }
+    } catch (...) {
+      fail();
+    }
+  }
+};
+
+void token_job_fn(void* ctx, int tid, int) { static_cast<TokenJob*>(ctx)->run(tid); }
+
+// Sequence b alone on `threads` threads, token parallel (see TokenJob).
+void run_sequence_tokens(const EncoderLayerCall& c, int64_t b, int threads, int64_t* profile_ns) {
+  TokenJob job;
+  job.call = &c;
+  job.b = b;
+  job.threads = threads;
+  job.block_rows = (c.seq + threads - 1) / threads;
+  job.block_rows = std::min<int64_t>((job.block_rows + 15) / 16 * 16, std::max<int64_t>(16, c.chunk_tokens));
+  job.blocks = (c.seq + job.block_rows - 1) / job.block_rows;
+  const size_t qkv_bytes = align64(c.seq * 3 * c.width * 4), ctx_bytes = align64(c.seq * c.width * 4);
+  const size_t a_bytes = align64(c.seq * c.hidden * 4), prof_bytes = align64(threads * kLayerSteps * 8);
+  char* p = t_layer.get(qkv_bytes + ctx_bytes + a_bytes + prof_bytes);
+  job.qkv = reinterpret_cast<float*>(p);
+  job.ctx = reinterpret_cast<float*>(p + qkv_bytes);
+  job.a = reinterpret_cast<float*>(p + qkv_bytes + ctx_bytes);
+  job.prof = profile_ns ? reinterpret_cast<int64_t*>(p + qkv_bytes + ctx_bytes + a_bytes) : nullptr;
+  if (job.prof) std::fill_n(job.prof, threads * kLayerSteps, int64_t{0});
+  parallel_run(threads, token_job_fn, &job);
+  if (job.error) std::rethrow_exception(job.error);
+  if (profile_ns) add_mean(profile_ns, job.prof, threads);
+}
+
 }  // namespace
 
 int encoder_layer(const EncoderLayerCall& c, int nthreads, int64_t* profile_ns) {
-  if (c.batch <= 0 || c.seq <= 0) return 1;
+  if (c.batch <= 0 || c.seq <= 0) return 0;
+  int used = 0;
   const int nt = std::max(1, nthreads);
   const int64_t per = std::max<int64_t>(1, std::min<int64_t>(c.batch, c.chunk_tokens / c.seq));
   const int64_t threads = std::min<int64_t>(nt, c.batch);
@@ -176,14 +287,22 @@ int encoder_layer(const EncoderLayerCall& c, int nthreads, int64_t* profile_ns) 
         profile_ns[s] += sum / threads;
       }
     }
+    used |= kSequenceParallel;
+  }
+  // The rest one sequence at a time with its tokens split over the threads, or, for short sequences (or
+  // split_sequences off), in chunks with every step split over the threads.
+  if (split < c.batch && c.split_sequences && nt > 1 && c.seq / nt >= kMinTokensPerThread) {
+    for (int64_t b = split; b < c.batch; ++b) run_sequence_tokens(c, b, nt, profile_ns);
+    return used | kTokenParallel;
   }
   if (split < c.batch) {
     const ChunkBuffers buf(c, per * c.seq, t_layer.get(ChunkBuffers::bytes(c, per * c.seq)));
     for (int64_t b0 = split; b0 < c.batch; b0 += per) {
       run_chunk(c, b0, std::min(per, c.batch - b0), nt, buf, profile_ns);
     }
+    used |= kStepParallel;
   }
-  return split > 0 ? static_cast<int>(threads) : 1;
+  return used;
 }
 
 }  // namespace hf_sparse

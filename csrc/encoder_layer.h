@@ -32,12 +32,19 @@ struct EncoderLayerCall {
   float* y = nullptr;        // (batch * seq, hidden), not aliasing x
   int64_t batch = 0, seq = 0;
   int64_t chunk_tokens = 256;  // whole sequences per chunk, about this many tokens
-  bool split_sequences = true;  // false: always split every step over the threads instead
+  bool split_sequences = true;  // false: always split every step over the threads (kStepParallel) instead
 };
 
-// Runs the layer and returns how many threads took whole sequences (1: every step was split over the threads
-// instead). With profile_ns (kLayerSteps counters) each step's share of the wall time is added, in nanoseconds
-// (with whole sequences per thread: the mean over the threads of the time each spent in that step).
+// How a call's work was split over the threads (encoder_layer returns the ones it used, or-ed).
+enum LayerParallelism : int {
+  kSequenceParallel = 1,  // whole chunks of sequences per thread
+  kTokenParallel = 2,     // one sequence at a time, its tokens in blocks per thread (only K/V rows are shared)
+  kStepParallel = 4,      // each step split over the threads (also: one thread)
+};
+
+// Runs the layer and returns the LayerParallelism flags it used. With profile_ns (kLayerSteps counters) each
+// step's share of the wall time is added, in nanoseconds (with several threads each running its own work: the
+// mean over the threads of the time each spent in that step).
 int encoder_layer(const EncoderLayerCall& call, int nthreads, int64_t* profile_ns);
 
 }  // namespace hf_sparse

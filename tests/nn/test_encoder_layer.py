@@ -63,7 +63,7 @@ def _run(layer, x, mask, nthreads, split=True, chunk_tokens=256):
     ops.set_num_threads(nthreads)
     layer.split_sequences, layer.chunk_tokens = split, chunk_tokens
     try:
-        return layer(x, mask), layer.sequence_threads
+        return layer(x, mask), layer.parallelism
     finally:
         layer.split_sequences, layer.chunk_tokens = True, 256
 
@@ -72,25 +72,32 @@ def _run(layer, x, mask, nthreads, split=True, chunk_tokens=256):
 @pytest.mark.parametrize("nthreads", [2, 3])
 def test_whole_sequences_per_thread_equal_one_thread(layer, threads, batch, nthreads):
     gen = torch.Generator().manual_seed(batch)
-    seq = 40  # >= 32 tokens per thread: sequences go to threads whole whenever there are enough of them
+    seq = 70  # >= 32 tokens per thread with 2 threads, not with 3
     x = torch.randn(batch, seq, HIDDEN, generator=gen)
     mask = torch.rand(batch, 1, 1, seq, generator=gen) > 0.2
     mask[..., 0] = True
     one, used = _run(layer, x, mask, 1)
-    assert used == 1
+    assert used == {"steps"}
+    # whole sequences on min(threads, batch) threads for a multiple of that many, the rest token-parallel (with 3
+    # threads a sequence of 70 gives 23 tokens each, below the minimum of 32: steps)
+    used_threads = min(nthreads, batch)
+    rest = batch % used_threads if used_threads > 1 else batch
+    expect = ({"sequences"} if used_threads > 1 else set()) | (
+        set() if rest == 0 else {"tokens"} if seq // nthreads >= 32 else {"steps"}
+    )
     for chunk_tokens in (40, 80, 256):  # one, two and up to six sequences per chunk
         got, used = _run(layer, x, mask, nthreads, chunk_tokens=chunk_tokens)
-        assert used == (min(nthreads, batch) if batch >= 2 else 1), (batch, nthreads, used)
+        assert used == expect, (batch, nthreads, used)
         assert torch.equal(got, one), f"batch {batch}, {nthreads} threads, chunks of {chunk_tokens} tokens"
         steps, used = _run(layer, x, mask, nthreads, split=False, chunk_tokens=chunk_tokens)
-        assert used == 1 and torch.equal(steps, one)
+        assert used == {"steps"} and torch.equal(steps, one)
 
 
 def test_short_sequences_split_the_steps_instead(layer, threads):
     x = torch.randn(4, 7, HIDDEN)  # 14 tokens per thread: below the threshold for threads of their own
     one, _ = _run(layer, x, None, 1)
     got, used = _run(layer, x, None, 2)
-    assert used == 1 and torch.equal(got, one)
+    assert used == {"steps"} and torch.equal(got, one)
 
 
 def test_matches_the_reference_of_every_step(layer, threads):
@@ -98,14 +105,15 @@ def test_matches_the_reference_of_every_step(layer, threads):
     mask = torch.zeros(4, 1, 33, 33)
     mask[1, ..., 20:] = float("-inf")  # padding in one sequence (float mask added to the scores)
     got, used = _run(layer, x, mask, 2)
-    assert used == 2
+    assert used == {"sequences"}
     ref = layer.reference(x, mask)
     err = (got - ref).abs().max().item()
     assert err < 1e-4, f"max |fused - reference| = {err}"
 
 
-def test_profile_counts_every_step_once_per_call(layer, threads):
-    x = torch.randn(4, 40, HIDDEN)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_profile_counts_every_step_once_per_call(layer, threads, batch):
+    x = torch.randn(batch, 80, HIDDEN)
     FusedEncoderLayer.step_times = times = {}
     try:
         _run(layer, x, None, 2)

@@ -45,9 +45,11 @@ class FusedEncoderLayer:
     Call: `x` (batch, seq, hidden) float32, `mask` None or as `hf_sparse.ops.attention` takes it -> float32
     (batch, seq, hidden).
 
-    Threads: with several threads and at least as many sequences, each thread runs whole chunks of sequences
-    through all six steps alone; otherwise every step is split over the threads (csrc/encoder_layer.cpp says why).
-    The results are the same either way; `layer.split_sequences = False` keeps every call on the split steps.
+    Threads (csrc/encoder_layer.cpp says why): with several threads and at least as many sequences, each thread
+    runs whole chunks of sequences through all six steps alone ("sequences"); the sequences left over (and a single
+    one) run one at a time with their tokens split into one block per thread, the blocks sharing only their K/V
+    rows ("tokens"); short sequences, or `layer.split_sequences = False`, split every step over the threads
+    ("steps"). `layer.parallelism` holds the ones the last call used. The results are the same in every case.
 
     `FusedEncoderLayer.step_times`, None normally, may be set by a profiler (benchmarks/speed) to a dict: every
     fast-path call then adds each step's share of its wall time, in seconds, under the step's name ("qkv",
@@ -80,7 +82,7 @@ class FusedEncoderLayer:
         self.qkv, self.out, self.ffn, self.norm1, self.norm2 = qkv, out, ffn, norm1, norm2
         self.chunk_tokens = CHUNK_TOKENS
         self.split_sequences = True
-        self.sequence_threads = 0  # threads that took whole sequences in the last fast-path call (1: none)
+        self.parallelism: frozenset[str] = frozenset()  # how the last fast-path call split its work (see above)
         self.heads, self.head_dim, self.scale = int(heads), width // heads, float(scale)
         self.width, self.hidden = width, hidden
         self._plan = None
@@ -110,11 +112,12 @@ class FusedEncoderLayer:
         norms = [t.data_ptr() for t in (self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias)]
         times = FusedEncoderLayer.step_times
         counters = torch.zeros(len(ext._C.LAYER_STEPS), dtype=torch.int64) if times is not None else None
-        self.sequence_threads = self._plan.run(
+        flags = self._plan.run(
             x.data_ptr(), y.data_ptr(), batch, seq, kind, mk.data_ptr() if mk is not None else 0, sb, sh, sq, norms,
             self.norm1.eps, self.norm2.eps, self.chunk_tokens, self.split_sequences, nt,
             counters.data_ptr() if counters is not None else 0,
         )  # fmt: skip
+        self.parallelism = frozenset(name for name, bit in ext._C.LAYER_PARALLELISM if flags & bit)
         if times is not None:
             for step, ns in zip(ext._C.LAYER_STEPS, counters.tolist()):
                 times[step] = times.get(step, 0.0) + ns * 1e-9
