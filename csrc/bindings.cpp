@@ -87,6 +87,12 @@ void check_dims(int64_t n, int64_t k) {
   }
 }
 
+void check_mask_kind(int kind, const char* where) {
+  if (kind != kMaskNone && kind != kMaskAdd && kind != kMaskKeep) {
+    throw nb::value_error((std::string(where) + ": unknown mask kind " + str(kind)).c_str());
+  }
+}
+
 int clamp_threads(int nthreads) { return nthreads < 1 ? 1 : (nthreads > 1024 ? 1024 : nthreads); }
 
 Output make_output(uintptr_t out, int64_t ldy, int act, bool accum) {
@@ -363,9 +369,7 @@ class EncoderLayerPlan {
           int64_t chunk_tokens, bool split_sequences, int nthreads, uintptr_t profile) const {
     if (batch < 0 || seq < 0) throw nb::value_error("encoder layer: batch and seq must be >= 0");
     if (norms.size() != 4) throw nb::value_error("encoder layer: 4 LayerNorm parameter addresses expected");
-    if (mask_kind != kMaskNone && mask_kind != kMaskAdd && mask_kind != kMaskKeep) {
-      throw nb::value_error(("encoder layer: unknown mask kind " + str(mask_kind)).c_str());
-    }
+    check_mask_kind(mask_kind, "encoder layer");
     EncoderLayerCall c = call_;
     c.x = reinterpret_cast<const float*>(x);
     c.y = reinterpret_cast<float*>(y);
@@ -492,9 +496,7 @@ void attention_raw(uintptr_t q, uintptr_t k, uintptr_t v, int64_t ldq, int64_t l
                    int64_t ldo, int64_t batch, int64_t seq, int64_t heads, int64_t d, double scale, bool causal,
                    int mask_kind, uintptr_t mask, int64_t mask_sb, int64_t mask_sh, int64_t mask_sq, int nthreads) {
   if (batch < 0 || seq < 0 || heads < 0 || d < 0) throw nb::value_error("attention: sizes must be >= 0");
-  if (mask_kind != kMaskNone && mask_kind != kMaskAdd && mask_kind != kMaskKeep) {
-    throw nb::value_error(("attention: unknown mask kind " + str(mask_kind)).c_str());
-  }
+  check_mask_kind(mask_kind, "attention");
   AttnCall c;
   c.q = reinterpret_cast<const float*>(q);
   c.k = reinterpret_cast<const float*>(k);

@@ -100,15 +100,21 @@ def test_short_sequences_split_the_steps_instead(layer, threads):
     assert used == {"steps"} and torch.equal(got, one)
 
 
-def test_matches_the_reference_of_every_step(layer, threads):
-    x = torch.randn(4, 33, HIDDEN)
+@pytest.mark.parametrize("seed", range(5))
+def test_matches_the_reference_of_every_step(layer, threads, seed):
+    x = torch.randn(4, 33, HIDDEN, generator=torch.Generator().manual_seed(seed))
     mask = torch.zeros(4, 1, 33, 33)
     mask[1, ..., 20:] = float("-inf")  # padding in one sequence (float mask added to the scores)
     got, used = _run(layer, x, mask, 2)
     assert used == {"sequences"}
     ref = layer.reference(x, mask)
-    err = (got - ref).abs().max().item()
-    assert err < 1e-4, f"max |fused - reference| = {err}"
+    # Summation orders differ (LayerNorm, attention), so now and then an int8 code on a rounding boundary flips and
+    # moves the outputs of that token by about one quantization step (measured over 60 inputs: max 2.5e-3 of the
+    # largest output, median 2e-7): nearly every output must match tightly, and none may be far off.
+    err, scale = (got - ref).abs(), ref.abs().max().item()
+    close = (err <= 1e-5 * scale).float().mean().item()
+    assert close >= 0.99, f"only {close:.2%} of the outputs within 1e-5 of the reference's scale {scale:.3g}"
+    assert err.max().item() <= 1e-2 * scale, f"max |fused - reference| = {err.max().item():.3g} (scale {scale:.3g})"
 
 
 @pytest.mark.parametrize("batch", [1, 4])
