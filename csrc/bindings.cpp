@@ -610,8 +610,8 @@ NB_MODULE(_C, m) {
            "qkv"_a, "out"_a, "first"_a, "second"_a, "ffn_fused"_a, "act_out"_a, "act1"_a, "act2"_a, "heads"_a,
            "head_dim"_a, "scale"_a)
       .def("run", &EncoderLayerPlan::run, "x"_a, "y"_a, "batch"_a, "seq"_a, "mask_kind"_a, "mask"_a, "mask_sb"_a,
-           "mask_sh"_a, "mask_sq"_a, "norms"_a, "eps1"_a, "eps2"_a, "chunk_tokens"_a, "split_sequences"_a, "nthreads"_a,
-           "profile"_a);
+           "mask_sh"_a, "mask_sq"_a, "norms"_a, "eps1"_a, "eps2"_a, "chunk_tokens"_a, "split_sequences"_a,
+           "nthreads"_a, "profile"_a);
   m.attr("LAYER_STEPS") = nb::make_tuple("qkv", "attention", "out", "norm1", "ffn", "norm2");
   m.attr("LAYER_PARALLELISM") = nb::make_tuple(nb::make_tuple("sequences", static_cast<int>(kSequenceParallel)),
                                                nb::make_tuple("tokens", static_cast<int>(kTokenParallel)),

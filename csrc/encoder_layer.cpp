@@ -1,12 +1,15 @@
 // The encoder layer driver: chunks of whole sequences, each run through the six steps of the layer.
 //
-// With several threads and at least as many sequences, each thread takes whole chunks and runs every step of a
-// chunk alone (sequence parallelism); otherwise each step is split over the threads (step parallelism). Measured on
-// BERT-base (benchmarks/RESULTS.md): both are equally fast while the two cores share their caches well, but this
-// machine often enters a state where data written by one core and read by the other is slow, and then step
-// parallelism (every activation tile, Q/K/V and LayerNorm row crosses between the cores) loses ~35% while sequence
-// parallelism (only the weights are shared, read-only) loses nothing. Results are identical either way: every step
-// works token by token (per-token activation scales) or sequence by sequence (attention).
+// With several threads and at least as many sequences, each thread takes whole chunks of sequences and runs every
+// step of a chunk alone (sequence parallelism); a single sequence (and the ones left over) runs with its tokens in
+// one block per thread (token parallelism, only K/V rows shared); short sequences split every step over the threads
+// (step parallelism). Measured on BERT-base (benchmarks/RESULTS.md, "Layer parallelism"): on a quiet machine in its
+// fast state all run alike, but this machine often enters a state where data written by one core and read by the
+// other is slow, and then step parallelism (every activation tile, Q/K/V and LayerNorm row crosses between the
+// cores) loses ~35% at batch 16 while sequence parallelism (only the weights are shared, read-only) loses nothing;
+// with another process on one core, threads that wait for each other inside every step lose most. int8 results
+// are identical in every case (every step works token by token, with per-token activation scales, or sequence by
+// sequence); float32 (CSR) layers differ in the last bits, as they do between any two tilings.
 #include "encoder_layer.h"
 
 #include <algorithm>
@@ -88,12 +91,20 @@ AttnCall attention_call(const EncoderLayerCall& c, const float* qkv, float* ctx,
   return at;
 }
 
-// profile += the mean over `threads` rows of kLayerSteps counters.
-void add_mean(int64_t* profile, const int64_t* counters, int64_t threads) {
+// Per-thread profile rows: kLayerSteps counters, then a flag set by a thread that took part.
+constexpr int kJoined = kLayerSteps;
+constexpr int kProfileRow = 8;  // int64s per row (64 bytes)
+
+// profile += the mean of the rows of the threads that took part (a pool worker may never join a job).
+template <class Row>
+void add_mean(int64_t* profile, int threads, Row row) {
+  int joined = 0;
+  for (int t = 0; t < threads; ++t) joined += row(t)[kJoined] != 0;
+  if (joined == 0) return;
   for (int s = 0; s < kLayerSteps; ++s) {
     int64_t sum = 0;
-    for (int64_t t = 0; t < threads; ++t) sum += counters[t * kLayerSteps + s];
-    profile[s] += sum / threads;
+    for (int t = 0; t < threads; ++t) sum += row(t)[s];
+    profile[s] += sum / joined;
   }
 }
 
@@ -135,10 +146,13 @@ struct SequenceJob {
   std::atomic<int64_t>* taken(int t) const {
     return reinterpret_cast<std::atomic<int64_t>*>(scratch + static_cast<size_t>(t) * slot_bytes);
   }
-  int64_t* counters(int t) const { return reinterpret_cast<int64_t*>(scratch + static_cast<size_t>(t) * slot_bytes + 64); }
+  int64_t* counters(int t) const {
+    return reinterpret_cast<int64_t*>(scratch + static_cast<size_t>(t) * slot_bytes + 64);
+  }
 
   void run(int tid) {
     int64_t* prof = profile ? counters(tid) : nullptr;
+    if (prof) prof[kJoined] = 1;
     const ChunkBuffers buf(*call, unit * call->seq, scratch + static_cast<size_t>(tid) * slot_bytes + 128);
     try {
       for (int k = 0; k < threads; ++k) {
@@ -169,7 +183,7 @@ struct TokenJob {
   int64_t block_rows, blocks;
   int threads;
   float *qkv, *ctx, *a;  // whole-sequence buffers; each block writes its own rows
-  int64_t* prof;         // threads x kLayerSteps counters, or null
+  int64_t* prof;         // threads x kProfileRow counters, or null
   std::atomic<int64_t> next_a{0}, done_a{0}, next_b{0};
   std::atomic<bool> failed{false};
   std::exception_ptr error;
@@ -182,7 +196,9 @@ struct TokenJob {
   void run(int tid) {
     const EncoderLayerCall& c = *call;
     const int64_t w = c.width, hidden = c.hidden, row0 = b * c.seq;
-    StepTimer timer(prof ? prof + tid * kLayerSteps : nullptr);
+    int64_t* row = prof ? prof + tid * kProfileRow : nullptr;
+    if (row) row[kJoined] = 1;
+    StepTimer timer(row);  // "qkv" includes the wait for the other blocks' Q/K/V
     for (;;) {
       const int64_t i = next_a.fetch_add(1, std::memory_order_relaxed);
       if (i >= blocks) break;
@@ -235,20 +251,22 @@ void run_sequence_tokens(const EncoderLayerCall& c, int64_t b, int threads, int6
   job.call = &c;
   job.b = b;
   job.threads = threads;
-  job.block_rows = (c.seq + threads - 1) / threads;
-  job.block_rows = std::min<int64_t>((job.block_rows + 15) / 16 * 16, std::max<int64_t>(16, c.chunk_tokens));
+  // threads x k blocks of nearly equal size, k the fewest that keeps a block within chunk_tokens
+  const int64_t per_thread = (c.seq + threads - 1) / threads;
+  const int64_t k = (per_thread + c.chunk_tokens - 1) / std::max<int64_t>(1, c.chunk_tokens);
+  job.block_rows = (c.seq + threads * k - 1) / (threads * k);
   job.blocks = (c.seq + job.block_rows - 1) / job.block_rows;
   const size_t qkv_bytes = align64(c.seq * 3 * c.width * 4), ctx_bytes = align64(c.seq * c.width * 4);
-  const size_t a_bytes = align64(c.seq * c.hidden * 4), prof_bytes = align64(threads * kLayerSteps * 8);
+  const size_t a_bytes = align64(c.seq * c.hidden * 4), prof_bytes = align64(threads * kProfileRow * 8);
   char* p = t_layer.get(qkv_bytes + ctx_bytes + a_bytes + prof_bytes);
   job.qkv = reinterpret_cast<float*>(p);
   job.ctx = reinterpret_cast<float*>(p + qkv_bytes);
   job.a = reinterpret_cast<float*>(p + qkv_bytes + ctx_bytes);
   job.prof = profile_ns ? reinterpret_cast<int64_t*>(p + qkv_bytes + ctx_bytes + a_bytes) : nullptr;
-  if (job.prof) std::fill_n(job.prof, threads * kLayerSteps, int64_t{0});
+  if (job.prof) std::fill_n(job.prof, threads * kProfileRow, int64_t{0});
   parallel_run(threads, token_job_fn, &job);
   if (job.error) std::rethrow_exception(job.error);
-  if (profile_ns) add_mean(profile_ns, job.prof, threads);
+  if (profile_ns) add_mean(profile_ns, threads, [&](int t) { return job.prof + t * kProfileRow; });
 }
 
 }  // namespace
@@ -258,9 +276,9 @@ int encoder_layer(const EncoderLayerCall& c, int nthreads, int64_t* profile_ns) 
   int used = 0;
   const int nt = std::max(1, nthreads);
   const int64_t per = std::max<int64_t>(1, std::min<int64_t>(c.batch, c.chunk_tokens / c.seq));
-  const int64_t threads = std::min<int64_t>(nt, c.batch);
-  int64_t split = 0;  // the first `split` sequences go to threads whole
-  if (c.split_sequences && threads > 1 && (c.batch / threads) * c.seq >= kMinTokensPerThread) {
+  const int64_t threads = nt;
+  int64_t split = 0;  // the first `split` sequences go to threads whole (never leaving a thread without one)
+  if (c.split_sequences && threads > 1 && c.batch >= threads && (c.batch / threads) * c.seq >= kMinTokensPerThread) {
     split = c.batch / threads * threads;
     // Chunks of `unit` sequences, as many as possible up to `per`, and a number of chunks every thread gets
     // equally many of (unit 1 always qualifies: split is a multiple of threads).
@@ -276,17 +294,12 @@ int encoder_layer(const EncoderLayerCall& c, int nthreads, int64_t* profile_ns) 
     job.scratch = t_layer.get(job.slot_bytes * threads);
     for (int t = 0; t < job.threads; ++t) {
       new (job.taken(t)) std::atomic<int64_t>(0);
-      std::fill_n(job.counters(t), kLayerSteps, int64_t{0});
+      std::fill_n(job.counters(t), kProfileRow, int64_t{0});
     }
     parallel_run(job.threads, sequence_job_fn, &job);
     if (job.error) std::rethrow_exception(job.error);
-    if (profile_ns) {  // the threads ran side by side: each step's share of the wall time is its mean
-      for (int s = 0; s < kLayerSteps; ++s) {
-        int64_t sum = 0;
-        for (int t = 0; t < job.threads; ++t) sum += job.counters(t)[s];
-        profile_ns[s] += sum / threads;
-      }
-    }
+    // the threads ran side by side: each step's share of the wall time is its mean over them
+    if (profile_ns) add_mean(profile_ns, job.threads, [&](int t) { return job.counters(t); });
     used |= kSequenceParallel;
   }
   // The rest one sequence at a time with its tokens split over the threads, or, for short sequences (or

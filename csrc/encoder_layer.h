@@ -44,7 +44,8 @@ enum LayerParallelism : int {
 
 // Runs the layer and returns the LayerParallelism flags it used. With profile_ns (kLayerSteps counters) each
 // step's share of the wall time is added, in nanoseconds (with several threads each running its own work: the
-// mean over the threads of the time each spent in that step).
+// mean over the threads that took part of the time each spent in that step; with token parallelism "qkv" includes
+// the wait for the other blocks' Q/K/V).
 int encoder_layer(const EncoderLayerCall& call, int nthreads, int64_t* profile_ns);
 
 }  // namespace hf_sparse

@@ -43,8 +43,9 @@ inline void scratch_aligned_free(void* p) {
 #endif
 }
 
-// A grow-only 64-byte aligned buffer owned by the calling thread. All scratch of a call comes from the caller's
-// buffer before the job starts, so workers never allocate (and never throw).
+// A grow-only 64-byte aligned buffer owned by the calling thread. A kernel call takes all its scratch from the
+// caller's buffer before its job starts, so its workers never allocate; a whole-layer job (encoder_layer.cpp) runs
+// kernel calls on its workers, which then use their own buffers and catch what they throw (the caller rethrows).
 class ScratchBuffer {
  public:
   ScratchBuffer() = default;

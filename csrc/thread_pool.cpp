@@ -235,8 +235,9 @@ OmpThreadNum omp_thread_num() {
 
 void gomp_entry(void* p) {
   auto* job = static_cast<GompJob*>(p);
-  // The OpenMP thread number when there is one: the same OS thread gets the same tid from call to call (as the
-  // pool's workers do), so jobs that give each tid the same share keep their data in that core's caches.
+  // The OpenMP thread number when there is one (below the team size, itself at most nthreads): the same OS thread
+  // gets the same tid from call to call, as the pool's workers do, so a job whose threads first take the work
+  // items they own (encoder_layer.cpp) finds its data in that core's caches.
   const OmpThreadNum num = omp_thread_num();
   const int tid = num ? num() : job->next_tid.fetch_add(1, std::memory_order_relaxed);
   job->fn(job->ctx, tid, job->nthreads);

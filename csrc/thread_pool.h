@@ -18,7 +18,8 @@ using JobFn = void (*)(void* ctx, int tid, int nthreads);
 
 // Runs fn on the caller and up to nthreads - 1 workers, and returns when the caller is done and every worker that
 // joined has finished (workers that had not joined by then stay out). tids are distinct and below nthreads, and
-// an OS thread gets the same tid from one call to the next (the caller's may differ from 0 under OpenMP).
+// an OS thread gets the same tid from one call to the next where the runtime allows (pool workers: always;
+// torch's OpenMP: through omp_get_thread_num, the caller being 0).
 void parallel_run(int nthreads, JobFn fn, void* ctx);
 
 // Where the threads come from. auto: torch's OpenMP threads when the process has libgomp loaded (found with

@@ -5,8 +5,8 @@
 
 The model is the speed benchmark's (random BERT-base weights, magnitude-pruned, `save_sparse` + `from_pretrained`).
 Each pair times one forward with whole sequences or token blocks per thread (`split_sequences = True`, the
-default) and one with every step split over the threads (`False`), back to back, so both see the same machine
-state. Prints every pair
+default) and one with every step split over the threads (`False`), back to back (which one first alternates), so
+both see the same machine state. Prints every pair
 (ms) and the medians; runs of slow pairs show the machine's slow state (docs/kernels.md, "Threads").
 """
 
@@ -57,13 +57,13 @@ def main() -> None:
         for _ in range(3):
             model(**inputs)
         for _ in range(args.pairs):
-            pair = []
-            for split in (True, False):
+            pair = [0.0, 0.0]
+            for split in (True, False) if len(pairs) % 2 == 0 else (False, True):  # alternate which runs first
                 for layer in layers:
                     layer.split_sequences = split
                 start = time.perf_counter()
                 model(**inputs)
-                pair.append((time.perf_counter() - start) * 1e3)
+                pair[0 if split else 1] = (time.perf_counter() - start) * 1e3
                 if split:
                     used.add("+".join(sorted(layers[0].parallelism)))
             pairs.append(pair)

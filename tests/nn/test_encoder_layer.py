@@ -60,6 +60,10 @@ def threads():
 
 
 def _run(layer, x, mask, nthreads, split=True, chunk_tokens=256):
+    # First a different input of the same shape on one thread: it leaves other values in the calling thread's
+    # scratch, so a split that skipped work could not pass on the intermediates of an earlier call.
+    ops.set_num_threads(1)
+    layer(torch.randn_like(x), mask)
     ops.set_num_threads(nthreads)
     layer.split_sequences, layer.chunk_tokens = split, chunk_tokens
     try:
@@ -68,29 +72,60 @@ def _run(layer, x, mask, nthreads, split=True, chunk_tokens=256):
         layer.split_sequences, layer.chunk_tokens = True, 256
 
 
+def _expected_split(batch: int, seq: int, nthreads: int) -> set[str]:
+    """Whole sequences for the largest multiple of the threads (when each thread gets >= 32 tokens), then one
+    sequence at a time in token blocks (>= 32 tokens per thread), else every step split."""
+    whole = batch // nthreads * nthreads if batch >= nthreads and batch // nthreads * seq >= 32 else 0
+    rest = batch - whole
+    return ({"sequences"} if whole else set()) | (
+        set() if rest == 0 else {"tokens"} if seq // nthreads >= 32 else {"steps"}
+    )
+
+
+def _assert_matches_reference(layer, got, x, mask):
+    ref = layer.reference(x, mask)
+    # Summation orders differ (LayerNorm, attention), so now and then an int8 code on a rounding boundary flips and
+    # moves the outputs of that token by about one quantization step (measured over 60 inputs: max 2.5e-3 of the
+    # largest output, median 2e-7): nearly every output must match tightly, and none may be far off.
+    err, scale = (got - ref).abs(), ref.abs().max().item()
+    close = (err <= 1e-5 * scale).float().mean().item()
+    assert close >= 0.99, f"only {close:.2%} of the outputs within 1e-5 of the reference's scale {scale:.3g}"
+    assert err.max().item() <= 1e-2 * scale, f"max |fused - reference| = {err.max().item():.3g} (scale {scale:.3g})"
+
+
 @pytest.mark.parametrize("batch", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("nthreads", [2, 3])
-def test_whole_sequences_per_thread_equal_one_thread(layer, threads, batch, nthreads):
+@pytest.mark.parametrize("mask_kind", ["keys", "queries"])
+def test_every_split_equals_one_thread(layer, threads, batch, nthreads, mask_kind):
     gen = torch.Generator().manual_seed(batch)
     seq = 70  # >= 32 tokens per thread with 2 threads, not with 3
     x = torch.randn(batch, seq, HIDDEN, generator=gen)
-    mask = torch.rand(batch, 1, 1, seq, generator=gen) > 0.2
+    if mask_kind == "keys":
+        mask = torch.rand(batch, 1, 1, seq, generator=gen) > 0.2
+    else:  # a row per query and head: token blocks must read their own queries' rows
+        mask = torch.rand(batch, HEADS, seq, seq, generator=gen) > 0.3
     mask[..., 0] = True
     one, used = _run(layer, x, mask, 1)
     assert used == {"steps"}
-    # whole sequences on min(threads, batch) threads for a multiple of that many, the rest token-parallel (with 3
-    # threads a sequence of 70 gives 23 tokens each, below the minimum of 32: steps)
-    used_threads = min(nthreads, batch)
-    rest = batch % used_threads if used_threads > 1 else batch
-    expect = ({"sequences"} if used_threads > 1 else set()) | (
-        set() if rest == 0 else {"tokens"} if seq // nthreads >= 32 else {"steps"}
-    )
-    for chunk_tokens in (40, 80, 256):  # one, two and up to six sequences per chunk
+    expect = _expected_split(batch, seq, nthreads)
+    for chunk_tokens in (40, 80, 256):  # one, two and up to six sequences per chunk; token blocks within it
         got, used = _run(layer, x, mask, nthreads, chunk_tokens=chunk_tokens)
         assert used == expect, (batch, nthreads, used)
         assert torch.equal(got, one), f"batch {batch}, {nthreads} threads, chunks of {chunk_tokens} tokens"
         steps, used = _run(layer, x, mask, nthreads, split=False, chunk_tokens=chunk_tokens)
         assert used == {"steps"} and torch.equal(steps, one)
+
+
+@pytest.mark.parametrize(("seq", "nthreads"), [(97, 3), (64, 2), (200, 2)])
+def test_token_blocks_of_one_sequence(layer, threads, seq, nthreads):
+    x = torch.randn(1, seq, HIDDEN, generator=torch.Generator().manual_seed(seq))
+    mask = torch.rand(1, 1, seq, seq, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[..., 0] = True
+    one, _ = _run(layer, x, mask, 1)
+    for chunk_tokens in (256, 40):  # one block per thread; several (blocks capped at 40 tokens)
+        got, used = _run(layer, x, mask, nthreads, chunk_tokens=chunk_tokens)
+        assert used == {"tokens"} and torch.equal(got, one), (seq, nthreads, chunk_tokens)
+    _assert_matches_reference(layer, got, x, mask)
 
 
 def test_short_sequences_split_the_steps_instead(layer, threads):
@@ -107,14 +142,7 @@ def test_matches_the_reference_of_every_step(layer, threads, seed):
     mask[1, ..., 20:] = float("-inf")  # padding in one sequence (float mask added to the scores)
     got, used = _run(layer, x, mask, 2)
     assert used == {"sequences"}
-    ref = layer.reference(x, mask)
-    # Summation orders differ (LayerNorm, attention), so now and then an int8 code on a rounding boundary flips and
-    # moves the outputs of that token by about one quantization step (measured over 60 inputs: max 2.5e-3 of the
-    # largest output, median 2e-7): nearly every output must match tightly, and none may be far off.
-    err, scale = (got - ref).abs(), ref.abs().max().item()
-    close = (err <= 1e-5 * scale).float().mean().item()
-    assert close >= 0.99, f"only {close:.2%} of the outputs within 1e-5 of the reference's scale {scale:.3g}"
-    assert err.max().item() <= 1e-2 * scale, f"max |fused - reference| = {err.max().item():.3g} (scale {scale:.3g})"
+    _assert_matches_reference(layer, got, x, mask)
 
 
 @pytest.mark.parametrize("batch", [1, 4])

@@ -45,11 +45,12 @@ class FusedEncoderLayer:
     Call: `x` (batch, seq, hidden) float32, `mask` None or as `hf_sparse.ops.attention` takes it -> float32
     (batch, seq, hidden).
 
-    Threads (csrc/encoder_layer.cpp says why): with several threads and at least as many sequences, each thread
-    runs whole chunks of sequences through all six steps alone ("sequences"); the sequences left over (and a single
-    one) run one at a time with their tokens split into one block per thread, the blocks sharing only their K/V
-    rows ("tokens"); short sequences, or `layer.split_sequences = False`, split every step over the threads
-    ("steps"). `layer.parallelism` holds the ones the last call used. The results are the same in every case.
+    Threads (csrc/encoder_layer.cpp says why): with several threads and at least as many sequences as threads,
+    each thread runs whole chunks of sequences through all six steps alone ("sequences"); the sequences left over
+    (and all of them when there are fewer than threads) run one at a time with their tokens split into blocks, about
+    one per thread, that share only their K/V rows ("tokens"); short sequences, or `layer.split_sequences = False`,
+    split every step over the threads ("steps"). `layer.parallelism` holds the ones the last call used. int8 results
+    are the same in every case (float32 CSR layers: up to the last bits).
 
     `FusedEncoderLayer.step_times`, None normally, may be set by a profiler (benchmarks/speed) to a dict: every
     fast-path call then adds each step's share of its wall time, in seconds, under the step's name ("qkv",
