@@ -30,10 +30,12 @@ thread_local ScratchBuffer t_hidden;
 // Calls per instruction set (tests check that the kernel they meant to test ran), indexed like all_isa_names().
 constexpr const char* kCallNames[4] = {"avx512_vnni", "avx2_vnni", "avx2", "scalar"};
 std::atomic<int64_t> g_calls[4];
+// Calls of the few-token kernel alone (also counted in g_calls), reported as "few_tokens:<isa>".
+std::atomic<int64_t> g_few_calls[4];
 
-void count_call(const IsaKernels& isa) {
+void count_call(const IsaKernels& isa, std::atomic<int64_t>* counters = g_calls) {
   for (int i = 0; i < 4; ++i) {
-    if (std::strcmp(kCallNames[i], isa.name) == 0) g_calls[i].fetch_add(1, std::memory_order_relaxed);
+    if (std::strcmp(kCallNames[i], isa.name) == 0) counters[i].fetch_add(1, std::memory_order_relaxed);
   }
 }
 
@@ -259,12 +261,13 @@ void run_few(const IsaKernels& isa, const SparseI8& w, const float* x, int64_t l
   job.ldx = ldx;
   job.m = m;
   job.out = out;
-  job.ldq = round_up(w.kb * 4, 64);
-  const double ops = static_cast<double>(w.ptr[w.panels * w.n]) / 16.0 * 12.0 * m + w.n * w.panels * 8.0;
+  job.ldq = round_up(w.kb * 4, 64);  // elements (act_bytes each) per quantized token
+  // Vector steps of tile_tokens blocks (16 with AVX-512, 8 with AVX2) per token, about 12 operations each.
+  const double ops = static_cast<double>(w.ptr[w.panels * w.n]) / isa.tile_tokens * 12.0 * m + w.n * w.panels * 8.0;
   const int nt = threads_for(ops, std::max(1, nthreads));
   job.row_blocks = nt > 1 ? std::min<int64_t>(kItemsPerThread * nt, ceil_div(w.n, kMinRowsPerItem)) : 1;
   job.row_blocks = std::max<int64_t>(1, job.row_blocks);
-  const size_t q_bytes = align64(static_cast<size_t>(m * job.ldq));
+  const size_t q_bytes = align64(static_cast<size_t>(m * job.ldq) * isa.act_bytes);
   const size_t sx_bytes = align64(static_cast<size_t>(m) * sizeof(float));
   const size_t bounds_bytes = align64(static_cast<size_t>(job.row_blocks + 1) * sizeof(int64_t));
   char* buf = t_scratch.get(q_bytes + sx_bytes + bounds_bytes + 64);
@@ -279,6 +282,7 @@ void run_few(const IsaKernels& isa, const SparseI8& w, const float* x, int64_t l
   job.ready = &ready;
   job.next = &next;
   count_call(isa);
+  count_call(isa, g_few_calls);
   parallel_run(nt, few_job_fn, &job);
 }
 
@@ -449,6 +453,7 @@ void linear_i8_dense(const DenseI8& w, const float* x, int64_t ldx, int64_t m_ro
 std::vector<std::pair<std::string, int64_t>> kernel_calls() {
   std::vector<std::pair<std::string, int64_t>> out;
   for (int i = 0; i < 4; ++i) out.emplace_back(kCallNames[i], g_calls[i].load());
+  for (int i = 0; i < 4; ++i) out.emplace_back(std::string("few_tokens:") + kCallNames[i], g_few_calls[i].load());
   return out;
 }
 

@@ -22,7 +22,8 @@ void linear_i8_ffn(const SparseI8& w1, int act1, const SparseI8& w2, const float
 void linear_f32_sparse(const SparseF32& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out,
                        int nthreads);
 
-// Kernel calls so far per instruction set name (tests assert that the fast path ran).
+// Kernel calls so far per instruction set name, then "few_tokens:<isa>" for the few-token kernel alone (tests
+// assert that the fast path ran).
 std::vector<std::pair<std::string, int64_t>> kernel_calls();
 
 // Quantize x per token like the kernels do (codes as int8, scales as fp32): a debug entry for the tests.

@@ -101,17 +101,26 @@ def get_num_threads() -> int:
     return _num_threads if _num_threads is not None else torch.get_num_threads()
 
 
+_FEW_TOKENS = "few_tokens:"  # prefix of the few-token kernel's counters in _C.kernel_calls()
+
+
 def kernel_calls(kind: str = "linear") -> dict[str, int]:
     """Kernel calls so far (empty without the extension): tests assert that the fast path ran.
 
-    kind "linear": the Linear kernels (fused FFN included) per instruction set; "attention" / "layernorm": the
-    attention / add_layernorm kernels per attention kernel name (`attention_isa()`)."""
-    if kind not in ("linear", "attention", "layernorm"):
-        raise ValueError(f"kernel_calls(kind={kind!r}): kind must be 'linear', 'attention' or 'layernorm'")
+    kind "linear": the Linear kernels (fused FFN included) per instruction set; "few_tokens": of those, the calls
+    that ran the few-token (decoding) int8 4-block kernel; "attention" / "layernorm": the attention /
+    add_layernorm kernels per attention kernel name (`attention_isa()`)."""
+    if kind not in ("linear", "few_tokens", "attention", "layernorm"):
+        raise ValueError(
+            f"kernel_calls(kind={kind!r}): kind must be 'linear', 'few_tokens', 'attention' or 'layernorm'"
+        )
     if _C is None:
         return {}
-    if kind == "linear":
-        return dict(_C.kernel_calls())
+    if kind in ("linear", "few_tokens"):
+        calls = dict(_C.kernel_calls())
+        if kind == "linear":
+            return {name: n for name, n in calls.items() if not name.startswith(_FEW_TOKENS)}
+        return {name[len(_FEW_TOKENS) :]: n for name, n in calls.items() if name.startswith(_FEW_TOKENS)}
     return dict(_C.attention_calls(kind == "layernorm"))
 
 
