@@ -425,6 +425,283 @@ void i8_sparse(const SparseI8& w, const void* tile, int mtp, int rows, const flo
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Sparse int8 for a few tokens (decoding). The tile kernel above gives each token a lane: at M = 1 it fills one
+// lane of 8 and still transposes 8-row groups for its stores. Here the lanes are (block, token) pairs of one row:
+// 8 blocks x 1 token, 4 x 2 or 2 x 4. The R tokens' activation words are first interleaved
+// per block (R words of 4 u8, or of 4 s16, side by side), so that one broadcast load fetches a block's words for
+// all R tokens; they are blended into place (on Zen 4, vpgatherdd was slower than these broadcasts + blends, and
+// a panel is 16 ymm, too many to keep in registers as the AVX-512 kernel does) and multiplied with the blocks'
+// weights (spread to their R lanes by a vpermd) by vpdpbusd, or by vpmaddwd on s16. The block columns, loaded 8
+// at a time and clamped to the row, are shared by the R tokens, so 4 tokens cost little more than 1. Each row's
+// token sums come from its accumulators' lanes; the epilogue runs on 8 contiguous output channels at a time.
+
+// Up to this many tokens this kernel beats the tile kernel (benchmarks/RESULTS.md, "Decoding (few tokens) on the
+// AVX2 paths"): at M = 4 by 1.07-1.19x with hot weights; at M = 5 (two passes, 4 + 1) it is 1.3-1.55x slower.
+constexpr int kFewRows = 4;
+constexpr int64_t kFewBuffer = 32768;  // bytes of interleaved token words (on the stack)
+constexpr int kWord = kVnni ? 4 : 8;  // bytes of one block of one token: 4 u8 or 4 s16
+
+inline int32_t load_i32(const char* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+inline int64_t load_i64(const char* p) {
+  int64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+// The R tokens' words side by side per block: xi[(j * R + r) * kWord] = token r's block j (32-byte vectors of
+// each token, transposed in registers). Reads whole vectors: up to the 64-byte rounded row length (run_few's
+// ldq), whose words past kb are never used.
+template <int R>
+inline void interleave(const char* const* xr, int64_t kb, char* xi) {
+  constexpr int kStep = 32 / kWord;  // blocks per vector
+  for (int64_t j = 0; j < kb; j += kStep) {
+    __m256i v[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[r] + j * kWord));
+    __m256i* o = reinterpret_cast<__m256i*>(xi + j * R * kWord);
+    if (R == 2) {  // 2 x 8 words of 4 bytes (4 of 8 bytes) -> 8 (4) pairs
+      const __m256i lo = kVnni ? _mm256_unpacklo_epi32(v[0], v[1]) : _mm256_unpacklo_epi64(v[0], v[1]);
+      const __m256i hi = kVnni ? _mm256_unpackhi_epi32(v[0], v[1]) : _mm256_unpackhi_epi64(v[0], v[1]);
+      _mm256_store_si256(o, _mm256_permute2x128_si256(lo, hi, 0x20));
+      _mm256_store_si256(o + 1, _mm256_permute2x128_si256(lo, hi, 0x31));
+    } else if (kVnni) {  // 4 x 8 words of 4 bytes -> 8 quadruples
+      const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+      const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+      const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+      const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+      _mm256_store_si256(o, _mm256_permute2x128_si256(u0, u1, 0x20));
+      _mm256_store_si256(o + 1, _mm256_permute2x128_si256(u2, u3, 0x20));
+      _mm256_store_si256(o + 2, _mm256_permute2x128_si256(u0, u1, 0x31));
+      _mm256_store_si256(o + 3, _mm256_permute2x128_si256(u2, u3, 0x31));
+    } else {  // 4 x 4 words of 8 bytes -> 4 quadruples
+      const __m256i t0 = _mm256_unpacklo_epi64(v[0], v[1]), t1 = _mm256_unpackhi_epi64(v[0], v[1]);
+      const __m256i t2 = _mm256_unpacklo_epi64(v[2], v[3]), t3 = _mm256_unpackhi_epi64(v[2], v[3]);
+      _mm256_store_si256(o, _mm256_permute2x128_si256(t0, t2, 0x20));
+      _mm256_store_si256(o + 1, _mm256_permute2x128_si256(t1, t3, 0x20));
+      _mm256_store_si256(o + 2, _mm256_permute2x128_si256(t0, t2, 0x31));
+      _mm256_store_si256(o + 3, _mm256_permute2x128_si256(t1, t3, 0x31));
+    }
+  }
+}
+
+// Accumulators per row: independent chains for vpdpbusd's latency where a step issues several.
+template <int R>
+constexpr int few_accs() {
+  return R == 1 ? (kVnni ? 1 : 2) : (R == 2 || !kVnni ? 2 : 4);
+}
+
+// acc[0..few_accs<R>() - 1] += 8 blocks x R tokens. xp: the tokens' words, R * kWord bytes per block; lo, hi: the
+// 8 blocks' columns (16-bit fields: blocks 0-3, 4-7); wv: their weights (8 x 4 s8, zero where masked out). Every
+// accumulator index is a constant (a loop index would keep acc in memory).
+template <int R>
+__attribute__((always_inline)) inline void few_step(const char* xp, uint64_t lo, uint64_t hi, __m256i wv,
+                                                    __m256i* acc) {
+  const auto col = [](uint64_t v, int j) { return static_cast<size_t>((v >> (16 * j)) & 0xffff); };
+  const auto half = [&](size_t c) {  // block c of 16 bytes in both halves
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xp + c * 16)));
+  };
+  const auto row2 = [&](size_t c0, size_t c1) { return _mm256_blend_epi32(half(c0), half(c1), 0xf0); };
+  // 4 blocks of 8 bytes (the 16-bit fields of v) into the four quarters
+  const auto row4 = [&](uint64_t v) {
+    const auto word = [&](int j) { return _mm256_set1_epi64x(load_i64(xp + col(v, j) * 8)); };
+    return _mm256_blend_epi32(_mm256_blend_epi32(word(0), word(1), 0x0c), _mm256_blend_epi32(word(2), word(3), 0xc0),
+                              0xf0);
+  };
+#if HF_SPARSE_VNNI
+  if (R == 1) {  // lanes: 8 blocks
+    const auto word = [&](uint64_t v, int j) { return _mm256_set1_epi32(load_i32(xp + col(v, j) * 4)); };
+    const __m256i x01 = _mm256_blend_epi32(word(lo, 0), word(lo, 1), 0x02);
+    const __m256i x23 = _mm256_blend_epi32(word(lo, 2), word(lo, 3), 0x08);
+    const __m256i x45 = _mm256_blend_epi32(word(hi, 0), word(hi, 1), 0x20);
+    const __m256i x67 = _mm256_blend_epi32(word(hi, 2), word(hi, 3), 0x80);
+    const __m256i x = _mm256_blend_epi32(_mm256_blend_epi32(x01, x23, 0x0c), _mm256_blend_epi32(x45, x67, 0xc0), 0xf0);
+    acc[0] = dpbusd(acc[0], x, wv);
+  } else if (R == 2) {  // lanes: 4 blocks x 2 tokens, token = lane % 2; weights spread to both tokens' lanes
+    acc[0] = dpbusd(acc[0], row4(lo), _mm256_permutevar8x32_epi32(wv, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
+    acc[1] = dpbusd(acc[1], row4(hi), _mm256_permutevar8x32_epi32(wv, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)));
+  } else {  // lanes: 2 blocks x 4 tokens, token = lane % 4
+    const auto spread = [&](int b) {  // weights of blocks b, b + 1 to the 4 lanes of each
+      return _mm256_permutevar8x32_epi32(wv, _mm256_setr_epi32(b, b, b, b, b + 1, b + 1, b + 1, b + 1));
+    };
+    acc[0] = dpbusd(acc[0], row2(col(lo, 0), col(lo, 1)), spread(0));
+    acc[1] = dpbusd(acc[1], row2(col(lo, 2), col(lo, 3)), spread(2));
+    acc[2] = dpbusd(acc[2], row2(col(hi, 0), col(hi, 1)), spread(4));
+    acc[3] = dpbusd(acc[3], row2(col(hi, 2), col(hi, 3)), spread(6));
+  }
+#else
+  // vpmaddwd: pairs of s16 products summed in each int32 lane
+  const auto madd = [](__m256i a, __m256i x, __m128i w8) {
+    return _mm256_add_epi32(a, _mm256_madd_epi16(x, _mm256_cvtepi8_epi16(w8)));
+  };
+  if (R == 1) {  // lanes: 4 blocks per vector
+    acc[0] = madd(acc[0], row4(lo), _mm256_castsi256_si128(wv));
+    acc[1] = madd(acc[1], row4(hi), _mm256_extracti128_si256(wv, 1));
+  } else if (R == 2) {  // lanes: 2 blocks x 2 tokens per vector, token = lane / 2 % 2
+    const __m256i w0 = _mm256_permutevar8x32_epi32(wv, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    const __m256i w1 = _mm256_permutevar8x32_epi32(wv, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7));
+    acc[0] = madd(acc[0], row2(col(lo, 0), col(lo, 1)), _mm256_castsi256_si128(w0));
+    acc[1] = madd(acc[1], row2(col(lo, 2), col(lo, 3)), _mm256_extracti128_si256(w0, 1));
+    acc[0] = madd(acc[0], row2(col(hi, 0), col(hi, 1)), _mm256_castsi256_si128(w1));
+    acc[1] = madd(acc[1], row2(col(hi, 2), col(hi, 3)), _mm256_extracti128_si256(w1, 1));
+  } else {  // lanes: 1 block x 4 tokens per vector, token = lane / 2
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(wv));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(wv, 1));
+    const auto one = [&](size_t c, __m256i w16, int j) {  // block c's 4 tokens x the weights in qword j of w16
+      const __m256i w = _mm256_permutevar8x32_epi32(w16, _mm256_setr_epi32(2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j,
+                                                                            2 * j + 1, 2 * j, 2 * j + 1));
+      return _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + c * 32)), w);
+    };
+    acc[0] = _mm256_add_epi32(acc[0], _mm256_add_epi32(one(col(lo, 0), w0, 0), one(col(lo, 1), w0, 1)));
+    acc[1] = _mm256_add_epi32(acc[1], _mm256_add_epi32(one(col(lo, 2), w0, 2), one(col(lo, 3), w0, 3)));
+    acc[0] = _mm256_add_epi32(acc[0], _mm256_add_epi32(one(col(hi, 0), w1, 0), one(col(hi, 1), w1, 1)));
+    acc[1] = _mm256_add_epi32(acc[1], _mm256_add_epi32(one(col(hi, 2), w1, 2), one(col(hi, 3), w1, 3)));
+  }
+#endif
+}
+
+// The R token sums of one row's accumulators, in lanes 0..R-1.
+template <int R>
+inline __m128i token_sums(const __m256i* acc) {
+  __m256i a = acc[0];
+  if (few_accs<R>() > 1) a = _mm256_add_epi32(a, acc[1]);
+  if (few_accs<R>() > 2) a = _mm256_add_epi32(_mm256_add_epi32(a, acc[2]), acc[3]);
+  const __m128i lo = _mm256_castsi256_si128(a), hi = _mm256_extracti128_si256(a, 1);
+  if (R == 4) return kVnni ? _mm_add_epi32(lo, hi) : _mm_hadd_epi32(lo, hi);
+  __m128i v = _mm_add_epi32(lo, hi);
+  if (R == 2) return kVnni ? _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4e)) : _mm_hadd_epi32(v, v);
+  v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4e));
+  return _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xb1));
+}
+
+// acc += one row's blocks b..e-1 of one panel, 8 per step, each step masked to them (a separate tail step
+// would cost another mispredicted branch per row). A step reads up to 7 blocks past e; Safe (rows that end within
+// 7 blocks of the arrays' end) reads the arrays' last 8 blocks instead, the ones before b masked out.
+template <int R, bool Safe>
+__attribute__((always_inline)) inline void few_segment(const SparseI8& w, const char* xp, int32_t b, int32_t e,
+                                                       int32_t last, __m128i col_max, __m256i* acc) {
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (; b < e; b += 8) {
+    const int32_t s = Safe && b > last ? last : b;  // the step's first block
+    __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(e - s), iota);
+    if (Safe) keep = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(b - s), iota), keep);
+    // Clamped to the row whatever the indices hold, so no read leaves the tokens.
+    const __m128i c = _mm_min_epu16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.cols + s)), col_max);
+    const __m256i wv = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.values + s)), keep);
+    few_step<R>(xp, static_cast<uint64_t>(_mm_cvtsi128_si64(c)), static_cast<uint64_t>(_mm_extract_epi64(c, 1)),
+                wv, acc);
+  }
+}
+
+template <int R, bool Safe>
+__attribute__((always_inline)) inline void few_row(const SparseI8& w, const char* xp, int64_t n, int32_t last,
+                                                   __m128i col_max, __m256i* acc) {
+  const int32_t* pp = w.ptr + n;
+  for (int64_t p = 0; p < w.panels; ++p, pp += w.n) few_segment<R, Safe>(w, xp, pp[0], pp[1], last, col_max, acc);
+}
+
+// Tokens r0..r0+nt-1 (nt <= R; the others repeat the last) for rows n0..n1-1. xi: room for the tokens' words
+// interleaved (R > 1); cols and values hold last + 8 readable blocks (see i8_sparse_few).
+template <int R>
+void few_tokens_t(const SparseI8& w, int32_t last, const char* xq, int64_t ldq, const float* sx, int r0, int nt,
+                  int64_t n0, int64_t n1, const Output& out, char* xi) {
+  constexpr int kA = few_accs<R>();
+  const char* xr[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) xr[r] = xq + (r0 + (r < nt ? r : nt - 1)) * ldq * (kWord / 4);
+  const char* xp = xr[0];
+  if (R > 1) {
+    interleave<R>(xr, w.kb, xi);
+    xp = xi;
+  }
+#if defined(__GNUC__)
+  // One register for the base: GCC otherwise keeps two and adds them for every word (15% slower at M = 1).
+  __asm__("" : "+r"(xp));
+#endif
+  const __m128i col_max = _mm_set1_epi16(static_cast<int16_t>(w.kb - 1));  // kb <= kMaxInFeatures / 4
+  // A row whose blocks end by last + 1 never starts a step past `last`. Its end in the last panel bounds its ends
+  // in all panels (ptr increases in panel-major order), and rows from n_safe on end later: they take Safe.
+  int64_t n_safe = n1;
+  if (w.panels > 0) {
+    const int32_t* end_last = w.ptr + (w.panels - 1) * w.n + 1;
+    while (n_safe > n0 && end_last[n_safe - 1] > last + 1) --n_safe;
+  }
+  for (int64_t g = n0; g < n1; g += 8) {
+    const int nr = n1 - g < 8 ? static_cast<int>(n1 - g) : 8;
+    alignas(32) int32_t sums[4][8] = {};
+    for (int i = 0; i < nr; ++i) {
+      const int64_t n = g + i;
+      __m256i acc[kA];
+#pragma GCC unroll 4
+      for (int a = 0; a < kA; ++a) acc[a] = _mm256_setzero_si256();
+      if (n < n_safe) {
+        few_row<R, false>(w, xp, n, last, col_max, acc);
+      } else {
+        few_row<R, true>(w, xp, n, last, col_max, acc);
+      }
+      alignas(16) int32_t t[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(t), token_sums<R>(acc));
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) sums[r][i] = t[r];
+    }
+    // Epilogue on 8 contiguous output channels; VNNI takes back the +128 shift with -128 * weight_sum.
+    const __m256i cm = lane_mask(nr);
+    const __m256i corr =
+        kVnni ? _mm256_slli_epi32(_mm256_maskload_epi32(w.weight_sum + g, cm), 7) : _mm256_setzero_si256();
+    const __m256 sw = _mm256_maskload_ps(w.scale + g, cm);
+    const __m256 bias = w.bias ? _mm256_maskload_ps(w.bias + g, cm) : _mm256_setzero_ps();
+    for (int r = 0; r < nt; ++r) {
+      const __m256i a = _mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(sums[r])), corr);
+      const int64_t row = out.m0 + r0 + r;
+      if (out.yi) {
+        _mm256_maskstore_epi32(reinterpret_cast<int*>(out.yi + row * out.ldy + g), cm, a);
+        continue;
+      }
+      __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(sx[r0 + r])), sw);
+      if (w.bias) v = _mm256_add_ps(v, bias);
+      _mm256_maskstore_ps(out.y + row * out.ldy + g, cm, activate(v, out.act));
+    }
+  }
+}
+
+void i8_sparse_few(const SparseI8& w, const void* xq_, int64_t ldq, int rows, const float* sx, int64_t n0,
+                   int64_t n1, const Output& out) {
+  const char* xq = static_cast<const char*>(xq_);
+  // Fewer than 8 blocks in all: run on a zero-padded copy of 16, so that every step reads inside it.
+  SparseI8 wp = w;
+  alignas(32) uint16_t cols[16] = {};
+  alignas(32) int32_t values[16] = {};
+  int32_t last = w.ptr[w.panels * w.n] - 8;
+  if (last < 0) {
+    for (int32_t i = 0; i < last + 8; ++i) {
+      cols[i] = w.cols[i];
+      values[i] = w.values[i];
+    }
+    wp.cols = cols;
+    wp.values = values;
+    last = 8;
+  }
+  // Tokens interleaved 4 (or 2) at a time while their words fit the buffer (K up to 4096 with s16, 8192 with u8),
+  // else fewer per pass over the weight.
+  alignas(32) char xi[kFewBuffer];
+  const int64_t row_bytes = (w.kb + 7) / 8 * 8 * kWord;
+  const int most = row_bytes * 4 <= kFewBuffer ? 4 : (row_bytes * 2 <= kFewBuffer ? 2 : 1);
+  for (int r0 = 0; r0 < rows;) {
+    const int nt = rows - r0 < most ? rows - r0 : most;
+    switch (nt) {
+      case 1: few_tokens_t<1>(wp, last, xq, ldq, sx, r0, nt, n0, n1, out, xi); break;
+      case 2: few_tokens_t<2>(wp, last, xq, ldq, sx, r0, nt, n0, n1, out, xi); break;
+      default: few_tokens_t<4>(wp, last, xq, ldq, sx, r0, nt, n0, n1, out, xi); break;
+    }
+    r0 += nt;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Dense int8: MR tokens x one panel of 16 channels per micro-kernel call.
 
 template <int MR>
@@ -645,8 +922,8 @@ const IsaKernels kTable = {
     quant_rows,
     i8_sparse,
     i8_dense,
-    0,
-    nullptr,
+    kFewRows,
+    i8_sparse_few,
     f32_tile,
     f32_sparse,
     nullptr,  // fused FFN: composed by the driver

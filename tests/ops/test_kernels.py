@@ -104,6 +104,90 @@ def test_sparsity_sweep_on_a_bert_shape():
                 assert_same(packed(x), expected, f"sparsity {sparsity} on {isa}")
 
 
+# Decoding shapes for the few-token kernel (csrc/kernels_*.cpp, i8_sparse_few): K off every vector, panel and
+# interleave-buffer size (9000 leaves no room for 4 tokens per pass), N off the 8 / 16 output groups, empty rows.
+FEW_CASES = [
+    (1, 1, 0.0),
+    (3, 5, 0.99),  # fewer than 8 blocks in all: the padded copy
+    (7, 13, 1.0),  # no blocks at all
+    (17, 130, 0.9),
+    (33, 257, 0.5),
+    (150, 513, 0.97),
+    (40, 1030, 0.8),
+    (24, 9000, 0.9),
+]
+FEW_ISAS = [isa for isa in ISAS if isa not in ("scalar", "reference")]
+
+
+@pytest.mark.skipif(not FEW_ISAS, reason="no x86 kernels on this machine")
+@pytest.mark.parametrize("n, k, sparsity", FEW_CASES, ids=[f"n{n}-k{k}-s{s}" for n, k, s in FEW_CASES])
+def test_few_token_kernel_is_exact(n, k, sparsity):
+    """M = 1..8 against the reference on every x86 instruction set; M = 1 and 2 must run the few-token kernel."""
+    gen = torch.Generator().manual_seed(n * 7919 + k)
+    w = make_weight(n, k, sparsity, "unstructured", gen)
+    w[n // 2] = 0.0  # an empty row
+    x = torch.randn(8, k, generator=gen) * 3
+    x[2] = 0.0  # an all-zero token: scale 0
+    for bias in (None, torch.randn(n, generator=gen)):
+        plain = ops.pack_linear(w, bias=bias, layout=Layout.INT8_BLOCK4)
+        fused = ops.pack_linear(w, bias=bias, layout=Layout.INT8_BLOCK4, activation="gelu")
+        codes = ops.get_handler(Layout.INT8_BLOCK4).dense_codes(plain.tensors, n, k)
+        q_x, _ = quantize_activation_int8(x)  # per token: row m of any prefix of x is row m here
+        expected_acc = (q_x.to(torch.int64) @ codes.to(torch.int64).t()).to(torch.int32)
+        expected = plain.reference(x)
+        for isa in FEW_ISAS:
+            few = []
+            for m in range(1, 9):
+                xm = x[:m]
+                with using_isa(isa):
+                    calls = ops.kernel_calls("few_tokens")[isa]
+                    y, acc, y_gelu = plain(xm), plain.accumulators(xm), fused(xm)
+                    if ops.kernel_calls("few_tokens")[isa] == calls + 3:
+                        few.append(m)
+                what = f"M={m}, bias={bias is not None} on {isa}"
+                assert_same(acc, expected_acc[:m], f"int32 sums, {what}")
+                assert_same(y, expected[:m], f"output, {what}")
+                expected_gelu = F.gelu(y.double(), approximate="none").float()
+                assert_close(y_gelu, expected_gelu, f"GELU, {what}", rtol=2e-6, atol=2e-6)
+            assert few[:2] == [1, 2] and few == list(range(1, len(few) + 1)), (
+                f"{isa}: few-token kernel ran for M={few}"
+            )
+
+
+@pytest.mark.skipif(not FEW_ISAS, reason="no x86 kernels on this machine")
+def test_few_token_kernel_split_over_threads_is_exact():
+    """Two threads: each runs the kernel on a block of output rows (n0 > 0), the last block ending the arrays."""
+    gen = torch.Generator().manual_seed(5)
+    w = make_weight(1030, 768, 0.5, "unstructured", gen)
+    packed = ops.pack_linear(w, bias=torch.randn(1030, generator=gen), layout=Layout.INT8_BLOCK4)
+    x = torch.randn(4, 768, generator=gen)
+    ops.set_num_threads(2)
+    try:
+        for isa in FEW_ISAS:
+            for m in (1, 2, 4):
+                with using_isa(isa):
+                    calls = ops.kernel_calls("few_tokens")[isa]
+                    y = packed(x[:m])
+                    ran = ops.kernel_calls("few_tokens")[isa] > calls
+                assert ran or m > 2, f"{isa}: M={m} did not run the few-token kernel"
+                assert_same(y, packed.reference(x[:m]), f"M={m}, 2 threads on {isa}")
+    finally:
+        ops.set_num_threads(None)
+
+
+@pytest.mark.skipif(not FEW_ISAS, reason="no x86 kernels on this machine")
+def test_few_token_kernel_with_garbage_columns_stays_in_bounds():
+    """Column indices are clamped to the tokens' length: out-of-range ones give wrong numbers, never a bad read."""
+    gen = torch.Generator().manual_seed(9)
+    packed = ops.pack_linear(make_weight(70, 300, 0.5, "unstructured", gen), layout=Layout.INT8_BLOCK4)
+    packed.tensors["cols"].copy_(torch.randint(0, 65536, packed.tensors["cols"].shape, generator=gen).to(torch.uint16))
+    x = torch.randn(4, 300, generator=gen)
+    for isa in FEW_ISAS:
+        with using_isa(isa):
+            for m in (1, 2, 3, 4):
+                assert torch.isfinite(packed(x[:m])).all(), f"M={m} on {isa}"
+
+
 def test_nonfinite_token_gives_nan_row_and_leaves_others_exact():
     gen = torch.Generator().manual_seed(3)
     w = make_weight(40, 70, 0.5, "4-block", gen)
