@@ -436,7 +436,7 @@ void i8_sparse(const SparseI8& w, const void* tile, int mtp, int rows, const flo
 // token sums come from its accumulators' lanes; the epilogue runs on 8 contiguous output channels at a time.
 
 // Up to this many tokens this kernel beats the tile kernel (benchmarks/RESULTS.md, "Decoding (few tokens) on the
-// AVX2 paths"): at M = 4 by 1.07-1.19x with hot weights; at M = 5 (two passes, 4 + 1) it is 1.3-1.55x slower.
+// AVX2 paths"): at M = 4 by 1.06-1.19x with hot weights; at M = 5 (two passes, 4 + 1) it is 1.3-1.55x slower.
 constexpr int kFewRows = 4;
 constexpr int64_t kFewBuffer = 32768;  // bytes of interleaved token words (on the stack)
 constexpr int kWord = kVnni ? 4 : 8;  // bytes of one block of one token: 4 u8 or 4 s16
