@@ -92,10 +92,12 @@ class Reference:
         self.ramp_sparsities = []
 
     @torch.no_grad()
-    def after_backward(self):
+    def after_backward(self, scale=1.0):
+        """`scale`: the factor gradient clipping applied to this step's gradients (the scores' too)."""
         for n, m in self.sp.targets.items():
             stored = torch.where(self.masks[n], m.weight, self.saved[n])
-            grad = self.grads[n]  # dL/dW', masked weights included (the module's .grad has them zeroed)
+            # dL/dW', masked weights included (the module's .grad has them zeroed), clipped like the weights'
+            grad = scale * self.grads[n]
             if self.adam is None:
                 self.scores[n] -= stored * grad
             else:
@@ -147,15 +149,23 @@ def capture_grads(model) -> dict[str, torch.Tensor]:
     return grads
 
 
-def run_with_reference(model, sp, ref, data, opt, masks_at):
-    """Train, checking everything against `ref`; masks_at(step) gives the reference masks of a pruning step."""
+def run_with_reference(model, sp, ref, data, opt, masks_at, max_norm=None):
+    """Train, checking everything against `ref`; masks_at(step) gives the reference masks of a pruning step.
+
+    `max_norm`: clip the gradients as the Trainer does (torch's clip_grad_norm_ over all parameters).
+    """
     for step, (x, y) in enumerate(data, start=sp.global_step + 1):
         nn.functional.cross_entropy(model(x), y).backward()
         # masked weights do not train (dL/dW = dL/dW' * M), and gradient clipping, which runs here, sees only
         # the kept weights' gradients
         for n, m in sp.targets.items():
             assert not m.weight.grad[~ref.masks[n]].any()
-        ref.after_backward()
+        scale = 1.0
+        if max_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            scale = min(1.0, max_norm / (norm + 1e-6))  # torch's clip coefficient
+            assert scale < 0.5, "the test means to clip every step"
+        ref.after_backward(scale)
         sp.before_optimizer_step()
         opt.step()
         after_opt = {n: m.weight.detach().clone() for n, m in sp.targets.items()}
@@ -189,6 +199,67 @@ def test_hard_regrows_masked_weights_with_their_stored_values(pattern, optimizer
         torch.testing.assert_close(sp.method.scores_[n], ref.scores[n].detach(), rtol=1e-5, atol=1e-7)
     assert ref.regrown > 0, "no masked weight came back: the test does not exercise regrowth"
     assert sp.sparsity()["global"] == pytest.approx(0.5, abs=1e-9)
+
+
+@pytest.mark.parametrize("variant", ["hard", "soft"])
+def test_scores_move_with_the_clipped_gradient(variant):
+    # The loop clips between backward (where the hooks read dL/dW') and the optimizer step. The scores must move
+    # with the gradient the optimizer applies, scaled by the same clip coefficient, masked weights included: with
+    # unclipped scores, the few steps whose gradient norm spikes after a cut outweigh all the others, and every
+    # SST-2 run of this method collapsed to a constant-output model.
+    model = TwoLinear()
+    if variant == "hard":
+        args, lr, final = {"regrow": True}, None, 0.5
+        schedule = {"schedule": "linear", "initial_sparsity": 0.3, "start": 2, "end": 10, "update_every": 1}
+    else:  # lambda = 0 keeps the ramp under the final sparsity, where its masks are exactly sigmoid(S) > tau
+        args, lr, final = {"variant": "soft", "score_lr": 0.6, "regularization": 0.0, "regrow": True}, 0.6, 0.6
+        schedule = {"schedule": "cubic", "start": 3, "end": 9, "update_every": 2}
+    grads = capture_grads(model)
+    sp = sparsify_(model, movement_config(sparsity=final, method_args=args, **schedule))
+    ref = Reference(sp, grads, lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+
+    def masks_at(step):
+        if variant == "soft":  # the ramp keeps sigmoid(S) > tau, the last step the exact target
+            return {n: torch.sigmoid(s.detach()) > ref.tau for n, s in ref.scores.items()} if step < 9 else None
+        return ref.hard_masks(0.3 + 0.2 * (step - 2) / 8)
+
+    def masks_or_final(step):
+        return masks_at(step) or ref.hard_masks(final)
+
+    run_with_reference(model, sp, ref, batches(12, seed=7), opt, masks_or_final, max_norm=0.05)
+    for n in sp.targets:
+        torch.testing.assert_close(sp.method.scores_[n], ref.scores[n].detach(), rtol=1e-4, atol=1e-7)
+    assert ref.regrown > 0, "no masked weight came back: the test does not exercise regrowth"
+
+
+def test_scores_under_the_trainer_follow_its_clipped_gradients(tiny_bert, tiny_data, tmp_path):
+    # The Trainer clips before on_pre_optimizer_step: the scores must be -sum W * .grad as the optimizer sees it
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from hf_sparse import SparseCallback
+
+    expected, scores = {}, {}
+
+    class Record(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            for n, m in model.named_modules():
+                if isinstance(m, nn.Linear):
+                    expected[n] = expected.get(n, 0) - m.weight.detach() * m.weight.grad
+
+        def on_step_end(self, args, state, control, **kwargs):  # the scores are gone after training
+            scores.update({n: s.clone() for n, s in callback.sparsifier.method.scores_.items()})
+
+    callback = SparseCallback(movement_config(start=8))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True, learning_rate=1e-3, seed=0, dataloader_num_workers=0,
+        max_grad_norm=1e-3,
+    )  # fmt: skip
+    Trainer(model=tiny_bert, args=args, train_dataset=tiny_data, callbacks=[callback, Record()]).train()
+    assert scores and set(scores) <= set(expected)
+    for n, s in scores.items():
+        torch.testing.assert_close(s, expected[n], rtol=1e-4, atol=1e-4 * float(expected[n].abs().max()))
 
 
 def test_soft_ramp_masks_are_the_threshold_and_the_last_step_hits_the_target(caplog):
