@@ -23,10 +23,11 @@ class MovementPruning(PruningMethod):
     dL/dW', adds the straight-through dL/dS = W * dL/dW' of every weight, masked ones included, to a per-step sum,
     and passes on dL/dW = dL/dW' * M: masked weights do not train, and gradient clipping sees only the kept weights
     (with 90% of the weights masked, their dL/dW' would dominate the norm and shrink every update). At each
-    optimizer step (`before_optimizer_step`, after clipping) the scores move with that sum, scaled by the factor
-    the clipping applied to the weights' gradients (see `_gradient_scale`). Each pruning step ranks all weights
-    (groups: the sum of their scores) through the pattern: a masked weight whose score rose back into the top is
-    restored to its stored value.
+    optimizer step (`before_optimizer_step`, after clipping) the scores move with W * dL/dW' as the optimizer
+    applies it: the kept weights' from their clipped .grad, the masked weights' from that sum scaled by the clip
+    factor (`_gradient_scale`). Without `regrow` masked groups rank below all kept ones; with it each pruning step
+    ranks all weights (groups: the sum of their scores) through the pattern, and a masked weight whose score rose
+    back into the top is restored to its stored value.
     """
 
     args_class = MovementArgs
@@ -95,8 +96,15 @@ class MovementPruning(PruningMethod):
                 ste.div_(world)
         scale = self._gradient_scale()
         self.last_gradient_scale = scale
-        for name in self.sparsifier.targets:
-            ste = self._pending[name].mul_(scale)  # dL/dS = W * dL/dW'; hard movement accumulates its negative
+        for name, module in self.sparsifier.targets.items():
+            # dL/dS = W * dL/dW' with the gradient the optimizer applies, clipped: unclipped, the gradient spikes
+            # after a cut outweighed all other steps and drove every SST-2 run to a constant output (docs/methods.md).
+            # Hard movement accumulates its negative.
+            ste = self._pending[name].mul_(scale)
+            if module.weight.grad is not None:
+                keep = self.sparsifier.masks[name]
+                applied = module.weight.detach().float() * module.weight.grad.float()
+                ste.copy_(torch.where(keep, applied, ste))
             if not self.soft:
                 self.scores_[name].sub_(ste)
             else:
@@ -107,14 +115,10 @@ class MovementPruning(PruningMethod):
     def _gradient_scale(self) -> float:
         """The factor c by which the loop scaled the gradients between backward and now (gradient clipping).
 
-        The hooks saw dL/dW' before the loop clipped it; the optimizer applies c * dL/dW'. Scores must move with
-        the clipped gradient too, as the paper's do (its scores' gradients are clipped with the weights'): after a
-        cut the gradient norm of the damaged model spikes for some steps (to 20-100 on the SST-2 benchmark, against
-        about 3 before it, with max_grad_norm=1), and unclipped, those few steps outweigh all the others in the
-        scores, so the next rankings follow them; every SST-2 run of the unclipped version ended with a
-        constant-output model. Clipping scales every gradient by one factor, so c is the least-squares fit of the
-        kept weights' W * .grad (clipped) to their W * dL/dW' (the hooks' sum): 1 without clipping, or when
-        nothing moved.
+        The hooks saw dL/dW' before the loop clipped it. The kept weights' scores read the clipped .grad; the masked
+        weights have none, so their dL/dW' is scaled by c (clipping scales every gradient by one factor; the paper
+        clips its scores' gradients together with the weights'). c is the least-squares fit of the kept weights'
+        W * .grad to the hooks' W * dL/dW': 1 without clipping, or when nothing moved.
         """
         num = den = 0.0
         for name, module in self.sparsifier.targets.items():
