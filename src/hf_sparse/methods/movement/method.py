@@ -19,15 +19,15 @@ class MovementPruning(PruningMethod):
     """Movement pruning (Sanh et al. 2020): keep the weights moving away from zero, drop those moving towards it.
 
     The module's weight is the paper's masked weight W' = W * M. The stored value W of each masked weight lives in
-    `values` (saved with checkpoints like the scores). A gradient hook on each weight, run as backward produces
-    dL/dW', adds the straight-through dL/dS = W * dL/dW' of every weight, masked ones included, to a per-step sum,
-    and passes on dL/dW = dL/dW' * M: masked weights do not train, and gradient clipping sees only the kept weights
-    (with 90% of the weights masked, their dL/dW' would dominate the norm and shrink every update). At each
-    optimizer step (`before_optimizer_step`, after clipping) the scores move with W * dL/dW' as the optimizer
-    applies it: the kept weights' from their clipped .grad, the masked weights' from that sum scaled by the clip
-    factor (`_gradient_scale`). Without `regrow` masked groups rank below all kept ones; with it each pruning step
-    ranks all weights (groups: the sum of their scores) through the pattern, and a masked weight whose score rose
-    back into the top is restored to its stored value.
+    `values` (saved with checkpoints like the scores). A gradient hook on each weight passes on dL/dW = dL/dW' * M:
+    masked weights do not train, and gradient clipping sees only the kept weights (with 90% of the weights masked,
+    their dL/dW' would dominate the norm and shrink every update). At each optimizer step (`before_optimizer_step`,
+    after clipping) the kept weights' scores move with W * .grad, the movement under the clipped gradient the
+    optimizer applies. Without `regrow` masked groups rank below all kept ones and their scores stay put. With it,
+    the hook also sums the straight-through dL/dS = W * dL/dW' of the masked weights (their stored W) over the
+    step's backward passes, their scores move with that sum times the clip factor (`_gradient_scale`), and each
+    pruning step ranks all weights (groups: the sum of their scores) through the pattern: a masked weight whose
+    score rose back into the top is restored to its stored value.
     """
 
     args_class = MovementArgs
@@ -55,8 +55,9 @@ class MovementPruning(PruningMethod):
         self.steps = 0
         self.last_gradient_scale = 1.0
         self._numel = sum(s.numel() for s in self.scores_.values())
-        # dL/dS summed over the backward passes of the current optimizer step (gradient accumulation included)
-        self._pending = {n: torch.zeros_like(s) for n, s in self.scores_.items()}
+        # with regrowth: dL/dS summed over the backward passes of the current optimizer step (gradient
+        # accumulation included); without it masked weights' scores never matter, and the scores read .grad only
+        self._pending = {n: torch.zeros_like(s) for n, s in self.scores_.items()} if self.args.regrow else {}
         self._seen = False
         self._hooks = [m.weight.register_hook(self._straight_through(n)) for n, m in sp.targets.items()]
 
@@ -66,8 +67,9 @@ class MovementPruning(PruningMethod):
         @torch.no_grad()
         def hook(grad: torch.Tensor) -> torch.Tensor:
             keep = masks[name]
-            stored = torch.where(keep, weight.detach(), self.values[name])
-            self._pending[name].add_(stored.float() * grad.float())
+            if self.args.regrow:
+                stored = torch.where(keep, weight.detach(), self.values[name])
+                self._pending[name].add_(stored.float() * grad.float())
             self._seen = True
             return grad.masked_fill(~keep, 0.0)
 
@@ -91,26 +93,27 @@ class MovementPruning(PruningMethod):
         self._seen = False
         world = _world_size()
         if world > 1:  # the mean over processes, as DDP averages the weights' gradients
-            for ste in self._pending.values():
-                torch.distributed.all_reduce(ste)
-                ste.div_(world)
-        scale = self._gradient_scale()
+            for pending in self._pending.values():
+                torch.distributed.all_reduce(pending)
+                pending.div_(world)
+        scale = self._gradient_scale() if self.args.regrow else 1.0
         self.last_gradient_scale = scale
         for name, module in self.sparsifier.targets.items():
             # dL/dS = W * dL/dW' with the gradient the optimizer applies, clipped: unclipped, the gradient spikes
             # after a cut outweighed all other steps and drove every SST-2 run to a constant output (docs/methods.md).
-            # Hard movement accumulates its negative.
-            ste = self._pending[name].mul_(scale)
-            if module.weight.grad is not None:
-                keep = self.sparsifier.masks[name]
-                applied = module.weight.detach().float() * module.weight.grad.float()
-                ste.copy_(torch.where(keep, applied, ste))
+            # Kept weights read it from .grad (masked ones hold W' = 0 there); hard movement accumulates its negative
+            grad = module.weight.grad
+            weight = module.weight.detach()
+            ste = weight.float() * grad.float() if grad is not None else torch.zeros_like(self.scores_[name])
+            if self.args.regrow:  # masked weights: the hooks' W * dL/dW' times the clip factor
+                pending = self._pending[name]
+                ste.add_(pending.masked_fill_(self.sparsifier.masks[name], 0.0), alpha=scale)
+                pending.zero_()
             if not self.soft:
                 self.scores_[name].sub_(ste)
             else:
                 sig = torch.sigmoid(self.scores_[name])
                 self._adam(name, ste.add_(sig * (1.0 - sig), alpha=self.args.regularization / self._numel))
-            ste.zero_()
 
     def _gradient_scale(self) -> float:
         """The factor c by which the loop scaled the gradients between backward and now (gradient clipping).
