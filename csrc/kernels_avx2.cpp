@@ -54,6 +54,19 @@ inline __m256 gelu_ps(__m256 v) {
 
 inline __m256 activate(__m256 v, int act) { return act == kActGelu ? gelu_ps(v) : v; }
 
+// Stores 8 output channels (mask cm) of one token row: the exact int32 sums a, or ((a * sx) * sw) + bias rounded in
+// that order like the reference, then the activation.
+inline void store_row8(const Output& out, int64_t row, int64_t col, __m256i cm, __m256i a, float sx, __m256 sw,
+                       bool has_bias, __m256 bias) {
+  if (out.yi) {
+    _mm256_maskstore_epi32(reinterpret_cast<int*>(out.yi + row * out.ldy + col), cm, a);
+    return;
+  }
+  __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(sx)), sw);
+  if (has_bias) v = _mm256_add_ps(v, bias);
+  _mm256_maskstore_ps(out.y + row * out.ldy + col, cm, activate(v, out.act));
+}
+
 inline void transpose8(__m256i r[8]) {
   __m256i t[8];
 #pragma GCC unroll 4
@@ -656,14 +669,7 @@ void few_tokens_t(const SparseI8& w, int32_t last, const char* xq, int64_t ldq, 
     const __m256 bias = w.bias ? _mm256_maskload_ps(w.bias + g, cm) : _mm256_setzero_ps();
     for (int r = 0; r < nt; ++r) {
       const __m256i a = _mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(sums[r])), corr);
-      const int64_t row = out.m0 + r0 + r;
-      if (out.yi) {
-        _mm256_maskstore_epi32(reinterpret_cast<int*>(out.yi + row * out.ldy + g), cm, a);
-        continue;
-      }
-      __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(sx[r0 + r])), sw);
-      if (w.bias) v = _mm256_add_ps(v, bias);
-      _mm256_maskstore_ps(out.y + row * out.ldy + g, cm, activate(v, out.act));
+      store_row8(out, out.m0 + r0 + r, g, cm, a, sx[r0 + r], sw, w.bias != nullptr, bias);
     }
   }
 }
@@ -777,15 +783,8 @@ void dense_micro(const DenseI8& w, const char* xq, int64_t ldq, const float* sx,
     const __m256 bias = w.bias ? _mm256_maskload_ps(w.bias + n, cm) : _mm256_setzero_ps();
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const __m256i a = _mm256_sub_epi32(res[i][h], corr);
-      const int64_t row = out.m0 + m + i;
-      if (out.yi) {
-        _mm256_maskstore_epi32(reinterpret_cast<int*>(out.yi + row * out.ldy + n), cm, a);
-        continue;
-      }
-      __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(sx[m + i])), sw);
-      if (w.bias) v = _mm256_add_ps(v, bias);
-      _mm256_maskstore_ps(out.y + row * out.ldy + n, cm, activate(v, out.act));
+      store_row8(out, out.m0 + m + i, n, cm, _mm256_sub_epi32(res[i][h], corr), sx[m + i], sw, w.bias != nullptr,
+                 bias);
     }
   }
 }
