@@ -108,26 +108,46 @@ void add_mean(int64_t* profile, int threads, Row row) {
   }
 }
 
+// The steps after the attention for m token rows: a = LN1(out(ctx) + x), y = LN2(ffn(a) + a).
+void finish_rows(const EncoderLayerCall& c, const float* ctx, const float* x, float* a, float* y, int64_t m, int nt,
+                 StepTimer& timer) {
+  const int64_t hidden = c.hidden;
+  c.out(ctx, m, a, nt);
+  timer.done(kStepOut);
+  add_layernorm(a, hidden, x, hidden, m, hidden, c.gamma1, c.beta1, c.eps1, a, hidden, nt);
+  timer.done(kStepNorm1);
+  c.ffn(a, m, y, nt);
+  timer.done(kStepFfn);
+  add_layernorm(y, hidden, a, hidden, m, hidden, c.gamma2, c.beta2, c.eps2, y, hidden, nt);
+  timer.done(kStepNorm2);
+}
+
 // Sequences b0 .. b0 + nb - 1 through the layer, each step on up to nt threads.
 void run_chunk(const EncoderLayerCall& c, int64_t b0, int64_t nb, int nt, const ChunkBuffers& buf, int64_t* prof) {
-  const int64_t m = nb * c.seq, w = c.width, hidden = c.hidden;
-  const float* x = c.x + b0 * c.seq * hidden;
-  float* y = c.y + b0 * c.seq * hidden;
+  const int64_t m = nb * c.seq;
+  const float* x = c.x + b0 * c.seq * c.hidden;
   StepTimer timer(prof);
   c.qkv(x, m, buf.qkv, nt);
   timer.done(kStepQkv);
-  AttnCall at = attention_call(c, buf.qkv, buf.ctx, b0, nb);
-  attention(at, nt);
+  attention(attention_call(c, buf.qkv, buf.ctx, b0, nb), nt);
   timer.done(kStepAttention);
-  c.out(buf.ctx, m, buf.a, nt);
-  timer.done(kStepOut);
-  add_layernorm(buf.a, hidden, x, hidden, m, hidden, c.gamma1, c.beta1, c.eps1, buf.a, hidden, nt);
-  timer.done(kStepNorm1);
-  c.ffn(buf.a, m, y, nt);
-  timer.done(kStepFfn);
-  add_layernorm(y, hidden, buf.a, hidden, m, hidden, c.gamma2, c.beta2, c.eps2, y, hidden, nt);
-  timer.done(kStepNorm2);
+  finish_rows(c, buf.ctx, x, buf.a, c.y + b0 * c.seq * c.hidden, m, nt, timer);
 }
+
+// The first exception of a job's threads, rethrown by the caller (a worker must not throw: it would end the
+// process).
+struct FirstError {
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  bool any() const { return failed.load(std::memory_order_relaxed); }
+  void capture() {
+    bool expected = false;
+    if (failed.compare_exchange_strong(expected, true)) error = std::current_exception();
+  }
+  void rethrow() const {
+    if (error) std::rethrow_exception(error);
+  }
+};
 
 // Whole chunks per thread. Thread t owns a contiguous run of chunks and takes them first, in order, so that from
 // one layer to the next a thread reads the sequences it wrote; a thread that is done takes the chunks others have
@@ -139,8 +159,7 @@ struct SequenceJob {
   char* scratch;
   size_t slot_bytes;  // per thread: its next-chunk counter (64 bytes), kLayerSteps counters, the chunk buffers
   bool profile;
-  std::atomic<bool> failed{false};
-  std::exception_ptr error;
+  FirstError error;
 
   int64_t first(int t) const { return chunks * t / threads; }
   std::atomic<int64_t>* taken(int t) const {
@@ -160,13 +179,12 @@ struct SequenceJob {
         const int64_t end = first(owner + 1);
         for (;;) {
           const int64_t i = first(owner) + taken(owner)->fetch_add(1, std::memory_order_relaxed);
-          if (i >= end || failed.load(std::memory_order_relaxed)) break;
+          if (i >= end || error.any()) break;
           run_chunk(*call, i * unit, unit, 1, buf, prof);
         }
       }
-    } catch (...) {  // a worker must not throw (it would end the process): the caller rethrows
-      bool expected = false;
-      if (failed.compare_exchange_strong(expected, true)) error = std::current_exception();
+    } catch (...) {
+      error.capture();
     }
   }
 };
@@ -182,16 +200,10 @@ struct TokenJob {
   int64_t b;  // the sequence
   int64_t block_rows, blocks;
   int threads;
-  float *qkv, *ctx, *a;  // whole-sequence buffers; each block writes its own rows
-  int64_t* prof;         // threads x kProfileRow counters, or null
+  const ChunkBuffers* buf;  // whole-sequence buffers; each block writes its own rows
+  int64_t* prof;            // threads x kProfileRow counters, or null
   std::atomic<int64_t> next_a{0}, done_a{0}, next_b{0};
-  std::atomic<bool> failed{false};
-  std::exception_ptr error;
-
-  void fail() {
-    bool expected = false;
-    if (failed.compare_exchange_strong(expected, true)) error = std::current_exception();
-  }
+  FirstError error;
 
   void run(int tid) {
     const EncoderLayerCall& c = *call;
@@ -204,9 +216,9 @@ struct TokenJob {
       if (i >= blocks) break;
       const int64_t r0 = i * block_rows, rows = std::min(block_rows, c.seq - r0);
       try {
-        if (!failed.load(std::memory_order_relaxed)) c.qkv(c.x + (row0 + r0) * hidden, rows, qkv + r0 * 3 * w, 1);
+        if (!error.any()) c.qkv(c.x + (row0 + r0) * hidden, rows, buf->qkv + r0 * 3 * w, 1);
       } catch (...) {
-        fail();
+        error.capture();
       }
       done_a.fetch_add(1, std::memory_order_release);
     }
@@ -218,27 +230,18 @@ struct TokenJob {
     try {
       for (;;) {
         const int64_t i = next_b.fetch_add(1, std::memory_order_relaxed);
-        if (i >= blocks || failed.load(std::memory_order_relaxed)) return;
+        if (i >= blocks || error.any()) return;
         const int64_t r0 = i * block_rows, rows = std::min(block_rows, c.seq - r0);
-        AttnCall at = attention_call(c, qkv, ctx, b, 1);
+        AttnCall at = attention_call(c, buf->qkv, buf->ctx, b, 1);
         at.q_begin = r0;
         at.q_end = r0 + rows;
         attention(at, 1);
         timer.done(kStepAttention);
-        float* ar = a + r0 * hidden;
-        const float* xr = c.x + (row0 + r0) * hidden;
-        float* yr = c.y + (row0 + r0) * hidden;
-        c.out(ctx + r0 * w, rows, ar, 1);
-        timer.done(kStepOut);
-        add_layernorm(ar, hidden, xr, hidden, rows, hidden, c.gamma1, c.beta1, c.eps1, ar, hidden, 1);
-        timer.done(kStepNorm1);
-        c.ffn(ar, rows, yr, 1);
-        timer.done(kStepFfn);
-        add_layernorm(yr, hidden, ar, hidden, rows, hidden, c.gamma2, c.beta2, c.eps2, yr, hidden, 1);
-        timer.done(kStepNorm2);
+        finish_rows(c, buf->ctx + r0 * w, c.x + (row0 + r0) * hidden, buf->a + r0 * hidden,
+                    c.y + (row0 + r0) * hidden, rows, 1, timer);
       }
     } catch (...) {
-      fail();
+      error.capture();
     }
   }
 };
@@ -256,16 +259,14 @@ void run_sequence_tokens(const EncoderLayerCall& c, int64_t b, int threads, int6
   const int64_t k = (per_thread + c.chunk_tokens - 1) / std::max<int64_t>(1, c.chunk_tokens);
   job.block_rows = (c.seq + threads * k - 1) / (threads * k);
   job.blocks = (c.seq + job.block_rows - 1) / job.block_rows;
-  const size_t qkv_bytes = align64(c.seq * 3 * c.width * 4), ctx_bytes = align64(c.seq * c.width * 4);
-  const size_t a_bytes = align64(c.seq * c.hidden * 4), prof_bytes = align64(threads * kProfileRow * 8);
-  char* p = t_layer.get(qkv_bytes + ctx_bytes + a_bytes + prof_bytes);
-  job.qkv = reinterpret_cast<float*>(p);
-  job.ctx = reinterpret_cast<float*>(p + qkv_bytes);
-  job.a = reinterpret_cast<float*>(p + qkv_bytes + ctx_bytes);
-  job.prof = profile_ns ? reinterpret_cast<int64_t*>(p + qkv_bytes + ctx_bytes + a_bytes) : nullptr;
+  const size_t buf_bytes = align64(ChunkBuffers::bytes(c, c.seq));
+  char* p = t_layer.get(buf_bytes + threads * kProfileRow * sizeof(int64_t));
+  const ChunkBuffers buf(c, c.seq, p);
+  job.buf = &buf;
+  job.prof = profile_ns ? reinterpret_cast<int64_t*>(p + buf_bytes) : nullptr;
   if (job.prof) std::fill_n(job.prof, threads * kProfileRow, int64_t{0});
   parallel_run(threads, token_job_fn, &job);
-  if (job.error) std::rethrow_exception(job.error);
+  job.error.rethrow();
   if (profile_ns) add_mean(profile_ns, threads, [&](int t) { return job.prof + t * kProfileRow; });
 }
 
@@ -276,28 +277,27 @@ int encoder_layer(const EncoderLayerCall& c, int nthreads, int64_t* profile_ns) 
   int used = 0;
   const int nt = std::max(1, nthreads);
   const int64_t per = std::max<int64_t>(1, std::min<int64_t>(c.batch, c.chunk_tokens / c.seq));
-  const int64_t threads = nt;
   int64_t split = 0;  // the first `split` sequences go to threads whole (never leaving a thread without one)
-  if (c.split_sequences && threads > 1 && c.batch >= threads && (c.batch / threads) * c.seq >= kMinTokensPerThread) {
-    split = c.batch / threads * threads;
+  if (c.split_sequences && nt > 1 && c.batch >= nt && (c.batch / nt) * c.seq >= kMinTokensPerThread) {
+    split = c.batch / nt * nt;
     // Chunks of `unit` sequences, as many as possible up to `per`, and a number of chunks every thread gets
     // equally many of (unit 1 always qualifies: split is a multiple of threads).
-    int64_t unit = std::min(per, split / threads);
-    while (unit > 1 && (split % unit != 0 || (split / unit) % threads != 0)) --unit;
+    int64_t unit = std::min<int64_t>(per, split / nt);
+    while (unit > 1 && (split % unit != 0 || (split / unit) % nt != 0)) --unit;
     SequenceJob job;
     job.call = &c;
     job.unit = unit;
     job.chunks = split / unit;
-    job.threads = static_cast<int>(threads);
+    job.threads = nt;
     job.profile = profile_ns != nullptr;
     job.slot_bytes = 128 + align64(ChunkBuffers::bytes(c, unit * c.seq));
-    job.scratch = t_layer.get(job.slot_bytes * threads);
+    job.scratch = t_layer.get(job.slot_bytes * nt);
     for (int t = 0; t < job.threads; ++t) {
       new (job.taken(t)) std::atomic<int64_t>(0);
       std::fill_n(job.counters(t), kProfileRow, int64_t{0});
     }
     parallel_run(job.threads, sequence_job_fn, &job);
-    if (job.error) std::rethrow_exception(job.error);
+    job.error.rethrow();
     // the threads ran side by side: each step's share of the wall time is its mean over them
     if (profile_ns) add_mean(profile_ns, job.threads, [&](int t) { return job.counters(t); });
     used |= kSequenceParallel;

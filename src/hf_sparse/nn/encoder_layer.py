@@ -83,7 +83,7 @@ class FusedEncoderLayer:
         self.qkv, self.out, self.ffn, self.norm1, self.norm2 = qkv, out, ffn, norm1, norm2
         self.chunk_tokens = CHUNK_TOKENS
         self.split_sequences = True
-        self.parallelism: frozenset[str] = frozenset()  # how the last fast-path call split its work (see above)
+        self._split_flags = 0  # how the last fast-path call split its work (`parallelism`)
         self.heads, self.head_dim, self.scale = int(heads), width // heads, float(scale)
         self.width, self.hidden = width, hidden
         self._plan = None
@@ -113,16 +113,20 @@ class FusedEncoderLayer:
         norms = [t.data_ptr() for t in (self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias)]
         times = FusedEncoderLayer.step_times
         counters = torch.zeros(len(ext._C.LAYER_STEPS), dtype=torch.int64) if times is not None else None
-        flags = self._plan.run(
+        self._split_flags = self._plan.run(
             x.data_ptr(), y.data_ptr(), batch, seq, kind, mk.data_ptr() if mk is not None else 0, sb, sh, sq, norms,
             self.norm1.eps, self.norm2.eps, self.chunk_tokens, self.split_sequences, nt,
             counters.data_ptr() if counters is not None else 0,
         )  # fmt: skip
-        self.parallelism = frozenset(name for name, bit in ext._C.LAYER_PARALLELISM if flags & bit)
         if times is not None:
             for step, ns in zip(ext._C.LAYER_STEPS, counters.tolist()):
                 times[step] = times.get(step, 0.0) + ns * 1e-9
         return y
+
+    @property
+    def parallelism(self) -> frozenset[str]:
+        """How the last fast-path call split its work over the threads: "sequences", "tokens", "steps" (see above)."""
+        return frozenset(name for name, bit in ext._C.LAYER_PARALLELISM if self._split_flags & bit)
 
     def _norms_ok(self) -> bool:
         """float32 contiguous LayerNorm parameters (a model cast to another dtype runs the composed path)."""
