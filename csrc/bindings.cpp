@@ -35,9 +35,9 @@ using namespace nb::literals;
 namespace hf_sparse {
 namespace {
 
-constexpr int kAbiVersion = 6;
+constexpr int kAbiVersion = 7;
 
-enum Kind : int { kI8Sparse = 0, kI8Dense = 1, kF32Sparse = 2 };
+enum Kind : int { kI8Sparse = 0, kI8Dense = 1, kF32Sparse = 2, kI8Csr = 3 };  // kI8Csr: SparseI8 with quads
 
 template <class T>
 using In1 = nb::ndarray<const T, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
@@ -76,7 +76,7 @@ void check_ptr(const int32_t* ptr, int64_t count, int64_t nnz, const char* what)
 }
 
 int64_t panels_of(int kind, int64_t k) {
-  const int64_t cols = kind == 0 ? (k + 3) / 4 : k;  // int8: 4-blocks; fp32: features
+  const int64_t cols = kind == kF32Sparse ? k : (k + 3) / 4;  // fp32: features; int8: 4-blocks (quads: 4 features)
   return (cols + kPanel - 1) / kPanel;
 }
 
@@ -111,14 +111,17 @@ Output make_output(uintptr_t out, int64_t ldy, int act, bool accum) {
 class Packed {
  public:
   // All arrays are copied. Sparse kinds: ptr (column panels * n + 1,) int32, cols (nnz,) uint16, values (nnz,)
-  // int32 (4 int8 codes) or float32. Dense int8: values = the (panels, kb, 16, 4) int8 panels, flattened.
+  // int32 (4 int8 codes) or float32; int8 CSR: cols (4 nnz,) input features, 4 per entry of values (nnz,) int32.
+  // Dense int8: values = the (panels, kb, 16, 4) int8 panels, flattened.
   Packed(int kind, int64_t n, int64_t k, In1<int32_t> ptr, In1<uint16_t> cols, nb::ndarray<nb::c_contig> values,
          In1<int32_t> weight_sum, In1<float> scale, In1<float> bias, bool has_bias)
       : kind_(kind), n_(n), k_(k), kb_((k + 3) / 4), has_bias_(has_bias) {
     check_dims(n, k);
     const int64_t panels = (n + 15) / 16;
-    if (kind == kI8Sparse || kind == kF32Sparse) {
-      const char* what = kind == kI8Sparse ? "int8 4-block weight" : "fp32 CSR weight";
+    if (kind == kI8Sparse || kind == kF32Sparse || kind == kI8Csr) {
+      const bool i8 = kind != kF32Sparse;
+      const int64_t per = kind == kI8Csr ? 4 : 1;  // column indices per entry
+      const char* what = kind == kI8Sparse ? "int8 4-block weight" : (i8 ? "int8 CSR weight" : "fp32 CSR weight");
       panels_ = panels_of(kind, k);
       const int64_t count = panels_ * n;
       if (static_cast<int64_t>(ptr.shape(0)) != count + 1) {
@@ -126,22 +129,28 @@ class Packed {
                                str(count + 1) + " (column panels x out_features + 1)")
                                   .c_str());
       }
-      nnz_ = static_cast<int64_t>(cols.shape(0));
+      const int64_t ncols = static_cast<int64_t>(cols.shape(0));
+      if (ncols % per) {
+        throw nb::value_error((std::string(what) + ": cols has " + str(ncols) +
+                               " entries, not a multiple of 4 (4 input features per stored entry)")
+                                  .c_str());
+      }
+      nnz_ = ncols / per;
       check_ptr(ptr.data(), count, nnz_, what);
       const int64_t col_limit = kind == kI8Sparse ? kb_ : k;
       const uint16_t* c = cols.data();
-      for (int64_t b = 0; b < nnz_; ++b) {
+      for (int64_t b = 0; b < ncols; ++b) {
         if (c[b] >= col_limit) {
           throw nb::value_error((std::string(what) + ": cols[" + str(b) + "] = " + str(c[b]) + " is out of range (" +
                                  (kind == kI8Sparse ? "4-blocks per row: " : "in_features: ") + str(col_limit) + ")")
                                     .c_str());
         }
       }
-      const nb::dlpack::dtype vtype = kind == kI8Sparse ? nb::dtype<int32_t>() : nb::dtype<float>();
+      const nb::dlpack::dtype vtype = i8 ? nb::dtype<int32_t>() : nb::dtype<float>();
       if (values.ndim() != 1 || static_cast<int64_t>(values.shape(0)) != nnz_ || values.dtype() != vtype) {
         throw nb::value_error((std::string(what) + ": values must be 1-D " +
-                               (kind == kI8Sparse ? "int32 (4 int8 codes each)" : "float32") + " with one entry per "
-                               "column index (" + str(nnz_) + ")")
+                               (i8 ? "int32 (4 int8 codes each)" : "float32") + " with one entry per " +
+                               (per == 4 ? "4 column indices (" : "column index (") + str(nnz_) + ")")
                                   .c_str());
       }
       ptr_kernel_ = alloc_copy(ptr.data(), (count + 1) * 4);
@@ -156,7 +165,7 @@ class Packed {
         for (int64_t q = 0; q < panels_; ++q) c += p[q * n + r + 1] - p[q * n + r];
         prefix[r + 1] = prefix[r] + c;
       }
-      cols_ = alloc_copy(cols.data(), nnz_ * 2);
+      cols_ = alloc_copy(cols.data(), ncols * 2);
       values_ = alloc_copy(values.data(), nnz_ * 4);
     } else if (kind == kI8Dense) {
       const int64_t expect = panels * kb_ * 64;
@@ -186,7 +195,7 @@ class Packed {
       bias_ = alloc_copy(bias.data(), n * 4);
     }
     // Kernel views
-    if (kind == kI8Sparse) {
+    if (kind == kI8Sparse || kind == kI8Csr) {
       si8_ = SparseI8{n,
                       k,
                       kb_,
@@ -197,7 +206,8 @@ class Packed {
                       as<int32_t>(wsum_),
                       as<float>(scale_),
                       has_bias ? as<float>(bias_) : nullptr,
-                      as<int64_t>(prefix_)};
+                      as<int64_t>(prefix_),
+                      kind == kI8Csr};
     } else if (kind == kI8Dense) {
       di8_ = DenseI8{n, k, kb_, panels, as<int8_t>(values_), as<int32_t>(wsum_), as<float>(scale_),
                      has_bias ? as<float>(bias_) : nullptr};
@@ -224,7 +234,7 @@ class Packed {
 
   // The product without the GIL or argument checks (callers checked them): also for worker threads.
   void forward(const float* x, int64_t m, const Output& o, int nthreads) const {
-    if (kind_ == kI8Sparse) {
+    if (kind_ == kI8Sparse || kind_ == kI8Csr) {
       linear_i8_sparse(si8_, x, k_, m, o, nthreads);
     } else if (kind_ == kI8Dense) {
       linear_i8_dense(di8_, x, k_, m, o, nthreads);
@@ -233,7 +243,7 @@ class Packed {
     }
   }
 
-  // Fused FFN: y (m, second.n) = second(act1(first(x))), both int8 4-block, first.n == second.k.
+  // Fused FFN: y (m, second.n) = second(act1(first(x))), both int8 4-block or CSR, first.n == second.k.
   static void run_ffn(const Packed& first, const Packed& second, uintptr_t x, int64_t m, uintptr_t out, int act1,
                       int act2, int nthreads) {
     if (m < 0) throw nb::value_error("number of rows must be >= 0");
@@ -246,8 +256,9 @@ class Packed {
   }
 
   static void check_ffn(const Packed& first, const Packed& second) {
-    if (first.kind_ != kI8Sparse || second.kind_ != kI8Sparse) {
-      throw nb::value_error("the fused FFN takes two int8 4-block weights");
+    const auto sparse = [](const Packed& p) { return p.kind_ == kI8Sparse || p.kind_ == kI8Csr; };
+    if (!sparse(first) || !sparse(second)) {
+      throw nb::value_error("the fused FFN takes two int8 sparse weights (4-block or CSR)");
     }
     if (first.n_ != second.k_) {
       throw nb::value_error(("the first weight has " + str(first.n_) + " outputs but the second takes " +
@@ -268,10 +279,10 @@ class Packed {
       d[name] = nb::ndarray<nb::pytorch>(buf.get(), shape.size(), shape.begin(), self, nullptr, dt).cast();
     };
     const size_t n = static_cast<size_t>(n_);
-    if (kind_ == kI8Sparse || kind_ == kF32Sparse) {
+    if (kind_ != kI8Dense) {
       put("ptr", ptr_public_, nb::dtype<int32_t>(), {static_cast<size_t>(panels_ * n_ + 1)});
-      put("cols", cols_, nb::dtype<uint16_t>(), {static_cast<size_t>(nnz_)});
-      put("values", values_, kind_ == kI8Sparse ? nb::dtype<int32_t>() : nb::dtype<float>(),
+      put("cols", cols_, nb::dtype<uint16_t>(), {static_cast<size_t>(kind_ == kI8Csr ? 4 * nnz_ : nnz_)});
+      put("values", values_, kind_ != kF32Sparse ? nb::dtype<int32_t>() : nb::dtype<float>(),
           {static_cast<size_t>(nnz_)});
     } else {
       put("panels", values_, nb::dtype<int8_t>(),
@@ -407,13 +418,14 @@ class EncoderLayerPlan {
 // ------------------------------------------------------------------------------------------------------------------
 // Raw entry points for the torch ops (tensors checked in Python, row pointers checked here).
 
+// quads: int8 CSR (cols holds 4 input features per entry; the Python op checked them).
 void i8_sparse_raw(uintptr_t x, int64_t m, uintptr_t ptr, uintptr_t cols, uintptr_t values, uintptr_t wsum,
                    uintptr_t scale, uintptr_t bias, int64_t n, int64_t k, int64_t nnz, uintptr_t out, int act,
-                   int nthreads, bool accum) {
+                   int nthreads, bool accum, bool quads) {
   check_dims(n, k);
   const int32_t* p = reinterpret_cast<const int32_t*>(ptr);
   const int64_t panels = panels_of(kI8Sparse, k);
-  check_ptr(p, panels * n, nnz, "int8 4-block weight");
+  check_ptr(p, panels * n, nnz, quads ? "int8 CSR weight" : "int8 4-block weight");
   const SparseI8 w{n,
                    k,
                    (k + 3) / 4,
@@ -424,7 +436,8 @@ void i8_sparse_raw(uintptr_t x, int64_t m, uintptr_t ptr, uintptr_t cols, uintpt
                    reinterpret_cast<const int32_t*>(wsum),
                    reinterpret_cast<const float*>(scale),
                    reinterpret_cast<const float*>(bias),
-                   nullptr};
+                   nullptr,
+                   quads};
   const Output o = make_output(out, n, act, accum);
   nb::gil_scoped_release release;
   linear_i8_sparse(w, reinterpret_cast<const float*>(x), k, m, o, clamp_threads(nthreads));
@@ -432,12 +445,13 @@ void i8_sparse_raw(uintptr_t x, int64_t m, uintptr_t ptr, uintptr_t cols, uintpt
 
 void i8_ffn_raw(uintptr_t x, int64_t m, const std::vector<uintptr_t>& w1, const std::vector<uintptr_t>& w2,
                 int64_t k, int64_t hidden, int64_t n, int64_t nnz1, int64_t nnz2, uintptr_t out, int act1, int act2,
-                int nthreads) {
+                int nthreads, bool quads1, bool quads2) {
   // w1, w2: addresses of ptr, cols, values, weight_sum, weight_scale, bias (0: none).
   if (w1.size() != 6 || w2.size() != 6) throw nb::value_error("i8_ffn_raw: 6 arrays per weight");
   check_dims(hidden, k);
   check_dims(n, hidden);
-  const auto view = [](const std::vector<uintptr_t>& a, int64_t rows, int64_t cols, int64_t nnz, const char* what) {
+  const auto view = [](const std::vector<uintptr_t>& a, int64_t rows, int64_t cols, int64_t nnz, const char* what,
+                       bool quads) {
     const int32_t* p = reinterpret_cast<const int32_t*>(a[0]);
     const int64_t panels = panels_of(kI8Sparse, cols);
     check_ptr(p, panels * rows, nnz, what);
@@ -451,10 +465,11 @@ void i8_ffn_raw(uintptr_t x, int64_t m, const std::vector<uintptr_t>& w1, const 
                     reinterpret_cast<const int32_t*>(a[3]),
                     reinterpret_cast<const float*>(a[4]),
                     reinterpret_cast<const float*>(a[5]),
-                    nullptr};
+                    nullptr,
+                    quads};
   };
-  const SparseI8 first = view(w1, hidden, k, nnz1, "first int8 4-block weight");
-  const SparseI8 second = view(w2, n, hidden, nnz2, "second int8 4-block weight");
+  const SparseI8 first = view(w1, hidden, k, nnz1, "first int8 sparse weight", quads1);
+  const SparseI8 second = view(w2, n, hidden, nnz2, "second int8 sparse weight", quads2);
   make_output(0, 0, act1, false);
   const Output o = make_output(out, n, act2, false);
   nb::gil_scoped_release release;

@@ -27,7 +27,9 @@ constexpr int64_t kMaxInFeatures = 65536;
 constexpr int64_t kPanel = 128;
 
 // int8 4-block sparse weight: block b covers input features 4*cols[b] .. 4*cols[b]+3 and holds 4 int8 codes
-// packed little-endian in values[b].
+// packed little-endian in values[b]. With `quads` (int8 CSR, for unstructured weights) entry e holds 4 nonzeros
+// of any input features instead: codes values[e] (little-endian) for features cols[4e] .. cols[4e+3] (a padded
+// entry repeats a feature with code 0); ptr counts entries, panels still span kPanel * 4 features.
 struct SparseI8 {
   int64_t n = 0, k = 0, kb = 0;  // out_features, in_features, ceil(k / 4)
   int64_t panels = 0;            // ceil(kb / kPanel)
@@ -38,6 +40,7 @@ struct SparseI8 {
   const float* scale = nullptr;         // (n,) weight scale per output channel
   const float* bias = nullptr;          // (n,) or null
   const int64_t* row_prefix = nullptr;  // (n + 1,) entries before row n (all panels), or null: balances threads
+  bool quads = false;                   // int8 CSR: cols has 4 input features per entry
 };
 
 // int8 dense weight in panels of 16 output channels: packed[p][kb][c][j] = q_w[16 p + c][4 kb + j], zero-padded
@@ -108,7 +111,23 @@ struct IsaKernels {
   // mtp tokens, the layout quant_tile writes) and its scales sx2; h is scratch of w1.n * mtp floats.
   void (*i8_ffn_hidden)(const SparseI8& w1, const void* tile1, int mtp, int rows, const float* sx1, int act,
                         float* h, void* tile2, float* sx2);
+  // int8 CSR (SparseI8::quads), optional: rewrites a quant_tile tile in place into the layout this ISA's
+  // i8_sparse reads for quads, whose tiles then hold tile_tokens or max_tile tokens (quads_mtp). Null: i8_sparse
+  // reads quads from the quant_tile tile itself (i8_quads_portable).
+  void (*quads_tile)(void* tile, int64_t kb, int mtp);
 };
+
+// Tokens per tile (mtp) for `rows` tokens of a quads weight on `isa`: the vector kernel takes one vector or a full
+// tile; the portable path any multiple of the granule.
+inline int quads_mtp(const IsaKernels& isa, int rows) {
+  if (!isa.quads_tile) return (rows + isa.tile_tokens - 1) / isa.tile_tokens * isa.tile_tokens;
+  return rows <= isa.tile_tokens ? isa.tile_tokens : isa.max_tile;
+}
+
+// Quads from an unmodified quant_tile tile of any ISA (elements of act_bytes bytes holding code + act_offset),
+// exact int32 sums, scalar epilogue (std::erf GELU). Compiled without ISA flags (kernels_scalar.cpp).
+void i8_quads_portable(const SparseI8& w, const void* tile, int act_bytes, int act_offset, int mtp, int rows,
+                       const float* sx, int64_t n0, int64_t n1, const Output& out);
 
 // Per-ISA tables, defined in kernels_<isa>.cpp (null when that file is not built for this target).
 const IsaKernels* scalar_kernels();

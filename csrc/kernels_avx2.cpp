@@ -428,6 +428,7 @@ void i8_sparse_t(const SparseI8& w, const char* tile, int rows, const float* sx,
 
 void i8_sparse(const SparseI8& w, const void* tile, int mtp, int rows, const float* sx, int64_t n0, int64_t n1,
                const Output& out) {
+  if (w.quads) return i8_quads_portable(w, tile, kVnni ? 1 : 2, kVnni ? 128 : 0, mtp, rows, sx, n0, n1, out);
   const char* t = static_cast<const char*>(tile);
   switch (mtp / kVec) {
     case 1: return i8_sparse_t<1>(w, t, rows, sx, n0, n1, out);
@@ -926,6 +927,7 @@ const IsaKernels kTable = {
     f32_tile,
     f32_sparse,
     nullptr,  // fused FFN: composed by the driver
+    nullptr,  // int8 CSR: the portable kernel (kernels_scalar.cpp)
 };
 
 }  // namespace

@@ -301,6 +301,107 @@ __attribute__((always_inline)) inline void i8_row(const SparseI8& w, const uint8
   }
 }
 
+// Sums of row n of an int8 CSR weight (quads: 4 nonzeros of any input features per entry) over panels c0..c1-1.
+// The tile is byte-major (quads_tile): row f holds feature f of the 16 T tokens. Per quad, the 4 features' rows
+// are loaded and interleaved by unpacks (within 128-bit lanes) into 16-token vectors of [f0 f1 f2 f3] dwords, one
+// vpdpbusd each against the quad's 4 codes: 4 useful products per lane where a padded 4-block of an unstructured
+// weight has ~1.2. T = 4 (zmm; quads_tile orders the tokens so that the unpacks' lane order gives the usual 16
+// consecutive tokens per accumulator) or T = 1 (xmm, natural order).
+template <int T>
+__attribute__((always_inline)) inline void q8_row(const SparseI8& w, const uint8_t* tile, int64_t n, int64_t c0,
+                                                  int64_t c1, const __m512i* init, __m512i* res) {
+  static_assert(T == 1 || T == 4, "quads run on tiles of 16 or 64 tokens");
+  const uint32_t k_max = static_cast<uint32_t>(w.kb * 4 - 1);
+  const uint16_t* cols = w.cols;
+  const int32_t* vals = w.values;
+  const auto row = [&](uint32_t c) { return tile + (c < k_max ? c : k_max) * (16 * T); };
+  if constexpr (T == 4) {
+    __m512i a0 = init[0], a1 = init[1], a2 = init[2], a3 = init[3];
+    for (int64_t c = c0; c < c1; ++c) {
+      const int32_t e1 = w.ptr[c * w.n + n + 1];
+      for (int32_t e = w.ptr[c * w.n + n]; e < e1; ++e) {
+        const uint16_t* q = cols + 4 * static_cast<int64_t>(e);
+        const __m512i f0 = _mm512_load_si512(row(q[0])), f1 = _mm512_load_si512(row(q[1]));
+        const __m512i f2 = _mm512_load_si512(row(q[2])), f3 = _mm512_load_si512(row(q[3]));
+        const __m512i lo01 = _mm512_unpacklo_epi8(f0, f1), hi01 = _mm512_unpackhi_epi8(f0, f1);
+        const __m512i lo23 = _mm512_unpacklo_epi8(f2, f3), hi23 = _mm512_unpackhi_epi8(f2, f3);
+        const __m512i wv = _mm512_set1_epi32(vals[e]);
+        a0 = dpbusd(a0, _mm512_unpacklo_epi16(lo01, lo23), wv);
+        a1 = dpbusd(a1, _mm512_unpackhi_epi16(lo01, lo23), wv);
+        a2 = dpbusd(a2, _mm512_unpacklo_epi16(hi01, hi23), wv);
+        a3 = dpbusd(a3, _mm512_unpackhi_epi16(hi01, hi23), wv);
+      }
+    }
+    res[0] = a0;
+    res[1] = a1;
+    res[2] = a2;
+    res[3] = a3;
+  } else {
+    __m128i a[4] = {_mm_setzero_si128(), _mm_setzero_si128(), _mm_setzero_si128(), _mm_setzero_si128()};
+    for (int64_t c = c0; c < c1; ++c) {
+      const int32_t e1 = w.ptr[c * w.n + n + 1];
+      for (int32_t e = w.ptr[c * w.n + n]; e < e1; ++e) {
+        const uint16_t* q = cols + 4 * static_cast<int64_t>(e);
+        const auto ld = [&](int i) { return _mm_load_si128(reinterpret_cast<const __m128i*>(row(q[i]))); };
+        const __m128i f0 = ld(0), f1 = ld(1), f2 = ld(2), f3 = ld(3);
+        const __m128i lo01 = _mm_unpacklo_epi8(f0, f1), hi01 = _mm_unpackhi_epi8(f0, f1);
+        const __m128i lo23 = _mm_unpacklo_epi8(f2, f3), hi23 = _mm_unpackhi_epi8(f2, f3);
+        const __m128i wv = _mm_set1_epi32(vals[e]);
+        a[0] = _mm_dpbusd_epi32(a[0], _mm_unpacklo_epi16(lo01, lo23), wv);
+        a[1] = _mm_dpbusd_epi32(a[1], _mm_unpackhi_epi16(lo01, lo23), wv);
+        a[2] = _mm_dpbusd_epi32(a[2], _mm_unpacklo_epi16(hi01, hi23), wv);
+        a[3] = _mm_dpbusd_epi32(a[3], _mm_unpackhi_epi16(hi01, hi23), wv);
+      }
+    }
+    const __m512i v = _mm512_inserti32x4(
+        _mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(a[0]), a[1], 1), a[2], 2), a[3], 3);
+    res[0] = _mm512_add_epi32(init[0], v);
+  }
+}
+
+// Turns a quant_tile tile ([kb][16 T][4] u8) into the byte-major tile of the quad kernel, in place (block b's bytes
+// stay where they were): row f = 4 b + j at f * 16 T holds feature f of every token. T = 4: position
+// 16 L + 4 k + i holds token 16 k + 4 L + i (see q8_row); T = 1: natural order.
+void quads_tile(void* tile_, int64_t kb, int mtp) {
+  uint8_t* tile = static_cast<uint8_t*>(tile_);
+  // per 128-bit lane: 4 tokens x [f0 f1 f2 f3] -> [f0 of the 4 tokens, f1 .., f2 .., f3 ..]
+  const __m512i by_feature =
+      _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  if (mtp == 16) {
+    const __m512i lanes = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (int64_t b = 0; b < kb; ++b) {
+      uint8_t* p = tile + b * 64;
+      const __m512i v = _mm512_shuffle_epi8(_mm512_load_si512(p), by_feature);
+      _mm512_store_si512(p, _mm512_permutexvar_epi32(lanes, v));
+    }
+    return;
+  }
+  for (int64_t b = 0; b < kb; ++b) {
+    uint8_t* p = tile + b * 256;
+    // x_k, lane L, dword j: feature j of tokens 16 k + 4 L .. + 3; row j wants them at dword 4 L + k
+    const __m512i x0 = _mm512_shuffle_epi8(_mm512_load_si512(p), by_feature);
+    const __m512i x1 = _mm512_shuffle_epi8(_mm512_load_si512(p + 64), by_feature);
+    const __m512i x2 = _mm512_shuffle_epi8(_mm512_load_si512(p + 128), by_feature);
+    const __m512i x3 = _mm512_shuffle_epi8(_mm512_load_si512(p + 192), by_feature);
+    const __m512i t0 = _mm512_unpacklo_epi32(x0, x1), t1 = _mm512_unpackhi_epi32(x0, x1);
+    const __m512i t2 = _mm512_unpacklo_epi32(x2, x3), t3 = _mm512_unpackhi_epi32(x2, x3);
+    _mm512_store_si512(p, _mm512_unpacklo_epi64(t0, t2));
+    _mm512_store_si512(p + 64, _mm512_unpackhi_epi64(t0, t2));
+    _mm512_store_si512(p + 128, _mm512_unpacklo_epi64(t1, t3));
+    _mm512_store_si512(p + 192, _mm512_unpackhi_epi64(t1, t3));
+  }
+}
+
+// Row n's sums over panels c0..c1-1, 4-block or quads.
+template <int T, int S>
+__attribute__((always_inline)) inline void any_row(const SparseI8& w, const uint8_t* tile, int64_t n, int64_t c0,
+                                                   int64_t c1, const __m512i* init, __m512i* res) {
+  if constexpr (T == 1 || T == 4) {
+    if (w.quads) return q8_row<T>(w, tile, n, c0, c1, init, res);
+  }
+  i8_row<T, S>(w, tile, n, c0, c1, init, res);
+}
+
 // Rows n0..n1-1 of the sparse product for one tile: the accumulators of each row (T vectors of 16 tokens) go to
 // epi.row(n, acc) when the row is complete, -128 * weight_sum already added (it takes back the +128 shift of the u8
 // activations; added at the end rather than as the start value, so each row's chains start without waiting for it).
@@ -317,7 +418,7 @@ void sparse_rows(const SparseI8& w, const uint8_t* tile, int64_t n0, int64_t n1,
   if (per_pass >= w.panels) {
     for (int64_t n = n0; n < n1; ++n) {
       __m512i acc[T];
-      i8_row<T, kSets>(w, tile, n, 0, w.panels, zero, acc);
+      any_row<T, kSets>(w, tile, n, 0, w.panels, zero, acc);
       const __m512i corr = _mm512_set1_epi32(-128 * w.weight_sum[n]);
 #pragma GCC unroll 8
       for (int t = 0; t < T; ++t) acc[t] = _mm512_add_epi32(acc[t], corr);
@@ -334,7 +435,7 @@ void sparse_rows(const SparseI8& w, const uint8_t* tile, int64_t n0, int64_t n1,
       for (int i = 0; i < gn; ++i) {
         const int64_t n = g0 + i;
         __m512i acc[T];
-        i8_row<T, kSets>(w, tile, n, c0, c1, c0 == 0 ? zero : part[i], acc);
+        any_row<T, kSets>(w, tile, n, c0, c1, c0 == 0 ? zero : part[i], acc);
         if (last) {
           const __m512i corr = _mm512_set1_epi32(-128 * w.weight_sum[n]);
 #pragma GCC unroll 8
@@ -809,7 +910,7 @@ void f32_sparse(const SparseF32& w, const float* tile, int mtp, int rows, int64_
 
 const IsaKernels kTable = {
     "avx512_vnni", kVec, kVec * kMaxT, 1, 128, quant_tile, quant_rows, i8_sparse, i8_dense, kFewRows,
-    i8_sparse_few, f32_tile, f32_sparse, i8_ffn_hidden,
+    i8_sparse_few, f32_tile, f32_sparse, i8_ffn_hidden, quads_tile,
 };
 
 }  // namespace

@@ -94,6 +94,7 @@ void quant_rows(const float* x, int64_t ldx, int rows, int64_t k, void* out_, in
 
 void i8_sparse(const SparseI8& w, const void* tile_, int mtp, int rows, const float* sx, int64_t n0, int64_t n1,
                const Output& out) {
+  if (w.quads) return i8_quads_portable(w, tile_, 1, 0, mtp, rows, sx, n0, n1, out);
   const int8_t* tile = static_cast<const int8_t*>(tile_);
   int32_t acc[kTile];
   for (int64_t n = n0; n < n1; ++n) {
@@ -165,10 +166,43 @@ void f32_sparse(const SparseF32& w, const float* tile, int mtp, int rows, int64_
 
 const IsaKernels kTable = {
     "scalar", 1, kTile, 1, 0, quant_tile, quant_rows, i8_sparse, i8_dense, 0, nullptr, f32_tile, f32_sparse,
-    nullptr,
+    nullptr, nullptr,
 };
 
 }  // namespace
+
+void i8_quads_portable(const SparseI8& w, const void* tile_, int act_bytes, int act_offset, int mtp, int rows,
+                       const float* sx, int64_t n0, int64_t n1, const Output& out) {
+  const char* tile = static_cast<const char*>(tile_);
+  const int64_t k_max = w.kb * 4 - 1;
+  // code of feature f of token r: element (f / 4, r, f % 4) of the [kb][mtp][4] tile, minus the shift
+  const auto code = [&](int64_t f, int r) -> int32_t {
+    const char* p = tile + (((f >> 2) * mtp + r) * 4 + (f & 3)) * act_bytes;
+    if (act_bytes == 2) {
+      int16_t v;
+      std::memcpy(&v, p, 2);
+      return v - act_offset;
+    }
+    return (act_offset ? static_cast<int32_t>(static_cast<uint8_t>(*p)) : static_cast<int32_t>(*p)) - act_offset;
+  };
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int r = 0; r < rows; ++r) {
+      int32_t acc = 0;
+      for (int64_t p = 0; p < w.panels; ++p) {
+        for (int32_t e = w.ptr[p * w.n + n]; e < w.ptr[p * w.n + n + 1]; ++e) {
+          int8_t q[4];
+          std::memcpy(q, &w.values[e], 4);
+          for (int i = 0; i < 4; ++i) {
+            int64_t f = w.cols[4 * static_cast<int64_t>(e) + i];
+            f = f < k_max ? f : k_max;  // never read outside the tile, whatever the indices hold
+            acc += code(f, r) * q[i];
+          }
+        }
+      }
+      store_i8(out, out.m0 + r, n, acc, sx[r], w.scale, w.bias);
+    }
+  }
+}
 
 const IsaKernels* scalar_kernels() { return &kTable; }
 

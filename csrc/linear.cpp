@@ -120,12 +120,14 @@ struct SparseJob {
       if (item >= items) return;
       const int64_t t = item % ntiles, r = item / ntiles;
       const int rows = static_cast<int>(std::min(mt, m - t * mt));
-      const int mtp = static_cast<int>(round_up(rows, gran));
+      const bool quads = int8 && wi.quads;
+      const int mtp = quads ? quads_mtp(*isa, rows) : static_cast<int>(round_up(rows, gran));
       char* tile = tiles + t * tile_bytes;
       float* s = sx + t * mt;
       ready->ensure(t, [&] {
         if (int8) {
           isa->quant_tile(x + t * mt * ldx, ldx, rows, k, mtp, tile, s);
+          if (quads && isa->quads_tile) isa->quads_tile(tile, ceil_div(k, 4), mtp);
         } else {
           isa->f32_tile(x + t * mt * ldx, ldx, rows, k, mtp, reinterpret_cast<float*>(tile));
         }
@@ -296,6 +298,7 @@ struct FfnJob {
   int64_t ldx, m;
   Output out;
   int64_t mt, ntiles;
+  int64_t cap;    // tokens a tile may hold (mt, or max_tile when quads pad a tile to it)
   char* scratch;  // one slot per thread
   size_t slot_bytes, tile1_bytes, tile2_bytes, h_bytes;
   std::atomic<int64_t>* next;
@@ -306,14 +309,17 @@ struct FfnJob {
     void* tile2 = slot + tile1_bytes;
     float* h = reinterpret_cast<float*>(slot + tile1_bytes + tile2_bytes);
     float* sx1 = reinterpret_cast<float*>(slot + tile1_bytes + tile2_bytes + h_bytes);
-    float* sx2 = sx1 + mt;
+    float* sx2 = sx1 + cap;
     const int gran = isa->tile_tokens;
+    const bool quads = w1.quads || w2.quads;
     for (;;) {
       const int64_t t = next->fetch_add(1, std::memory_order_relaxed);
       if (t >= ntiles) return;
       const int rows = static_cast<int>(std::min(mt, m - t * mt));
-      const int mtp = static_cast<int>(round_up(rows, gran));
+      // both tiles have mtp tokens; a 4-block weight takes any multiple of the granule, quads one or a full tile
+      const int mtp = quads ? quads_mtp(*isa, rows) : static_cast<int>(round_up(rows, gran));
       isa->quant_tile(x + t * mt * ldx, ldx, rows, w1.k, mtp, tile1, sx1);
+      if (w1.quads && isa->quads_tile) isa->quads_tile(tile1, ceil_div(w1.k, 4), mtp);
       if (isa->i8_ffn_hidden) {
         isa->i8_ffn_hidden(w1, tile1, mtp, rows, sx1, act1, h, tile2, sx2);
       } else {
@@ -324,6 +330,7 @@ struct FfnJob {
         isa->i8_sparse(w1, tile1, mtp, rows, sx1, 0, w1.n, oh);
         isa->quant_tile(h, w1.n, rows, w1.n, mtp, tile2, sx2);
       }
+      if (w2.quads && isa->quads_tile) isa->quads_tile(tile2, ceil_div(w2.k, 4), mtp);
       Output o = out;
       o.m0 = t * mt;
       isa->i8_sparse(w2, tile2, mtp, rows, sx2, 0, w2.n, o);
@@ -339,7 +346,8 @@ void linear_i8_sparse(const SparseI8& w, const float* x, int64_t ldx, int64_t m_
                       int nthreads) {
   if (m_rows <= 0 || w.n <= 0) return;
   const IsaKernels& isa = active_kernels();
-  if (m_rows <= isa.few_rows && isa.i8_sparse_few) return run_few(isa, w, x, ldx, m_rows, out, nthreads);
+  // quads run on tiles at any M (a scalar few-token loop measured no faster than a 16-token tile at M = 1)
+  if (m_rows <= isa.few_rows && isa.i8_sparse_few && !w.quads) return run_few(isa, w, x, ldx, m_rows, out, nthreads);
   SparseJob job{};
   job.isa = &isa;
   job.int8 = true;
@@ -386,11 +394,14 @@ void linear_i8_ffn(const SparseI8& w1, int act1, const SparseI8& w2, const float
   job.out = out;
   job.mt = std::min<int64_t>(isa.max_tile, per_thread);
   job.ntiles = ceil_div(m_rows, job.mt);
+  // tokens a tile may hold: with quads a tile of fewer tokens than max_tile may still be padded to it
+  const int64_t cap = (w1.quads || w2.quads) && isa.quads_tile ? isa.max_tile : job.mt;
+  job.cap = cap;
   const size_t elem = static_cast<size_t>(isa.act_bytes) * 4;
-  job.tile1_bytes = align64(static_cast<size_t>(ceil_div(w1.k, 4) * job.mt) * elem);
-  job.tile2_bytes = align64(static_cast<size_t>(ceil_div(w2.k, 4) * job.mt) * elem);
-  job.h_bytes = align64(static_cast<size_t>(w1.n * job.mt) * sizeof(float));
-  job.slot_bytes = job.tile1_bytes + job.tile2_bytes + job.h_bytes + align64(2 * job.mt * sizeof(float));
+  job.tile1_bytes = align64(static_cast<size_t>(ceil_div(w1.k, 4) * cap) * elem);
+  job.tile2_bytes = align64(static_cast<size_t>(ceil_div(w2.k, 4) * cap) * elem);
+  job.h_bytes = align64(static_cast<size_t>(w1.n * cap) * sizeof(float));
+  job.slot_bytes = job.tile1_bytes + job.tile2_bytes + job.h_bytes + align64(2 * cap * sizeof(float));
   const int threads = static_cast<int>(std::min<int64_t>(nt, job.ntiles));
   job.scratch = t_scratch.get(job.slot_bytes * threads);
   std::atomic<int64_t> next{0};

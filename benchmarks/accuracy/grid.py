@@ -36,6 +36,11 @@ GRID: dict[str, list[str]] = {
     ],
 }  # fmt: skip
 
+_PRETRAINED = [
+    "--student", "pretrained", "--hardness", "0.5", "--initial-sparsity", "0", "--pruning-steps", "31",
+    "--end", "0.7", "--max-steps", "3000",
+]  # fmt: skip
+
 #: the investigation of oBERT at 90% (RESULTS.md): one setting changed at a time (a later --method-args wins);
 #: run with --only
 VARIANTS: dict[str, list[str]] = {
@@ -47,6 +52,14 @@ VARIANTS: dict[str, list[str]] = {
     "movement-unstructured-90-nojump": ["--initial-sparsity", "0"],
     # the student starts as its KD teacher, so pure KD has no gradient and movement's first scores are noise
     "movement-unstructured-90-hardness05": ["--hardness", "0.5"],
+    # both, and a pruning step every 20 optimizer steps: the gentlest start from the fine-tuned model
+    "movement-unstructured-90-gentle": ["--initial-sparsity", "0", "--hardness", "0.5", "--pruning-steps", "31"],
+    # movement's own setting (Sanh et al. 2020): fine-tune from the pretrained model while pruning, task loss and
+    # KD from the fine-tuned dense model, a cubic ramp from 0; 3x the budget (the model must also learn the task)
+    **{
+        f"{m}-unstructured-90-pretrained": _PRETRAINED
+        for m in ("movement", "movement-soft", "magnitude")
+    },
 }  # fmt: skip
 for _name, _extra in VARIANTS.items():
     GRID[_name] = GRID[_name.split("-90-")[0] + "-90"] + _extra
@@ -77,13 +90,14 @@ def run_one(name: str, args) -> tuple[str, float, int]:
     cmd = [
         sys.executable, str(HERE / "sst2.py"),
         "--data-dir", str(args.data_dir), "--model-path", str(args.model_path), "--output-dir", str(out),
-        *(["--method-args", args.obert_args] if "obert" in name else []), *GRID[name], *args.extra,
+        *(["--method-args", args.obert_args] if "obert" in name else []),
     ]  # fmt: skip
     if name == "dense":
         cmd += ["--max-steps", str(args.dense_steps), "--batch-size", str(args.dense_batch_size)]
     else:
         cmd += ["--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size)]
         cmd += ["--dense-dir", str(args.work_dir / "dense")]
+    cmd += [*GRID[name], *args.extra]  # after the budget, so a variant may change it
     args.log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(args.log_dir / f"{name}.log", "w") as log:

@@ -41,6 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", required=True, type=Path)
     p.add_argument("--method", choices=METHODS, default="dense")
     p.add_argument("--dense-dir", type=Path, help="output dir of the dense run (pruned runs start and distil from it)")
+    p.add_argument(
+        "--student",
+        choices=("dense", "pretrained"),
+        default="dense",
+        help="what a pruned run starts from: the dense run's fine-tuned model (the grid), or --model-path with a new "
+        "head (movement pruning's own setting: fine-tune and prune at once; the dense run is still the KD teacher)",
+    )
     p.add_argument("--pattern", default="unstructured", help="'unstructured' or '4-block'")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--method-args", default="{}", help="JSON dict of method_args, e.g. '{\"num_grads\": 256}'")
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     pruned = args.method != "dense"
     if pruned and (args.dense_dir is None or not (args.dense_dir / "model" / "config.json").is_file()):
         raise ValueError(f"--method {args.method} needs --dense-dir pointing at a finished dense run (with model/)")
-    init = args.dense_dir / "model" if pruned else args.model_path
+    init = args.dense_dir / "model" if pruned and args.student == "dense" else args.model_path
 
     ds = load_sst2(args.data_dir, args.cache_dir)
     if args.train_samples:
@@ -204,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["sparsity_measured"] = measured["global"]
         result["sparse_config"] = config.to_dict()
         result["kd_teacher"] = str(args.dense_dir / "model")
+        result["student_init"] = str(init)
         # the deployed artifact: compressed int8 checkpoints loaded back through from_pretrained on the kernels
         from export_eval import evaluate_exports
 

@@ -49,9 +49,10 @@ def test_roberta(tmp_path):
     layer = model.roberta.encoder.layer[1]
     assert layer.attention.self.query.group is layer.attention.self.value.group
     assert layer.intermediate.dense.activation == "gelu"
-    both_block4 = all(m.packed.layout.value == "int8_block4" for m in (layer.intermediate.dense, layer.output.dense))
-    fusable = both_block4 and ops.extension_available()
-    assert ("feed_forward_chunk" in vars(layer)) == fusable  # the fused FFN kernel is 4-block only
+    ffn = (layer.intermediate.dense, layer.output.dense)
+    both_sparse = all(m.packed.layout.value in ("int8_block4", "int8_csr") for m in ffn)
+    fusable = both_sparse and ops.extension_available()
+    assert ("feed_forward_chunk" in vars(layer)) == fusable  # the fused FFN kernel takes int8 sparse weights
     assert type(model.classifier.dense) is torch.nn.Linear  # the head is not converted
 
 

@@ -18,13 +18,14 @@ from tests.ops.conftest import ISAS, assert_close, assert_same, make_weight
 needs_extension = pytest.mark.skipif(not ops.extension_available(), reason="needs the C++ extension")
 
 
-def _ffn(k, hidden, n, sparsity, seed, act1="gelu", act2="none", bias=True, pattern="4-block"):
+def _ffn(k, hidden, n, sparsity, seed, act1="gelu", act2="none", bias=True, pattern="4-block", layouts=None):
     gen = torch.Generator().manual_seed(seed)
     w1 = make_weight(hidden, k, sparsity, pattern, gen)
     w2 = make_weight(n, hidden, sparsity, pattern, gen)
     b1, b2 = (torch.randn(hidden, generator=gen), torch.randn(n, generator=gen)) if bias else (None, None)
-    first = pack_linear(w1, bias=b1, layout=Layout.INT8_BLOCK4, activation=act1)
-    second = pack_linear(w2, bias=b2, layout=Layout.INT8_BLOCK4, activation=act2)
+    l1, l2 = layouts or (Layout.INT8_BLOCK4, Layout.INT8_BLOCK4)
+    first = pack_linear(w1, bias=b1, layout=l1, activation=act1)
+    second = pack_linear(w2, bias=b2, layout=l2, activation=act2)
     return fuse_ffn(first, second), gen
 
 
@@ -42,10 +43,22 @@ def _cases(count, seed):
         )
 
 
+# int8 CSR (quads) in either layer, cycling: CSR+CSR, CSR+4-block, 4-block+CSR, 4-block+4-block
+_LAYOUT_PAIRS = [
+    (Layout.INT8_CSR, Layout.INT8_CSR),
+    (Layout.INT8_CSR, Layout.INT8_BLOCK4),
+    (Layout.INT8_BLOCK4, Layout.INT8_CSR),
+    (Layout.INT8_BLOCK4, Layout.INT8_BLOCK4),
+]
+
+
 @needs_extension
 @pytest.mark.parametrize("i, m, k, hidden, n, sparsity, acts", list(_cases(40, seed=1)))
 def test_fused_equals_the_two_calls(i, m, k, hidden, n, sparsity, acts):
-    ffn, gen = _ffn(k, hidden, n, sparsity, seed=i, act1=acts[0], act2=acts[1], bias=i % 3 != 0)
+    ffn, gen = _ffn(
+        k, hidden, n, sparsity, seed=i, act1=acts[0], act2=acts[1], bias=i % 3 != 0,
+        pattern="unstructured" if i % 2 else "4-block", layouts=_LAYOUT_PAIRS[i % 4],
+    )  # fmt: skip
     assert ffn.fused
     x = torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4
     if i % 4 == 0:

@@ -49,7 +49,7 @@ def _inputs(i, m, n, k, sparsity, pattern):
 @pytest.mark.parametrize("i, m, n, k, sparsity, pattern", CASES)
 def test_int8_kernels_are_exact(i, m, n, k, sparsity, pattern):
     w, x, bias = _inputs(i, m, n, k, sparsity, pattern)
-    for layout in (Layout.INT8_BLOCK4, Layout.INT8_DENSE):
+    for layout in (Layout.INT8_BLOCK4, Layout.INT8_CSR, Layout.INT8_DENSE):
         packed = ops.pack_linear(w, bias=bias, layout=layout)
         codes = ops.get_handler(layout).dense_codes(packed.tensors, n, k)
         expected = int8_linear_reference(x, codes, packed.tensors["weight_scale"], bias)
@@ -80,7 +80,8 @@ def test_fp32_csr_kernel(i, m, n, k, sparsity, pattern):
 @pytest.mark.parametrize("i, m, n, k, sparsity, pattern", CASES[1::3])
 def test_fused_gelu(i, m, n, k, sparsity, pattern):
     w, x, bias = _inputs(i, m, n, k, sparsity, pattern)
-    for layout, scheme in ((Layout.INT8_BLOCK4, "int8"), (Layout.INT8_DENSE, "int8"), (Layout.FP32_CSR, "fp32")):
+    layouts = [(Layout.INT8_BLOCK4, "int8"), (Layout.INT8_CSR, "int8"), (Layout.INT8_DENSE, "int8")]
+    for layout, scheme in [*layouts, (Layout.FP32_CSR, "fp32")]:
         plain = ops.pack_linear(w, bias=bias, scheme=scheme, layout=layout)
         fused = ops.pack_linear(w, bias=bias, scheme=scheme, layout=layout, activation="gelu")
         for isa in ISAS:
@@ -195,7 +196,7 @@ def test_nonfinite_token_gives_nan_row_and_leaves_others_exact():
     x[3, 5] = float("inf")
     x[11, 0] = float("nan")
     finite = [r for r in range(20) if r not in (3, 11)]
-    for layout in (Layout.INT8_BLOCK4, Layout.INT8_DENSE):
+    for layout in (Layout.INT8_BLOCK4, Layout.INT8_CSR, Layout.INT8_DENSE):
         packed = ops.pack_linear(w, layout=layout)
         expected = packed.reference(x[finite])
         for isa in ISAS:
@@ -212,7 +213,7 @@ def test_outputs_of_16_mib_and_more_are_exact():
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(1030, 40, generator=gen)  # 1030 x 4096 float32 = 16.1 MiB, with a partial last tile
     w = make_weight(4096, 40, 0.9, "4-block", gen)
-    for layout, scheme in ((Layout.INT8_BLOCK4, "int8"), (Layout.FP32_CSR, "fp32")):
+    for layout, scheme in ((Layout.INT8_BLOCK4, "int8"), (Layout.INT8_CSR, "int8"), (Layout.FP32_CSR, "fp32")):
         packed = ops.pack_linear(w, bias=torch.randn(4096, generator=gen), scheme=scheme, layout=layout)
         expected = packed.reference(x)
         for isa in ISAS:

@@ -16,7 +16,7 @@ def _packed(layout: Layout, activation: str = "none"):
     return pack_linear(w, bias=torch.randn(48), scheme=scheme, layout=layout, activation=activation)
 
 
-SPARSE_AND_INT8 = [Layout.INT8_BLOCK4, Layout.INT8_DENSE, Layout.FP32_CSR]
+SPARSE_AND_INT8 = [Layout.INT8_BLOCK4, Layout.INT8_CSR, Layout.INT8_DENSE, Layout.FP32_CSR]
 
 
 @pytest.mark.parametrize("layout", SPARSE_AND_INT8)
@@ -83,10 +83,11 @@ def test_op_checks_hand_made_tensors():
     assert torch.isfinite(y).all()
 
 
-def test_edited_packed_tensors_cannot_break_the_kernel():
+@pytest.mark.parametrize("layout", [Layout.INT8_BLOCK4, Layout.INT8_CSR])
+def test_edited_packed_tensors_cannot_break_the_kernel(layout):
     if not ops.extension_available():
         pytest.skip("no extension")
-    packed = _packed(Layout.INT8_BLOCK4)
+    packed = _packed(layout)
     x = torch.randn(5, 70)
     before = packed(x)
     packed.tensors["ptr"].fill_(10**6)  # the kernels read a private copy of the pointers

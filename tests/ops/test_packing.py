@@ -10,7 +10,7 @@ from hf_sparse.ops import Layout, pack_linear, pack_linears
 from hf_sparse.ops.packed_linear import PackedLinear
 from hf_sparse.quantization.numerics import dequantize_weight_int8, quantize_weight_int8
 from hf_sparse.utils.io import save_safetensors_atomic
-from tests.ops.conftest import assert_same, make_weight
+from tests.ops.conftest import assert_same, make_weight, using_isa
 
 
 def _weight(n=40, k=70, sparsity=0.9, pattern="4-block", seed=0):
@@ -33,10 +33,21 @@ def test_unpack_round_trip(layout):
 def test_layout_rule_follows_the_zeros():
     assert pack_linear(_weight(sparsity=0.9)).layout is Layout.INT8_BLOCK4
     assert pack_linear(_weight(sparsity=0.0)).layout is Layout.INT8_DENSE
-    # 90% unstructured leaves ~34% of the 4-blocks nonzero: still sparse by the rule
+    # 90% unstructured leaves ~34% of the 4-blocks nonzero: sparse by the rule; in CSR where AVX-512 VNNI runs
+    # it (its ~1.1 entries per 4 nonzeros cost 1.6 4-blocks each), else in 4-blocks
     unstructured = _weight(n=64, k=256, sparsity=0.9, pattern="unstructured")
-    assert ops.block4_density(quantize_weight_int8(unstructured)[0]) < ops.INT8_BLOCK4_MAX_DENSITY
-    assert pack_linear(unstructured).layout is Layout.INT8_BLOCK4
+    codes = quantize_weight_int8(unstructured)[0]
+    assert ops.block4_density(codes) < ops.INT8_BLOCK4_MAX_DENSITY
+    csr_cost = ops.INT8_CSR_ENTRY_COST * ops.quad_count(codes) / (64 * 64)
+    assert csr_cost < ops.block4_density(codes)
+    fast = ops.isa() == "avx512_vnni"
+    assert pack_linear(unstructured).layout is (Layout.INT8_CSR if fast else Layout.INT8_BLOCK4)
+    # 70% unstructured: 76% of the 4-blocks hold a nonzero (dense by the 4-block rule), CSR still cheaper
+    seventy = _weight(n=64, k=512, sparsity=0.7, pattern="unstructured")
+    assert pack_linear(seventy).layout is (Layout.INT8_CSR if fast else Layout.INT8_DENSE)
+    if fast:
+        with using_isa("avx2"):
+            assert pack_linear(unstructured).layout is Layout.INT8_BLOCK4
     assert pack_linear(_weight(sparsity=0.95, pattern="unstructured"), scheme="fp32").layout is Layout.FP32_CSR
     assert pack_linear(_weight(sparsity=0.1, pattern="unstructured"), scheme="fp32").layout is Layout.FP32_DENSE
 
@@ -52,6 +63,38 @@ def test_unstructured_int8_is_padded_to_4_blocks():
     assert codes.tolist() == [[0, 127, 0, 0], [-127, 0, 0, 0]]
     x = torch.randn(3, 9)
     assert_same(packed(x), packed.reference(x), "padded blocks")
+
+
+def test_int8_csr_stores_4_nonzeros_per_entry_padded_with_zero_codes():
+    w = torch.zeros(3, 600)
+    w[0, [1, 7, 300, 301, 302]] = torch.tensor([1.0, -1.0, 0.5, 0.25, 1.0])  # 5 in panel 0: two entries
+    w[0, 599] = 2.0  # panel 1 (features 512..599): one entry
+    w[2, 513] = -3.0
+    packed = pack_linear(w, layout=Layout.INT8_CSR)
+    t = packed.tensors
+    # panel-major: panel 0 rows 0, 1, 2, then panel 1 rows 0, 1, 2 (entries, not nonzeros)
+    assert t["ptr"].tolist() == [0, 2, 2, 2, 3, 3, 4]
+    assert t["cols"].tolist() == [1, 7, 300, 301, 302, 1, 1, 1, 599, 599, 599, 599, 513, 513, 513, 513]
+    codes = t["values"].view(torch.int8).reshape(-1, 4)
+    assert codes.tolist() == [[64, -64, 32, 16], [64, 0, 0, 0], [127, 0, 0, 0], [-127, 0, 0, 0]]
+    assert packed.nnz == 16 and t["weight_sum"].tolist() == [64 - 64 + 32 + 16 + 64 + 127, 0, -127]
+    x = torch.randn(70, 600)
+    assert_same(packed(x), packed.reference(x), "int8 CSR")
+    assert_same(packed.unpack()[0], pack_linear(w, layout=Layout.INT8_BLOCK4).unpack()[0], "CSR vs 4-block")
+
+
+def test_int8_csr_checks_its_tensors():
+    packed = pack_linear(make_weight(20, 40, 0.7, "unstructured", torch.Generator().manual_seed(3)), layout="int8_csr")
+    state, config = packed.state_dict(), packed.config()
+    bad = dict(state, cols=state["cols"][:-1].clone())
+    with pytest.raises(ValueError, match="cols must have shape"):
+        PackedLinear.from_state_dict(bad, config)
+    cols = state["cols"].clone()
+    cols[5] = 40  # in_features
+    with pytest.raises(ValueError, match=r"cols\[5\] = 40 is out of range \(in_features: 40\)"):
+        PackedLinear.from_state_dict(dict(state, cols=cols), config)
+    x = torch.randn(3, 40)
+    assert_same(PackedLinear.from_state_dict(state, config)(x), packed(x), "rebuilt int8 CSR")
 
 
 def test_int8_codes_with_scales_equal_float_packing():

@@ -33,10 +33,11 @@ from .attention import (
 )
 from .fused_ffn import FusedFFN, fuse_ffn
 from .layernorm import add_layernorm, add_layernorm_reference
-from .layouts import ACTIVATIONS, LAYOUTS, MAX_IN_FEATURES, Layout, block4_density, get_handler
+from .layouts import ACTIVATIONS, LAYOUTS, MAX_IN_FEATURES, Layout, block4_density, get_handler, quad_count
 from .packed_linear import (
     FP32_CSR_MAX_DENSITY,
     INT8_BLOCK4_MAX_DENSITY,
+    INT8_CSR_ENTRY_COST,
     PackedLinear,
     pack_linear,
     pack_linears,
@@ -49,6 +50,7 @@ __all__ = [
     "FP32_CSR_MAX_DENSITY",
     "FusedFFN",
     "INT8_BLOCK4_MAX_DENSITY",
+    "INT8_CSR_ENTRY_COST",
     "LAYOUTS",
     "MAX_IN_FEATURES",
     "Layout",
@@ -69,6 +71,7 @@ __all__ = [
     "kernel_calls",
     "pack_linear",
     "pack_linears",
+    "quad_count",
     "quantize_activation",
     "set_attention_precision",
     "set_isa",

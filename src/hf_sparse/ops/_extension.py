@@ -17,7 +17,7 @@ import warnings
 import torch
 
 
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 _ISA_ENV = "HF_SPARSE_ISA"
 
 _C = None

@@ -1,4 +1,4 @@
-"""`FusedFFN`: a transformer FFN (Linear, activation, Linear) as one kernel call, for int8 4-block weights.
+"""`FusedFFN`: a transformer FFN (Linear, activation, Linear) as one kernel call, for int8 sparse weights.
 
 The two-call version writes the hidden activations (M x 3072 float32 for BERT-base) out token-major, transposing
 them in the first kernel's epilogue, then reads them back, transposes and quantizes them in the second. Fused, each
@@ -18,12 +18,17 @@ from .library import _BLOCK4_NAMES, as_rows
 from .packed_linear import PackedLinear, can_call_directly
 
 
+_FUSABLE = (Layout.INT8_BLOCK4, Layout.INT8_CSR)
+
+
 class FusedFFN:
     """`second(first(x))` in one call, e.g. BERT's intermediate Linear (with `activation="gelu"`) and output Linear.
 
-    Build it with `fuse_ffn(first, second)`. Calls run the fused kernel when both are INT8_BLOCK4 and the extension
-    is loaded (`fused` is then True); otherwise they just call `second(first(x))`. Either way the result equals
-    `second(first(x))` exactly. Inference only. The packed weights are shared, not copied.
+    Build it with `fuse_ffn(first, second)`. Calls run the fused kernel when both are int8 sparse (INT8_BLOCK4 or
+    INT8_CSR) and the extension is loaded (`fused` is then True); otherwise they just call `second(first(x))`.
+    Either way the result equals `second(first(x))` exactly. Inference only. The packed weights are shared, not
+    copied. Under tracing (torch.compile) the `int8_block4_ffn` op runs two 4-block weights; a CSR one goes
+    through the two Linear ops.
 
     Call: `x` (..., first.in_features) float (converted to float32 like `PackedLinear`) -> (..., second.out_features)
     float32.
@@ -43,9 +48,10 @@ class FusedFFN:
         self.first, self.second = first, second
         self.in_features, self.hidden_features = first.in_features, first.out_features
         self.out_features = second.out_features
-        self.fused = all(p.layout is Layout.INT8_BLOCK4 and p.runs_extension for p in (first, second))
+        self.fused = all(p.layout in _FUSABLE and p.runs_extension for p in (first, second))
         self._acts = (activation_code(first.activation), activation_code(second.activation))
-        self._op_args = tuple(p.tensors.get(a) for p in (first, second) for a in _BLOCK4_NAMES) if self.fused else ()
+        self._op = self.fused and all(p.layout is Layout.INT8_BLOCK4 for p in (first, second))
+        self._op_args = tuple(p.tensors.get(a) for p in (first, second) for a in _BLOCK4_NAMES) if self._op else ()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
@@ -60,6 +66,8 @@ class FusedFFN:
                 ext._num_threads or torch.get_num_threads(),
             )  # fmt: skip
             return out
+        if not self._op:
+            return self.second(self.first(x))
         if isinstance(x, torch.Tensor) and x.device.type not in ("cpu", "meta"):
             as_rows(x, self.in_features, "FusedFFN")  # a clear error rather than the dispatcher's
         return torch.ops.hf_sparse.int8_block4_ffn.default(
@@ -78,7 +86,7 @@ class FusedFFN:
 
 def fuse_ffn(first: PackedLinear, second: PackedLinear) -> FusedFFN:
     """One call for `second(first(x))`: the two Linears of a transformer FFN, packed with `pack_linear` (the
-    first usually with `activation="gelu"`). Fused into one kernel when both are INT8_BLOCK4; see `FusedFFN`."""
+    first usually with `activation="gelu"`). Fused into one kernel when both are int8 sparse; see `FusedFFN`."""
     return FusedFFN(first, second)
 
 

@@ -34,6 +34,16 @@ class Layout(str, enum.Enum):
     (little-endian; 0 past in_features); `weight_sum` int32 (N,): sum of row n's codes;
     `weight_scale` float32 (N,). Unstructured int8 weights are padded to 4-blocks."""
 
+    INT8_CSR = "int8_csr"
+    """int8 unstructured sparse (CSR), nonzeros in quads: each stored entry holds 4 nonzero codes of one row, at any
+    4 input features. Panels as INT8_BLOCK4 (512 features); within a panel a row's nonzeros are stored in feature
+    order, 4 per entry, the last entry padded with code 0 at the row's first feature of that panel:
+    `ptr` int32 (P*N+1,), P = ceil(ceil(K/4) / 128): row n's entries in panel p are ptr[p*N+n] .. ptr[p*N+n+1]-1;
+    `cols` uint16 (4*nnzq,): cols[4e+j] = the input feature of code j of entry e; `values` int32 (nnzq,): the 4 int8
+    codes, byte j for feature cols[4e+j] (little-endian); `weight_sum` int32 (N,), `weight_scale` float32 (N,).
+    For unstructured weights, where a padded 4-block holds ~1.2 nonzeros: the AVX-512 kernel multiplies 4 nonzeros
+    per lane (docs/kernels.md)."""
+
     INT8_DENSE = "int8_dense"
     """int8 dense, in panels of 16 output channels: `panels` int8 (ceil(N/16), ceil(K/4), 16, 4) with
     panels[p, b, c, j] = code[16 p + c, 4 b + j] (0 past N or K): one 64-byte line is 16 channels x 4 features.
@@ -184,17 +194,17 @@ def get_handler(layout: Layout | str) -> LayoutHandler:
     return handler
 
 
-def _panel_csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Panel-major CSR of the True entries of a 2-D (N, columns) mask: (ptr int32, cols uint16, order), where
-    `order` indexes the entries in the flattened mask, in storage order."""
+def _panel_csr(mask: torch.Tensor, panel: int = PANEL) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Panel-major CSR of the True entries of a 2-D (N, columns) mask, `panel` columns per panel: (ptr int32, cols
+    uint16, order), where `order` indexes the entries in the flattened mask, in storage order."""
     n, columns = mask.shape
-    p = num_panels(columns)
-    panels = F.pad(mask, (0, p * PANEL - columns)).reshape(n, p, PANEL).permute(1, 0, 2)  # (P, N, PANEL)
+    p = math.ceil(columns / panel)
+    panels = F.pad(mask, (0, p * panel - columns)).reshape(n, p, panel).permute(1, 0, 2)  # (P, N, panel)
     counts = panels.sum(-1, dtype=torch.int64).reshape(-1)
     ptr = torch.zeros(p * n + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=ptr[1:])
     idx = torch.nonzero(panels)  # (panel, row, column in panel), in storage order
-    cols = idx[:, 0] * PANEL + idx[:, 2]
+    cols = idx[:, 0] * panel + idx[:, 2]
     order = idx[:, 1] * columns + cols
     return ptr.to(torch.int32), cols.to(torch.int32).to(torch.uint16), order
 
@@ -243,6 +253,73 @@ class Int8Block4(LayoutHandler):
 
     def nnz(self, t, out_features, in_features):
         return 4 * t["cols"].numel()
+
+
+def quad_count(codes: torch.Tensor) -> int:
+    """Entries of 4 nonzeros an INT8_CSR packing of `codes` (N, K) stores (padding included)."""
+    n, k = codes.shape
+    p = num_panels(math.ceil(k / 4))
+    counts = F.pad(codes != 0, (0, p * 4 * PANEL - k)).reshape(n, p, 4 * PANEL).sum(-1)
+    return int(((counts + 3) // 4).sum())
+
+
+@LAYOUTS.register(Layout.INT8_CSR.value)
+class Int8Csr(LayoutHandler):
+    layout = Layout.INT8_CSR
+    scheme = "int8"
+    kind = 3
+
+    def pack(self, weight, scale):
+        n, k = weight.shape
+        ptr, cols, order = _panel_csr(weight != 0, 4 * PANEL)
+        counts = (ptr[1:] - ptr[:-1]).to(torch.int64)  # nonzeros per (panel, row)
+        quads = (counts + 3) // 4
+        qptr = torch.zeros_like(ptr, dtype=torch.int64)
+        torch.cumsum(quads, 0, out=qptr[1:])
+        # slot of each nonzero in the padded arrays: its segment's padded start + its rank in the segment
+        seg = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        rank = torch.arange(order.numel()) - ptr.to(torch.int64)[seg]
+        slot = 4 * qptr[seg] + rank
+        total = 4 * int(qptr[-1])
+        # padding: code 0 at the segment's first feature (a real column of this row and panel)
+        padded_seg = torch.repeat_interleave(torch.arange(counts.numel()), 4 * quads)
+        if total:
+            first = cols.to(torch.int64)[ptr.to(torch.int64)[:-1].clamp(max=cols.numel() - 1)]
+            cols4 = first[padded_seg]
+        else:
+            cols4 = torch.zeros(0, dtype=torch.int64)
+        codes4 = torch.zeros(total, dtype=torch.int8)
+        cols4[slot] = cols.to(torch.int64)
+        codes4[slot] = weight.reshape(-1)[order]
+        return {
+            "ptr": qptr.to(torch.int32),
+            "cols": cols4.to(torch.int32).to(torch.uint16),
+            "values": codes4.view(torch.int32).contiguous(),
+            "weight_sum": weight.sum(1, dtype=torch.int32),
+            "weight_scale": scale.float().contiguous(),
+        }
+
+    def validate(self, t, out_features, in_features, where):
+        n = out_features
+        _check_tensor("ptr", t.get("ptr"), torch.int32, (num_panels(math.ceil(in_features / 4)) * n + 1,), where)
+        cols, values = t.get("cols"), t.get("values")
+        _check_tensor("values", values, torch.int32, None, where)
+        _check_tensor("cols", cols, torch.uint16, (4 * values.shape[0],), where)
+        _check_ptr(t["ptr"], values.shape[0], where)
+        _check_cols(cols, in_features, "in_features", where)
+        self._validate_epilogue(t, n, where)
+
+    def dense_codes(self, t, out_features, in_features):
+        # summed per (row, feature): padding adds code 0 to a feature the row already has
+        rows = _entry_rows(t["ptr"], out_features).repeat_interleave(4)
+        codes = torch.zeros(out_features, in_features, dtype=torch.int32)
+        codes.index_put_(
+            (rows, t["cols"].to(torch.int64)), t["values"].view(torch.int8).to(torch.int32), accumulate=True
+        )
+        return codes.clamp(-128, 127).to(torch.int8)
+
+    def nnz(self, t, out_features, in_features):
+        return t["values"].numel() * 4
 
 
 @LAYOUTS.register(Layout.INT8_DENSE.value)

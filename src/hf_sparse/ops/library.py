@@ -7,6 +7,7 @@ nothing is tracing, which saves the dispatcher's few microseconds per call; both
 
 Ops (all return float32 (..., out_features); `activation` is "none" or "gelu"; tensors as in `Layout`):
     int8_block4_linear(x, ptr, cols, values, weight_sum, weight_scale, bias?, in_features, out_features, activation)
+    int8_csr_linear(x, ptr, cols, values, weight_sum, weight_scale, bias?, in_features, out_features, activation)
     int8_dense_linear(x, panels, weight_sum, weight_scale, bias?, in_features, out_features, activation)
     fp32_csr_linear(x, ptr, cols, values, bias?, in_features, out_features, activation)
     int8_block4_ffn(x, ptr1, cols1, values1, weight_sum1, weight_scale1, bias1?, ptr2, ..., bias2?, in_features,
@@ -27,6 +28,10 @@ from .layouts import ACTIVATIONS, MAX_IN_FEATURES, Layout, _check_tensor, activa
 _lib = torch.library.Library("hf_sparse", "DEF")
 _lib.define(
     "int8_block4_linear(Tensor x, Tensor ptr, Tensor cols, Tensor values, Tensor weight_sum, Tensor weight_scale, "
+    "Tensor? bias, int in_features, int out_features, str activation) -> Tensor"
+)
+_lib.define(
+    "int8_csr_linear(Tensor x, Tensor ptr, Tensor cols, Tensor values, Tensor weight_sum, Tensor weight_scale, "
     "Tensor? bias, int in_features, int out_features, str activation) -> Tensor"
 )
 _lib.define(
@@ -74,10 +79,11 @@ def _check_common(in_features: int, out_features: int, activation: str, where: s
         raise ValueError(f"{where}: activation={activation!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
 
 
-def _check_sparse(t: dict, n: int, columns: int, values_dtype: torch.dtype, where: str) -> None:
+def _check_sparse(t: dict, n: int, columns: int, values_dtype: torch.dtype, where: str, per: int = 1) -> None:
+    """per: column indices per stored value (4 for int8 CSR)."""
     _check_tensor("ptr", t["ptr"], torch.int32, (num_panels(columns) * n + 1,), where)
-    _check_tensor("cols", t["cols"], torch.uint16, None, where)
-    _check_tensor("values", t["values"], values_dtype, (t["cols"].shape[0],), where)
+    _check_tensor("values", t["values"], values_dtype, None, where)
+    _check_tensor("cols", t["cols"], torch.uint16, (per * t["values"].shape[0],), where)
 
 
 def _check_epilogue(t: dict, n: int, int8: bool, where: str) -> None:
@@ -100,10 +106,11 @@ def _run(layout: Layout, x, t: dict, k: int, n: int, activation: str, where: str
         return y.reshape(*x.shape[:-1], n)
     y = torch.empty((m, n), dtype=torch.float32)
     act, nt = activation_code(activation), ext.get_num_threads()
-    if layout is Layout.INT8_BLOCK4:
+    if layout in (Layout.INT8_BLOCK4, Layout.INT8_CSR):
         ext._C.i8_sparse_raw(
             x2.data_ptr(), m, _ptr(t["ptr"]), _ptr(t["cols"]), _ptr(t["values"]), _ptr(t["weight_sum"]),
-            _ptr(t["weight_scale"]), _ptr(t.get("bias")), n, k, t["cols"].shape[0], y.data_ptr(), act, nt, False,
+            _ptr(t["weight_scale"]), _ptr(t.get("bias")), n, k, t["values"].shape[0], y.data_ptr(), act, nt, False,
+            layout is Layout.INT8_CSR,
         )  # fmt: skip
     elif layout is Layout.INT8_DENSE:
         ext._C.i8_dense_raw(
@@ -127,6 +134,17 @@ def _int8_block4_linear(x, ptr, cols, values, weight_sum, weight_scale, bias, in
     _check_sparse(t, out_features, math.ceil(in_features / 4), torch.int32, where)
     _check_epilogue(t, out_features, True, where)
     return _run(Layout.INT8_BLOCK4, x, t, in_features, out_features, activation, where)
+
+
+@torch.library.impl(_lib, "int8_csr_linear", "CPU")
+def _int8_csr_linear(x, ptr, cols, values, weight_sum, weight_scale, bias, in_features, out_features, activation):
+    where = "hf_sparse::int8_csr_linear"
+    _check_common(in_features, out_features, activation, where)
+    t = {"ptr": ptr, "cols": cols, "values": values, "weight_sum": weight_sum, "weight_scale": weight_scale}
+    t["bias"] = bias
+    _check_sparse(t, out_features, math.ceil(in_features / 4), torch.int32, where, per=4)
+    _check_epilogue(t, out_features, True, where)
+    return _run(Layout.INT8_CSR, x, t, in_features, out_features, activation, where)
 
 
 @torch.library.impl(_lib, "int8_dense_linear", "CPU")
@@ -177,7 +195,7 @@ def _int8_block4_ffn(x, *args):
     ext._C.i8_ffn_raw(
         x2.data_ptr(), m, [_ptr(t1[a]) for a in _BLOCK4_NAMES], [_ptr(t2[a]) for a in _BLOCK4_NAMES], k, hidden, n,
         t1["cols"].shape[0], t2["cols"].shape[0], y.data_ptr(), activation_code(act1), activation_code(act2),
-        ext.get_num_threads(),
+        ext.get_num_threads(), False, False,
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], n)
 
@@ -188,6 +206,11 @@ def _fake_out(x: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.library.register_fake("hf_sparse::int8_block4_linear")
 def _int8_block4_linear_fake(x, ptr, cols, values, weight_sum, weight_scale, bias, in_features, out_features, act):
+    return _fake_out(x, out_features)
+
+
+@torch.library.register_fake("hf_sparse::int8_csr_linear")
+def _int8_csr_linear_fake(x, ptr, cols, values, weight_sum, weight_scale, bias, in_features, out_features, act):
     return _fake_out(x, out_features)
 
 
@@ -209,6 +232,7 @@ def _int8_block4_ffn_fake(x, *args):
 # The op of each layout run by C++ kernels, and the order of its tensor arguments.
 OPS = {
     Layout.INT8_BLOCK4: ("int8_block4_linear", ("ptr", "cols", "values", "weight_sum", "weight_scale", "bias")),
+    Layout.INT8_CSR: ("int8_csr_linear", ("ptr", "cols", "values", "weight_sum", "weight_scale", "bias")),
     Layout.INT8_DENSE: ("int8_dense_linear", ("panels", "weight_sum", "weight_scale", "bias")),
     Layout.FP32_CSR: ("fp32_csr_linear", ("ptr", "cols", "values", "bias")),
 }

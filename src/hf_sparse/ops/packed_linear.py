@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +19,7 @@ from .layouts import (
     apply_activation,
     block4_density,
     get_handler,
+    quad_count,
 )
 from .library import OPS, as_rows
 
@@ -26,11 +28,15 @@ from .library import OPS, as_rows
 # benchmarks/RESULTS.md): int8 runs 4-block sparse while at most this fraction of 4-blocks hold a nonzero (the
 # 4-block kernel matched dense int8 at 0.6-0.7 on the BERT-base shapes), dense int8 above.
 INT8_BLOCK4_MAX_DENSITY = 0.55
+# Cost of one INT8_CSR entry (4 nonzeros) in 4-blocks, for encoder-sized calls on the AVX-512 VNNI kernels
+# (benchmarks/RESULTS.md, "int8 CSR"): 1.45-1.65x a 4-block on 4-block weights at 70-90% sparsity. A weight runs
+# CSR when its entries cost less than its 4-blocks and than dense int8.
+INT8_CSR_ENTRY_COST = 1.6
 # fp32 runs CSR sparse while at most this fraction of weights is nonzero (CSR matched torch's F.linear at about
 # 0.8 on a busy machine; kept well below, since an idle MKL is faster), torch's dense F.linear above.
 FP32_CSR_MAX_DENSITY = 0.4
 
-_INT8_LAYOUTS = (Layout.INT8_BLOCK4, Layout.INT8_DENSE)
+_INT8_LAYOUTS = (Layout.INT8_BLOCK4, Layout.INT8_CSR, Layout.INT8_DENSE)
 _FP32_LAYOUTS = (Layout.FP32_CSR, Layout.FP32_DENSE)
 
 
@@ -274,7 +280,12 @@ def _prepare_fp32(weight: torch.Tensor, weight_scale: torch.Tensor | None, where
 
 
 def _auto_int8(codes: torch.Tensor) -> Layout:
-    return Layout.INT8_BLOCK4 if block4_density(codes) <= INT8_BLOCK4_MAX_DENSITY else Layout.INT8_DENSE
+    n, k = codes.shape
+    blocks = block4_density(codes)  # 4-blocks holding a nonzero, per 4-block of the weight
+    costs = {Layout.INT8_BLOCK4: blocks, Layout.INT8_DENSE: INT8_BLOCK4_MAX_DENSITY}
+    if ext.isa() == "avx512_vnni":  # the other instruction sets run CSR on a portable loop
+        costs[Layout.INT8_CSR] = INT8_CSR_ENTRY_COST * quad_count(codes) / max(1, n * math.ceil(k / 4))
+    return min(costs, key=costs.get)
 
 
 def _auto_fp32(weight: torch.Tensor) -> Layout:
@@ -382,9 +393,11 @@ def pack_linear(
         bias: (out_features,) or None.
         scheme: "int8" (dynamic per-token int8 activations x int8 weights, int32 sums) or "fp32".
         weight_scale: (out_features,) float32 scales of int8 codes.
-        layout: force a `Layout`; None chooses from the zeros (INT8_BLOCK4 when at most INT8_BLOCK4_MAX_DENSITY
-            of the 4-blocks hold a nonzero, else INT8_DENSE; FP32_CSR when at most FP32_CSR_MAX_DENSITY of the
-            weights are nonzero, else FP32_DENSE).
+        layout: force a `Layout`; None chooses from the zeros. int8: the cheapest of INT8_BLOCK4 (cost: the
+            fraction of 4-blocks holding a nonzero), INT8_DENSE (cost INT8_BLOCK4_MAX_DENSITY) and, when the
+            AVX-512 VNNI kernels run, INT8_CSR (INT8_CSR_ENTRY_COST per entry of 4 nonzeros): 4-block patterns
+            run INT8_BLOCK4, unstructured ones INT8_CSR. fp32: FP32_CSR when at most FP32_CSR_MAX_DENSITY of the
+            weights are nonzero, else FP32_DENSE.
         activation: "none" or "gelu" (exact erf GELU fused into the kernel's epilogue).
     """
     return pack_linears(
@@ -401,4 +414,11 @@ def _describe(t) -> str:
     return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-__all__ = ["FP32_CSR_MAX_DENSITY", "INT8_BLOCK4_MAX_DENSITY", "PackedLinear", "pack_linear", "pack_linears"]
+__all__ = [
+    "FP32_CSR_MAX_DENSITY",
+    "INT8_BLOCK4_MAX_DENSITY",
+    "INT8_CSR_ENTRY_COST",
+    "PackedLinear",
+    "pack_linear",
+    "pack_linears",
+]
