@@ -209,6 +209,11 @@ def _panel_csr(mask: torch.Tensor, panel: int = PANEL) -> tuple[torch.Tensor, to
     return ptr.to(torch.int32), cols.to(torch.int32).to(torch.uint16), order
 
 
+def _int8_epilogue(codes: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What every int8 layout stores besides the codes: the rows' code sums (the kernels' +128 shift) and scales."""
+    return {"weight_sum": codes.sum(1, dtype=torch.int32), "weight_scale": scale.float().contiguous()}
+
+
 def _entry_rows(ptr: torch.Tensor, n: int) -> torch.Tensor:
     """The output row of each stored entry of a panel-major CSR."""
     counts = (ptr[1:] - ptr[:-1]).to(torch.int64)
@@ -231,8 +236,7 @@ class Int8Block4(LayoutHandler):
             "ptr": ptr,
             "cols": cols,
             "values": values.contiguous(),
-            "weight_sum": weight.sum(1, dtype=torch.int32),
-            "weight_scale": scale.float().contiguous(),
+            **_int8_epilogue(weight, scale),
         }
 
     def validate(self, t, out_features, in_features, where):
@@ -295,8 +299,7 @@ class Int8Csr(LayoutHandler):
             "ptr": qptr.to(torch.int32),
             "cols": cols4.to(torch.int32).to(torch.uint16),
             "values": codes4.view(torch.int32).contiguous(),
-            "weight_sum": weight.sum(1, dtype=torch.int32),
-            "weight_scale": scale.float().contiguous(),
+            **_int8_epilogue(weight, scale),
         }
 
     def validate(self, t, out_features, in_features, where):
@@ -334,8 +337,7 @@ class Int8Dense(LayoutHandler):
         panels = _pad_to(weight, 16 * p, 4 * kb).reshape(p, 16, kb, 4).permute(0, 2, 1, 3).contiguous()
         return {
             "panels": panels,
-            "weight_sum": weight.sum(1, dtype=torch.int32),
-            "weight_scale": scale.float().contiguous(),
+            **_int8_epilogue(weight, scale),
         }
 
     def validate(self, t, out_features, in_features, where):

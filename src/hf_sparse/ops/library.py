@@ -125,26 +125,28 @@ def _run(layout: Layout, x, t: dict, k: int, n: int, activation: str, where: str
     return y.reshape(*x.shape[:-1], n)
 
 
-@torch.library.impl(_lib, "int8_block4_linear", "CPU")
-def _int8_block4_linear(x, ptr, cols, values, weight_sum, weight_scale, bias, in_features, out_features, activation):
-    where = "hf_sparse::int8_block4_linear"
+def _int8_sparse_linear(
+    layout, x, ptr, cols, values, weight_sum, weight_scale, bias, in_features, out_features, activation
+):
+    """The int8 sparse ops: 4-block (one column index per value) or CSR (four)."""
+    where = f"hf_sparse::{layout.value}_linear"
     _check_common(in_features, out_features, activation, where)
     t = {"ptr": ptr, "cols": cols, "values": values, "weight_sum": weight_sum, "weight_scale": weight_scale}
     t["bias"] = bias
-    _check_sparse(t, out_features, math.ceil(in_features / 4), torch.int32, where)
+    per = 4 if layout is Layout.INT8_CSR else 1
+    _check_sparse(t, out_features, math.ceil(in_features / 4), torch.int32, where, per=per)
     _check_epilogue(t, out_features, True, where)
-    return _run(Layout.INT8_BLOCK4, x, t, in_features, out_features, activation, where)
+    return _run(layout, x, t, in_features, out_features, activation, where)
+
+
+@torch.library.impl(_lib, "int8_block4_linear", "CPU")
+def _int8_block4_linear(x, *args):
+    return _int8_sparse_linear(Layout.INT8_BLOCK4, x, *args)
 
 
 @torch.library.impl(_lib, "int8_csr_linear", "CPU")
-def _int8_csr_linear(x, ptr, cols, values, weight_sum, weight_scale, bias, in_features, out_features, activation):
-    where = "hf_sparse::int8_csr_linear"
-    _check_common(in_features, out_features, activation, where)
-    t = {"ptr": ptr, "cols": cols, "values": values, "weight_sum": weight_sum, "weight_scale": weight_scale}
-    t["bias"] = bias
-    _check_sparse(t, out_features, math.ceil(in_features / 4), torch.int32, where, per=4)
-    _check_epilogue(t, out_features, True, where)
-    return _run(Layout.INT8_CSR, x, t, in_features, out_features, activation, where)
+def _int8_csr_linear(x, *args):
+    return _int8_sparse_linear(Layout.INT8_CSR, x, *args)
 
 
 @torch.library.impl(_lib, "int8_dense_linear", "CPU")
