@@ -7,7 +7,7 @@ Four kinds of rule, each checked against the class's source when it was added (a
 - `Siblings`: the module calls these child Linears one after the other on the very same input tensor. They are
   packed side by side (`hf_sparse.nn.SiblingGroup`): one activation quantization, one kernel call.
 - `FFNFusion`: the module's `method(x)` is `tail(second(act(first(x))), x)`. When the GELU is fused into `first`
-  and both Linears run the 4-block int8 kernel, that method is replaced, on the instance, by one call of the fused
+  and both Linears run an int8 sparse kernel (4-block or CSR), that method is replaced, on the instance, by one call of the fused
   FFN kernel (`hf_sparse.ops.fuse_ffn`: the hidden activations never leave the kernel) followed by `tail`, which
   repeats the rest of the original code. The submodules keep working on their own; only this path is fused.
 - `EncoderLayerFusion`: the layer's eval forward is a post-LayerNorm encoder layer, `LN2(FFN(a) + a)` with
