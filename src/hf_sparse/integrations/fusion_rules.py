@@ -7,9 +7,9 @@ Four kinds of rule, each checked against the class's source when it was added (a
 - `Siblings`: the module calls these child Linears one after the other on the very same input tensor. They are
   packed side by side (`hf_sparse.nn.SiblingGroup`): one activation quantization, one kernel call.
 - `FFNFusion`: the module's `method(x)` is `tail(second(act(first(x))), x)`. When the GELU is fused into `first`
-  and both Linears run an int8 sparse kernel (4-block or CSR), that method is replaced, on the instance, by one call of the fused
-  FFN kernel (`hf_sparse.ops.fuse_ffn`: the hidden activations never leave the kernel) followed by `tail`, which
-  repeats the rest of the original code. The submodules keep working on their own; only this path is fused.
+  and both Linears run an int8 sparse kernel (4-block or CSR), that method is replaced, on the instance, by one
+  call of the fused FFN kernel (`hf_sparse.ops.fuse_ffn`: the hidden activations never leave the kernel) followed
+  by `tail`, which repeats the rest of the original code. The submodules keep working on their own; only this path is fused.
 - `EncoderLayerFusion`: the layer's eval forward is a post-LayerNorm encoder layer, `LN2(FFN(a) + a)` with
   `a = LN1(O(self_attention(QKV(x), mask)) + x)`. Its `forward` is replaced on the instance by a
   `hf_sparse.integrations.encoder_layer.FusedEncoderForward`: one call of six kernel steps (`hf_sparse.nn.FusedEncoderLayer`)
