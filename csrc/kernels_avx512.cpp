@@ -392,7 +392,8 @@ void quads_tile(void* tile_, int64_t kb, int mtp) {
   }
 }
 
-// Row n's sums over panels c0..c1-1, 4-block or quads.
+// Row n's sums over panels c0..c1-1, 4-block or quads. Quads tiles hold 16 or 64 tokens (T = 1 or 4): every
+// driver sizes them with quads_mtp (common.h), so T = 2, 3 only ever meet 4-block weights.
 template <int T, int S>
 __attribute__((always_inline)) inline void any_row(const SparseI8& w, const uint8_t* tile, int64_t n, int64_t c0,
                                                    int64_t c1, const __m512i* init, __m512i* res) {

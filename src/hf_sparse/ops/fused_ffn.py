@@ -50,8 +50,9 @@ class FusedFFN:
         self.out_features = second.out_features
         self.fused = all(p.layout in _FUSABLE and p.runs_extension for p in (first, second))
         self._acts = (activation_code(first.activation), activation_code(second.activation))
-        self._op = self.fused and all(p.layout is Layout.INT8_BLOCK4 for p in (first, second))
-        self._op_args = tuple(p.tensors.get(a) for p in (first, second) for a in _BLOCK4_NAMES) if self._op else ()
+        # the traced op (int8_block4_ffn) takes two 4-block weights; empty: trace the two Linear ops instead
+        op = self.fused and all(p.layout is Layout.INT8_BLOCK4 for p in (first, second))
+        self._op_args = tuple(p.tensors.get(a) for p in (first, second) for a in _BLOCK4_NAMES) if op else ()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
@@ -66,7 +67,7 @@ class FusedFFN:
                 ext._num_threads or torch.get_num_threads(),
             )  # fmt: skip
             return out
-        if not self._op:
+        if not self._op_args:
             return self.second(self.first(x))
         if isinstance(x, torch.Tensor) and x.device.type not in ("cpu", "meta"):
             as_rows(x, self.in_features, "FusedFFN")  # a clear error rather than the dispatcher's
