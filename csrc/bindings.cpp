@@ -35,7 +35,7 @@ using namespace nb::literals;
 namespace hf_sparse {
 namespace {
 
-constexpr int kAbiVersion = 7;
+constexpr int kAbiVersion = 8;
 
 enum Kind : int { kI8Sparse = 0, kI8Dense = 1, kF32Sparse = 2, kI8Csr = 3 };  // kI8Csr: SparseI8 with quads
 
@@ -587,6 +587,7 @@ NB_MODULE(_C, m) {
     d["avx512vl"] = f.avx512vl;
     d["avx512_vnni"] = f.avx512_vnni;
     d["avx512_bf16"] = f.avx512_bf16;
+    d["avx512_vbmi"] = f.avx512_vbmi;
     return d;
   });
   m.def("set_spin_us", &set_spin_us, "us"_a);
@@ -642,6 +643,8 @@ NB_MODULE(_C, m) {
   m.attr("MASK_NONE") = static_cast<int>(kMaskNone);
   m.attr("MASK_ADD") = static_cast<int>(kMaskAdd);
   m.attr("MASK_KEEP") = static_cast<int>(kMaskKeep);
+  m.def("quads_few_variant", &quads_few_variant,
+        "The int8 CSR few-token kernel of the active instruction set: avx512_vbmi, avx512_vnni or none.");
   m.def("attention_isa", []() { return std::string(active_attn_kernels().name); },
         "The attention and LayerNorm kernels in use: avx512_bf16, avx2 or scalar.");
   m.def("attention_calls", [](bool layernorm) {

@@ -77,6 +77,11 @@ struct Output {
   bool stream = false;
 };
 
+// Few-token kernels (decoding): rows n0..n1-1 of a sparse int8 product for tokens 0..rows-1 of row-major quantized
+// tokens (quant_rows' layout, ldq elements apart).
+using FewKernel = void (*)(const SparseI8& w, const void* xq, int64_t ldq, int rows, const float* sx, int64_t n0,
+                           int64_t n1, const Output& out);
+
 // The kernels of one instruction set. Packed activation tiles hold `mtp` tokens (a multiple of tile_tokens, at
 // most max_tile): int8 tiles are [kb][mtp][4] elements of act_bytes each, fp32 tiles are [k][mtp] floats.
 struct IsaKernels {
@@ -100,8 +105,7 @@ struct IsaKernels {
   // Few tokens (decoding: rows <= few_rows; 0 = not provided): rows n0..n1-1 of the sparse int8 product from
   // row-major quantized tokens (quant_rows' layout, ldq bytes apart), vectorized over the blocks of a row.
   int few_rows;
-  void (*i8_sparse_few)(const SparseI8& w, const void* xq, int64_t ldq, int rows, const float* sx, int64_t n0,
-                        int64_t n1, const Output& out);
+  FewKernel i8_sparse_few;
   // Transposed fp32 tile: tile[k][r] = x[r][k], padding tokens are zero.
   void (*f32_tile)(const float* x, int64_t ldx, int rows, int64_t k, int mtp, float* tile);
   void (*f32_sparse)(const SparseF32& w, const float* tile, int mtp, int rows, int64_t n0, int64_t n1,
@@ -115,6 +119,9 @@ struct IsaKernels {
   // i8_sparse reads for quads, whose tiles then hold tile_tokens or max_tile tokens (quads_mtp). Null: i8_sparse
   // reads quads from the quant_tile tile itself (i8_quads_portable).
   void (*quads_tile)(void* tile, int64_t kb, int mtp);
+  // int8 CSR for a few tokens, optional (rows <= quads_few_rows; 0 / null: tiles at every M).
+  int quads_few_rows;
+  FewKernel quads_few;
 };
 
 // Tokens per tile (mtp) for `rows` tokens of a quads weight on `isa`: the vector kernel takes one vector or a full
@@ -135,5 +142,8 @@ const IsaKernels* avx2_kernels();
 const IsaKernels* avx2_vnni_vex_kernels();   // 256-bit VNNI, VEX encoding (AVX-VNNI CPUs)
 const IsaKernels* avx2_vnni_evex_kernels();  // the same source, EVEX encoding (AVX512-VNNI + VL CPUs)
 const IsaKernels* avx512_vnni_kernels();
+// The int8 CSR few-token kernel with VBMI byte permutes (kernels_avx512_vbmi.cpp; null when not built): isa.cpp
+// swaps it into the avx512_vnni table on CPUs with AVX512-VBMI.
+FewKernel avx512_vbmi_quads_few();
 
 }  // namespace hf_sparse

@@ -1,6 +1,8 @@
 #include "isa.h"
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -38,6 +40,18 @@ unsigned long long xgetbv0() {
 }
 #endif
 
+// HF_SPARSE_DISABLE_CPU_FEATURES=avx512_vbmi,avx512_bf16: report those features absent, so that the kernels a
+// CPU without them runs can be tested here. Other names are ignored.
+CpuFeatures without_disabled(CpuFeatures f) {
+  const char* env = std::getenv("HF_SPARSE_DISABLE_CPU_FEATURES");
+  if (!env) return f;
+  const std::string list = std::string(",") + env + ",";
+  const auto off = [&](const char* name) { return list.find(std::string(",") + name + ",") != std::string::npos; };
+  if (off("avx512_vbmi")) f.avx512_vbmi = false;
+  if (off("avx512_bf16")) f.avx512_bf16 = false;
+  return f;
+}
+
 CpuFeatures detect() {
   CpuFeatures f;
 #if HF_SPARSE_X86
@@ -62,6 +76,7 @@ CpuFeatures detect() {
     f.avx512bw = (ebx >> 30) & 1;
     f.avx512vl = (ebx >> 31) & 1;
     f.avx512_vnni = (ecx >> 11) & 1;
+    f.avx512_vbmi = (ecx >> 1) & 1;
   }
   if (max_sub >= 1) {
     cpuid(7, 1, r);
@@ -69,7 +84,7 @@ CpuFeatures detect() {
     f.avx512_bf16 = os_avx512 && ((r[0] >> 5) & 1);
   }
 #endif
-  return f;
+  return without_disabled(f);
 }
 
 struct Candidate {
@@ -82,7 +97,15 @@ const IsaKernels* table_for(const std::string& name) {
   const CpuFeatures f = cpu_features();
   const bool avx2 = f.avx2 && f.fma;
   const bool avx512 = avx2 && f.avx512f && f.avx512bw && f.avx512dq && f.avx512vl;
-  if (name == "avx512_vnni") return (avx512 && f.avx512_vnni) ? avx512_vnni_kernels() : nullptr;
+  if (name == "avx512_vnni") {
+    if (!avx512 || !f.avx512_vnni || !avx512_vnni_kernels()) return nullptr;
+    static const IsaKernels with_vbmi = [] {
+      IsaKernels t = *avx512_vnni_kernels();
+      if (avx512_vbmi_quads_few()) t.quads_few = avx512_vbmi_quads_few();
+      return t;
+    }();
+    return f.avx512_vbmi && avx512_vbmi_quads_few() ? &with_vbmi : avx512_vnni_kernels();
+  }
   if (name == "avx2_vnni") {
     if (avx2 && f.avx_vnni && avx2_vnni_vex_kernels()) return avx2_vnni_vex_kernels();
     // Same source in the EVEX encoding: what AVX512-VNNI CPUs without AVX-VNNI run when this level is forced.
@@ -148,6 +171,12 @@ const IsaKernels& active_kernels() {
   return *t;
 }
 
+std::string quads_few_variant() {
+  const IsaKernels& t = active_kernels();
+  if (!t.quads_few) return "none";
+  return t.quads_few == avx512_vbmi_quads_few() ? "avx512_vbmi" : t.name;
+}
+
 std::string active_isa_name() {
   const IsaKernels& t = active_kernels();
   return t.name;
@@ -156,7 +185,7 @@ std::string active_isa_name() {
 const AttnKernels& active_attn_kernels() {
   const IsaKernels* t = &active_kernels();
   if (t == scalar_kernels()) return *attn_scalar_kernels();
-  if (t == avx512_vnni_kernels() && cpu_features().avx512_bf16 && attn_avx512_bf16_kernels()) {
+  if (std::strcmp(t->name, "avx512_vnni") == 0 && cpu_features().avx512_bf16 && attn_avx512_bf16_kernels()) {
     return *attn_avx512_bf16_kernels();
   }
   return attn_avx2_kernels() ? *attn_avx2_kernels() : *attn_scalar_kernels();
@@ -168,6 +197,9 @@ const AttnKernels& active_attn_kernels() {
 namespace hf_sparse {
 #ifndef HF_SPARSE_HAVE_AVX512
 const IsaKernels* avx512_vnni_kernels() { return nullptr; }
+#endif
+#ifndef HF_SPARSE_HAVE_AVX512_VBMI
+FewKernel avx512_vbmi_quads_few() { return nullptr; }
 #endif
 #ifndef HF_SPARSE_HAVE_AVX2
 const IsaKernels* avx2_kernels() { return nullptr; }

@@ -10,53 +10,15 @@
 #include <cstring>
 #include <limits>
 
+#include "avx512_common.h"
 #include "common.h"
-#include "gelu_table.h"
+#include "quads_few_avx512.h"
 
 namespace hf_sparse {
 namespace {
 
 constexpr int kVec = 16;
 constexpr int kMaxT = 4;  // 64 tokens per tile
-
-// acc += u8 x s8 dot products of 4 (vpdpbusd). Inline asm ties the accumulator to one register: with the
-// intrinsic GCC 12 copies every accumulator to a temporary and back (and with 24 of them, spills them).
-inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
-#if defined(__GNUC__)
-  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
-  return acc;
-#else
-  return _mm512_dpbusd_epi32(acc, u8, s8);
-#endif
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Vector math
-
-// The exact (erf) GELU, gelu(v) = v / 2 + |v| g(|v|) with g(a) = erf(a / sqrt 2) / 2 read from a piecewise
-// polynomial (csrc/gelu_table.h: 16 segments on [0, 6], degree 4, |error| < 1.5e-7 |v|). One vpermps per
-// coefficient picks each lane's segment: ~12 cycles per vector where erf via exp and a division took ~27.
-// inf -> inf, -inf -> NaN, NaN -> NaN, as torch's F.gelu.
-inline __m512 gelu_ps(__m512 v) {
-  constexpr float kSegments = 16.0f;
-  const __m512 a = _mm512_abs_ps(v);
-  // u = a / width - 0.5 (at most 15.49: past the range the last segment holds g = 0.5), k = round(u) by adding
-  // 1.5 * 2^23, whose low mantissa bits are then k: the permutes read the index from them (4 bits).
-  const __m512 u = _mm512_min_ps(_mm512_fmadd_ps(a, _mm512_set1_ps(kSegments / kGeluRange), _mm512_set1_ps(-0.5f)),
-                                 _mm512_set1_ps(kSegments - 0.51f));
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  const __m512 km = _mm512_add_ps(u, magic);
-  const __m512i idx = _mm512_castps_si512(km);
-  const __m512 t = _mm512_sub_ps(u, _mm512_sub_ps(km, magic));
-  __m512 p = _mm512_permutexvar_ps(idx, _mm512_load_ps(kGelu16[kGelu16Degree]));
-#pragma GCC unroll 8
-  for (int j = kGelu16Degree - 1; j >= 0; --j) {
-    p = _mm512_fmadd_ps(p, t, _mm512_permutexvar_ps(idx, _mm512_load_ps(kGelu16[j])));
-  }
-  return _mm512_fmadd_ps(a, p, _mm512_mul_ps(v, _mm512_set1_ps(0.5f)));
-}
-
-inline __m512 activate(__m512 v, int act) { return act == kActGelu ? gelu_ps(v) : v; }
 
 // In-place transpose of 16 rows of 16 32-bit lanes.
 inline void transpose16(__m512i r[16]) {
@@ -87,13 +49,6 @@ inline void transpose16(__m512i r[16]) {
     r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
     r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
   }
-}
-
-inline __mmask16 mask16(int64_t n) {
-  return n >= 16 ? __mmask16(0xffff) : (n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1));
-}
-inline __mmask64 mask64(int64_t n) {
-  return n >= 64 ? ~__mmask64(0) : (n <= 0 ? __mmask64(0) : (__mmask64(1) << n) - 1);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -670,7 +625,7 @@ void few_panel_pass(const SparseI8& w, const uint8_t* xq, int64_t ldq, int64_t p
 void i8_sparse_few(const SparseI8& w, const void* xq_, int64_t ldq, int rows, const float* sx, int64_t n0,
                    int64_t n1, const Output& out) {
   const uint8_t* xq = static_cast<const uint8_t*>(xq_);
-  constexpr int64_t kChunk = 256;  // rows whose sums live on the stack
+  constexpr int64_t kChunk = kFewChunk;
   alignas(64) int32_t sums[kFewRows][kChunk];
   for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
     const int64_t c1 = c0 + kChunk < n1 ? c0 + kChunk : n1;
@@ -687,24 +642,52 @@ void i8_sparse_few(const SparseI8& w, const void* xq_, int64_t ldq, int rows, co
         }
       }
     }
-    // Epilogue on 16 output channels at a time: they are contiguous in each token's output row.
-    for (int64_t g = c0; g < c1; g += 16) {
-      const __mmask16 cm = mask16(c1 - g);
-      const __m512 sw = _mm512_maskz_loadu_ps(cm, w.scale + g);
-      const __m512 bias = w.bias ? _mm512_maskz_loadu_ps(cm, w.bias + g) : _mm512_setzero_ps();
-      for (int r = 0; r < rows; ++r) {
-        const __m512i a = _mm512_maskz_loadu_epi32(cm, sums[r] + (g - c0));
-        const int64_t row = out.m0 + r;
-        if (out.yi) {
-          _mm512_mask_storeu_epi32(out.yi + row * out.ldy + g, cm, a);
-          continue;
-        }
-        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(sx[r])), sw);
-        if (w.bias) v = _mm512_add_ps(v, bias);
-        _mm512_mask_storeu_ps(out.y + row * out.ldy + g, cm, activate(v, out.act));
-      }
-    }
+    few_epilogue(w, rows, sx, c0, c1, sums, out);
   }
+}
+
+// Int8 CSR for a few tokens (quads_few_avx512.h) without VBMI: each of an entry's 4 bytes is the byte of its
+// feature in the word that a vpermt2d tree picks (panel_words), shifted into place; 4 trees per vector of 16
+// entries where VBMI's byte permutes need one (kernels_avx512_vbmi.cpp).
+struct WordGather {
+  struct Index {
+    __m512i word[4], shift[4];
+    __mmask16 b5[4], b6[4];
+  };
+  // lo, hi: the 4 features of entries 0-7 and 8-15 (16-bit, relative to the panel)
+  static Index index(__m512i lo, __m512i hi) {
+    Index ix;
+    const __m512i f01 = _mm512_permutex2var_epi16(lo, _mm512_set_epi16(61, 57, 53, 49, 45, 41, 37, 33, 29, 25, 21,
+        17, 13, 9, 5, 1, 60, 56, 52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0), hi);
+    const __m512i f23 = _mm512_permutex2var_epi16(lo, _mm512_set_epi16(63, 59, 55, 51, 47, 43, 39, 35, 31, 27, 23,
+        19, 15, 11, 7, 3, 62, 58, 54, 50, 46, 42, 38, 34, 30, 26, 22, 18, 14, 10, 6, 2), hi);
+    const __m256i f[4] = {_mm512_castsi512_si256(f01), _mm512_extracti64x4_epi64(f01, 1),
+                          _mm512_castsi512_si256(f23), _mm512_extracti64x4_epi64(f23, 1)};
+    for (int j = 0; j < 4; ++j) {
+      const __m512i local = _mm512_cvtepu16_epi32(f[j]);
+      ix.word[j] = _mm512_srli_epi32(local, 2);
+      ix.shift[j] = _mm512_slli_epi32(_mm512_and_si512(local, _mm512_set1_epi32(3)), 3);
+      ix.b5[j] = _mm512_test_epi32_mask(local, _mm512_set1_epi32(128));
+      ix.b6[j] = _mm512_test_epi32_mask(local, _mm512_set1_epi32(256));
+    }
+    return ix;
+  }
+  static __m512i bytes(const Index& ix, const __m512i* xw) {
+    __m512i g = _mm512_and_si512(_mm512_srlv_epi32(panel_words(xw, ix.word[0], ix.b5[0], ix.b6[0]), ix.shift[0]),
+                                 _mm512_set1_epi32(0xff));
+#pragma GCC unroll 3
+    for (int j = 1; j < 4; ++j) {
+      const __m512i b = _mm512_srlv_epi32(panel_words(xw, ix.word[j], ix.b5[j], ix.b6[j]), ix.shift[j]);
+      // g | (b << 8 j) & (0xff << 8 j)
+      g = _mm512_ternarylogic_epi32(g, _mm512_slli_epi32(b, 8 * j), _mm512_set1_epi32(0xff << (8 * j)), 0xf8);
+    }
+    return g;
+  }
+};
+
+void quads_few(const SparseI8& w, const void* xq, int64_t ldq, int rows, const float* sx, int64_t n0, int64_t n1,
+               const Output& out) {
+  quads_few_t<WordGather>(w, xq, ldq, rows, sx, n0, n1, out);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -911,7 +894,7 @@ void f32_sparse(const SparseF32& w, const float* tile, int mtp, int rows, int64_
 
 const IsaKernels kTable = {
     "avx512_vnni", kVec, kVec * kMaxT, 1, 128, quant_tile, quant_rows, i8_sparse, i8_dense, kFewRows,
-    i8_sparse_few, f32_tile, f32_sparse, i8_ffn_hidden, quads_tile,
+    i8_sparse_few, f32_tile, f32_sparse, i8_ffn_hidden, quads_tile, kQuadsFewRows, quads_few,
 };
 
 }  // namespace

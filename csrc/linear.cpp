@@ -228,6 +228,7 @@ void dense_job_fn(void* ctx, int, int) { static_cast<const DenseJob*>(ctx)->run(
 // A few tokens: quantized row-major once (they are tiny), then blocks of output rows handed out.
 struct FewJob {
   const IsaKernels* isa;
+  FewKernel kernel;
   SparseI8 w;
   const float* x;
   int64_t ldx, m;
@@ -246,7 +247,7 @@ struct FewJob {
       if (r >= row_blocks) return;
       ready->ensure(0, [&] { isa->quant_rows(x, ldx, static_cast<int>(m), w.k, xq, ldq, sx); });
       if (bounds[r] < bounds[r + 1]) {
-        isa->i8_sparse_few(w, xq, ldq, static_cast<int>(m), sx, bounds[r], bounds[r + 1], out);
+        kernel(w, xq, ldq, static_cast<int>(m), sx, bounds[r], bounds[r + 1], out);
       }
     }
   }
@@ -254,10 +255,17 @@ struct FewJob {
 
 void few_job_fn(void* ctx, int, int) { static_cast<const FewJob*>(ctx)->run(); }
 
-void run_few(const IsaKernels& isa, const SparseI8& w, const float* x, int64_t ldx, int64_t m, const Output& out,
-             int nthreads) {
+// The few-token kernel for w at m tokens, or null when tiles are the faster (or only) way.
+FewKernel few_kernel(const IsaKernels& isa, const SparseI8& w, int64_t m) {
+  if (w.quads) return m <= isa.quads_few_rows ? isa.quads_few : nullptr;
+  return m <= isa.few_rows ? isa.i8_sparse_few : nullptr;
+}
+
+void run_few(const IsaKernels& isa, FewKernel kernel, const SparseI8& w, const float* x, int64_t ldx, int64_t m,
+             const Output& out, int nthreads) {
   FewJob job{};
   job.isa = &isa;
+  job.kernel = kernel;
   job.w = w;
   job.x = x;
   job.ldx = ldx;
@@ -346,8 +354,7 @@ void linear_i8_sparse(const SparseI8& w, const float* x, int64_t ldx, int64_t m_
                       int nthreads) {
   if (m_rows <= 0 || w.n <= 0) return;
   const IsaKernels& isa = active_kernels();
-  // quads run on tiles at any M (a scalar few-token loop measured no faster than a 16-token tile at M = 1)
-  if (m_rows <= isa.few_rows && isa.i8_sparse_few && !w.quads) return run_few(isa, w, x, ldx, m_rows, out, nthreads);
+  if (const FewKernel few = few_kernel(isa, w, m_rows)) return run_few(isa, few, w, x, ldx, m_rows, out, nthreads);
   SparseJob job{};
   job.isa = &isa;
   job.int8 = true;
@@ -373,7 +380,7 @@ void linear_i8_ffn(const SparseI8& w1, int act1, const SparseI8& w2, const float
   // Whole tiles per thread: worth it while every thread gets tiles of at least two token vectors; fewer tokens
   // (and the few-token kernel's range) run as two Linear calls, each split over output rows.
   const int64_t per_thread = round_up(ceil_div(m_rows, nt), gran);
-  if (m_rows <= isa.few_rows || (nt > 1 && per_thread < 2 * gran)) {
+  if (few_kernel(isa, w1, m_rows) || few_kernel(isa, w2, m_rows) || (nt > 1 && per_thread < 2 * gran)) {
     float* hidden = reinterpret_cast<float*>(t_hidden.get(static_cast<size_t>(m_rows * w1.n) * sizeof(float)));
     Output oh;
     oh.y = hidden;

@@ -8,14 +8,18 @@ for fp32, 100 for the GELU (~18 s on a busy 2-core machine, every instruction se
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hf_sparse import ops
-from hf_sparse.ops import Layout
+from hf_sparse.ops import Layout, _extension
 from hf_sparse.quantization.numerics import int8_linear_reference, quantize_activation_int8
 from tests.ops.conftest import ISAS, PATTERNS, assert_close, assert_same, make_weight, using_isa
 
@@ -105,8 +109,9 @@ def test_sparsity_sweep_on_a_bert_shape():
                 assert_same(packed(x), expected, f"sparsity {sparsity} on {isa}")
 
 
-# Decoding shapes for the few-token kernel (csrc/kernels_*.cpp, i8_sparse_few): K off every vector, panel and
-# interleave-buffer size (9000 leaves no room for 4 tokens per pass), N off the 8 / 16 output groups, empty rows.
+# Decoding shapes for the few-token kernels (csrc/kernels_*.cpp i8_sparse_few; quads_few_avx512.h for INT8_CSR): K
+# off every vector, panel and interleave-buffer size (9000 leaves no room for 4 tokens per pass), N off the 8 / 16
+# output groups, empty rows.
 FEW_CASES = [
     (1, 1, 0.0),
     (3, 5, 0.99),  # fewer than 8 blocks in all: the padded copy
@@ -116,23 +121,40 @@ FEW_CASES = [
     (150, 513, 0.97),
     (40, 1030, 0.8),
     (24, 9000, 0.9),
+    (300, 768, 0.0),  # CSR: more than 16 entries per row and panel, vectors spanning many rows
 ]
 FEW_ISAS = [isa for isa in ISAS if isa not in ("scalar", "reference")]
+FEW_LAYOUTS = (Layout.INT8_BLOCK4, Layout.INT8_CSR)
+
+
+def _few_token_calls(isa: str) -> int:
+    return ops.kernel_calls("few_tokens")[isa]
+
+
+def _check_few_rows(isa: str, layout: Layout, few: list[int]) -> None:
+    """The few-token kernel runs for M = 1 .. some limit: 4-blocks from M = 2 on every x86 ISA; int8 CSR only
+    with AVX-512 (elsewhere the portable loop takes every M), at least up to M = 4."""
+    assert few == list(range(1, len(few) + 1)), f"{isa}, {layout.value}: few-token kernel ran for M={few}"
+    if layout is Layout.INT8_BLOCK4:
+        assert len(few) >= 2, f"{isa}: 4-block few-token kernel ran for M={few}"
+    else:
+        assert len(few) >= 4 if isa == "avx512_vnni" else not few, f"{isa}: CSR few-token kernel ran for M={few}"
 
 
 @pytest.mark.skipif(not FEW_ISAS, reason="no x86 kernels on this machine")
+@pytest.mark.parametrize("layout", FEW_LAYOUTS, ids=[layout.value for layout in FEW_LAYOUTS])
 @pytest.mark.parametrize("n, k, sparsity", FEW_CASES, ids=[f"n{n}-k{k}-s{s}" for n, k, s in FEW_CASES])
-def test_few_token_kernel_is_exact(n, k, sparsity):
-    """M = 1..8 against the reference on every x86 instruction set; M = 1 and 2 must run the few-token kernel."""
+def test_few_token_kernel_is_exact(n, k, sparsity, layout):
+    """M = 1..8 against the reference on every x86 instruction set, and which M ran the few-token kernel."""
     gen = torch.Generator().manual_seed(n * 7919 + k)
     w = make_weight(n, k, sparsity, "unstructured", gen)
     w[n // 2] = 0.0  # an empty row
     x = torch.randn(8, k, generator=gen) * 3
     x[2] = 0.0  # an all-zero token: scale 0
     for bias in (None, torch.randn(n, generator=gen)):
-        plain = ops.pack_linear(w, bias=bias, layout=Layout.INT8_BLOCK4)
-        fused = ops.pack_linear(w, bias=bias, layout=Layout.INT8_BLOCK4, activation="gelu")
-        codes = ops.get_handler(Layout.INT8_BLOCK4).dense_codes(plain.tensors, n, k)
+        plain = ops.pack_linear(w, bias=bias, layout=layout)
+        fused = ops.pack_linear(w, bias=bias, layout=layout, activation="gelu")
+        codes = ops.get_handler(layout).dense_codes(plain.tensors, n, k)
         q_x, _ = quantize_activation_int8(x)  # per token: row m of any prefix of x is row m here
         expected_acc = (q_x.to(torch.int64) @ codes.to(torch.int64).t()).to(torch.int32)
         expected = plain.reference(x)
@@ -141,52 +163,77 @@ def test_few_token_kernel_is_exact(n, k, sparsity):
             for m in range(1, 9):
                 xm = x[:m]
                 with using_isa(isa):
-                    calls = ops.kernel_calls("few_tokens")[isa]
+                    calls = _few_token_calls(isa)
                     y, acc, y_gelu = plain(xm), plain.accumulators(xm), fused(xm)
-                    if ops.kernel_calls("few_tokens")[isa] == calls + 3:
+                    if _few_token_calls(isa) == calls + 3:
                         few.append(m)
-                what = f"M={m}, bias={bias is not None} on {isa}"
+                what = f"M={m}, bias={bias is not None}, {layout.value} on {isa}"
                 assert_same(acc, expected_acc[:m], f"int32 sums, {what}")
                 assert_same(y, expected[:m], f"output, {what}")
                 expected_gelu = F.gelu(y.double(), approximate="none").float()
                 assert_close(y_gelu, expected_gelu, f"GELU, {what}", rtol=2e-6, atol=2e-6)
-            assert few[:2] == [1, 2] and few == list(range(1, len(few) + 1)), (
-                f"{isa}: few-token kernel ran for M={few}"
-            )
+            _check_few_rows(isa, layout, few)
 
 
 @pytest.mark.skipif(not FEW_ISAS, reason="no x86 kernels on this machine")
-def test_few_token_kernel_split_over_threads_is_exact():
+@pytest.mark.parametrize("layout", FEW_LAYOUTS, ids=[layout.value for layout in FEW_LAYOUTS])
+def test_few_token_kernel_split_over_threads_is_exact(layout):
     """Two threads: each runs the kernel on a block of output rows (n0 > 0), the last block ending the arrays."""
     gen = torch.Generator().manual_seed(5)
     w = make_weight(1030, 768, 0.5, "unstructured", gen)
-    packed = ops.pack_linear(w, bias=torch.randn(1030, generator=gen), layout=Layout.INT8_BLOCK4)
+    packed = ops.pack_linear(w, bias=torch.randn(1030, generator=gen), layout=layout)
     x = torch.randn(4, 768, generator=gen)
     ops.set_num_threads(2)
     try:
         for isa in FEW_ISAS:
             for m in (1, 2, 4):
                 with using_isa(isa):
-                    calls = ops.kernel_calls("few_tokens")[isa]
+                    calls = _few_token_calls(isa)
                     y = packed(x[:m])
-                    ran = ops.kernel_calls("few_tokens")[isa] > calls
-                assert ran or m > 2, f"{isa}: M={m} did not run the few-token kernel"
-                assert_same(y, packed.reference(x[:m]), f"M={m}, 2 threads on {isa}")
+                    ran = _few_token_calls(isa) > calls
+                expect = m <= 2 if layout is Layout.INT8_BLOCK4 else isa == "avx512_vnni"
+                assert ran or not expect, f"{isa}: M={m} did not run the few-token kernel"
+                assert_same(y, packed.reference(x[:m]), f"M={m}, 2 threads, {layout.value} on {isa}")
     finally:
         ops.set_num_threads(None)
 
 
 @pytest.mark.skipif(not FEW_ISAS, reason="no x86 kernels on this machine")
-def test_few_token_kernel_with_garbage_columns_stays_in_bounds():
-    """Column indices are clamped to the tokens' length: out-of-range ones give wrong numbers, never a bad read."""
+@pytest.mark.parametrize("layout", FEW_LAYOUTS, ids=[layout.value for layout in FEW_LAYOUTS])
+def test_few_token_kernel_with_garbage_columns_stays_in_bounds(layout):
+    """Out-of-range column indices (clamped, or wrapped into the column panel) give wrong numbers, never a bad
+    read."""
     gen = torch.Generator().manual_seed(9)
-    packed = ops.pack_linear(make_weight(70, 300, 0.5, "unstructured", gen), layout=Layout.INT8_BLOCK4)
+    packed = ops.pack_linear(make_weight(70, 300, 0.5, "unstructured", gen), layout=layout)
     packed.tensors["cols"].copy_(torch.randint(0, 65536, packed.tensors["cols"].shape, generator=gen).to(torch.uint16))
     x = torch.randn(4, 300, generator=gen)
     for isa in FEW_ISAS:
         with using_isa(isa):
             for m in (1, 2, 3, 4):
-                assert torch.isfinite(packed(x[:m])).all(), f"M={m} on {isa}"
+                assert torch.isfinite(packed(x[:m])).all(), f"M={m}, {layout.value} on {isa}"
+
+
+def test_csr_few_token_kernel_variant_follows_the_cpu():
+    """The int8 CSR few-token kernel gathers bytes with VBMI's vpermt2b where the CPU has it, else with vpermt2d
+    trees; HF_SPARSE_DISABLE_CPU_FEATURES=avx512_vbmi makes this machine run (and these tests check) the other."""
+    ext = _extension._C
+    if ext is None or "avx512_vnni" not in FEW_ISAS:
+        pytest.skip("no AVX-512 kernels on this machine")
+    with using_isa("avx512_vnni"):
+        vbmi = ext.cpu_features()["avx512_vbmi"]
+        assert ext.quads_few_variant() == ("avx512_vbmi" if vbmi else "avx512_vnni")
+    for isa in FEW_ISAS:
+        if isa != "avx512_vnni":
+            with using_isa(isa):
+                assert ext.quads_few_variant() == "none", isa
+    if not vbmi or os.environ.get("HF_SPARSE_DISABLE_CPU_FEATURES"):
+        return
+    env = {**os.environ, "HF_SPARSE_DISABLE_CPU_FEATURES": "avx512_vbmi"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "few_token and csr"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
 
 
 def test_nonfinite_token_gives_nan_row_and_leaves_others_exact():

@@ -7,6 +7,7 @@ Environment variables (read when `hf_sparse.ops` is imported):
                         looked up at run time, never linked; else on hf_sparse's small std::thread pool.
     HF_SPARSE_SPIN_US   microseconds the pool's threads spin waiting for the next call before they sleep (50).
     HF_SPARSE_DISABLE_EXTENSION=1   run the pure-torch reference kernels (slow; for debugging and tests).
+    HF_SPARSE_DISABLE_CPU_FEATURES  e.g. avx512_vbmi,avx512_bf16: treat those CPU features as absent (tests).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import warnings
 import torch
 
 
-_ABI_VERSION = 7
+_ABI_VERSION = 8
 _ISA_ENV = "HF_SPARSE_ISA"
 
 _C = None
