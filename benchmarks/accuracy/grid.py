@@ -60,6 +60,11 @@ VARIANTS: dict[str, list[str]] = {
         f"{m}-unstructured-90-pretrained": _PRETRAINED
         for m in ("movement", "movement-soft", "magnitude")
     },
+    # scores trained with Adam (the paper's code) instead of the formula's plain sum: every score moves by about
+    # score_lr per step, so large weights' gradient noise no longer dominates the ranking
+    "movement-unstructured-90-adam": ["--method-args", '{"score_update": "adam"}'],
+    "movement-4block-90-adam": ["--method-args", '{"score_update": "adam"}'],
+    "movement-unstructured-90-pretrained-adam": [*_PRETRAINED, "--method-args", '{"score_update": "adam"}'],
 }  # fmt: skip
 for _name, _extra in VARIANTS.items():
     GRID[_name] = GRID[_name.split("-90-")[0] + "-90"] + _extra

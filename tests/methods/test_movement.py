@@ -351,6 +351,33 @@ def test_soft_scores_follow_adam_on_the_straight_through_gradient_plus_regularis
         torch.testing.assert_close(sp.method.scores_[n], ref[n].detach(), rtol=1e-5, atol=1e-7)
 
 
+def test_hard_scores_with_adam_follow_adam_on_the_straight_through_gradient_and_masks_keep_the_top():
+    """score_update='adam' (the paper's code): an Adam step on W * dL/dW' per optimizer step, against
+    torch.optim.Adam on a parameter holding the scores; the one-shot step keeps the top half of them."""
+    model = TwoLinear()
+    lr = 0.05
+    sp = sparsify_(model, movement_config(start=5, method_args={"score_update": "adam", "score_lr": lr}))
+    ref = {n: nn.Parameter(torch.zeros_like(m.weight)) for n, m in sp.targets.items()}
+    opt = torch.optim.Adam(ref.values(), lr=lr)
+
+    def reference_step():
+        for n, m in sp.targets.items():
+            ref[n].grad = m.weight.detach() * m.weight.grad
+        opt.step()
+
+    train(model, sp, batches(5), on_step=reference_step)  # the one-shot pruning at step 5 ranks these scores
+    for n in ref:
+        torch.testing.assert_close(sp.method.scores_[n], ref[n].detach(), rtol=1e-5, atol=1e-7)
+    # the masks: the top 50% of all scores (one global ranking), ties aside
+    flat = torch.cat([ref[n].detach().flatten() for n in ref])
+    cut = flat.kthvalue(flat.numel() - flat.numel() // 2).values
+    assert int(sum(m.sum() for m in sp.masks.values())) == flat.numel() - flat.numel() // 2
+    for n in ref:
+        clear = (ref[n].detach() - cut).abs() > 1e-6
+        assert torch.equal(sp.masks[n][clear], (ref[n].detach() > cut)[clear]), n
+    assert set(sp.method.state_dict()) >= {f"exp_avg.{n}" for n in ref} | {f"exp_avg_sq.{n}" for n in ref}
+
+
 def test_state_round_trip_through_the_sparsifier_file(tmp_path):
     for variant in ("hard", "soft"):
         model = TwoLinear()
@@ -398,6 +425,8 @@ def test_errors_name_the_fix():
         sparsify_(TwoLinear(), movement_config(start=0))
     with pytest.raises(ValueError, match=r"method_args.variant must be one of \('hard', 'soft'\)"):
         movement_config(method_args={"variant": "medium"})
+    with pytest.raises(ValueError, match=r"method_args.score_update must be one of \('adam', 'sum'\)"):
+        movement_config(method_args={"score_update": "sgd"})
     with pytest.raises(ValueError, match=r"method_args.score_lr must be a number > 0"):
         movement_config(method_args={"score_lr": 0})
     with pytest.raises(ValueError, match=r"method_args.threshold must be in \(0, 1\).*0.1"):

@@ -49,7 +49,8 @@ class MovementPruning(PruningMethod):
         # stored values of the masked weights (zero where kept), in the weight's dtype so regrowth is exact
         self.values: dict[str, torch.Tensor] = {n: torch.zeros_like(w.detach()) for n, w in weights.items()}
         self.soft = self.args.variant == "soft"
-        if self.soft:
+        self.adam = self.soft or self.args.score_update == "adam"
+        if self.adam:
             self.exp_avg = {n: torch.zeros_like(s) for n, s in self.scores_.items()}
             self.exp_avg_sq = {n: torch.zeros_like(s) for n, s in self.scores_.items()}
         self.steps = 0
@@ -109,11 +110,13 @@ class MovementPruning(PruningMethod):
                 pending = self._pending[name]
                 ste.add_(pending.masked_fill_(self.sparsifier.masks[name], 0.0), alpha=scale)
                 pending.zero_()
-            if not self.soft:
-                self.scores_[name].sub_(ste)
-            else:
+            if self.soft:
                 sig = torch.sigmoid(self.scores_[name])
                 self._adam(name, ste.add_(sig * (1.0 - sig), alpha=self.args.regularization / self._numel))
+            elif self.adam:
+                self._adam(name, ste)
+            else:
+                self.scores_[name].sub_(ste)
 
     def _gradient_scale(self) -> float:
         """The factor c by which the loop scaled the gradients between backward and now (gradient clipping).
@@ -209,7 +212,7 @@ class MovementPruning(PruningMethod):
 
     # ---- checkpoint state -----------------------------------------------------------------------------------
     def _state_names(self) -> list[str]:
-        return ["scores", "values", "exp_avg", "exp_avg_sq"] if self.soft else ["scores", "values"]
+        return ["scores", "values", "exp_avg", "exp_avg_sq"] if self.adam else ["scores", "values"]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {"steps": torch.tensor(self.steps, dtype=torch.int64)}
