@@ -17,7 +17,7 @@ from transformers import (
 
 from hf_sparse import ops
 from hf_sparse.integrations.fusion_rules import FusedFeedForward
-from hf_sparse.integrations.module_swap import FusedActivation
+from hf_sparse.integrations.module_swap import FusedActivation, model_workload
 from hf_sparse.nn import Int8Embedding, SparseLinear
 from tests.integrations.backend_support import assert_close, int8_reference, prune, save
 from tests.integrations.test_backend_encoder_layer import reference_for
@@ -105,3 +105,38 @@ def test_llama_decoder(tmp_path, tied):
         again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
         with torch.no_grad():
             assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def _layouts(model) -> set[str]:
+    return {
+        (m.group.packed if m.group is not None else m.packed).layout.value
+        for m in model.modules()
+        if isinstance(m, SparseLinear)
+    }
+
+
+def test_decoders_choose_layouts_for_token_by_token_decoding(tmp_path, monkeypatch):
+    """A model that generates packs its automatic layouts for M = 1 (`model_workload`): at 80% unstructured the
+    few-token kernels lose to dense int8, where an encoder batch runs int8 CSR (on AVX-512 VNNI);
+    HF_SPARSE_WORKLOAD overrides the choice, and a bad value names the variable."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    folder = save(model, tmp_path / "m", prune(model, "unstructured", 0.8), weight_dtype="int8")
+    assert model_workload(model) == "decode"
+    assert _layouts(AutoModelForCausalLM.from_pretrained(folder)) == {"int8_dense"}
+    monkeypatch.setenv("HF_SPARSE_WORKLOAD", "batch")
+    fast = ops.isa() == "avx512_vnni"
+    assert _layouts(AutoModelForCausalLM.from_pretrained(folder)) == ({"int8_csr"} if fast else {"int8_dense"})
+    monkeypatch.setenv("HF_SPARSE_WORKLOAD", "prefill")
+    with pytest.raises(ValueError, match=r"HF_SPARSE_WORKLOAD='prefill' is not supported; use auto, batch, decode"):
+        model_workload(model)
+    monkeypatch.delenv("HF_SPARSE_WORKLOAD")
+    classifier = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=60, hidden_size=36, intermediate_size=52, num_hidden_layers=1, num_attention_heads=3,
+        max_position_embeddings=40, num_labels=2,
+    ))  # fmt: skip
+    assert model_workload(classifier) == "batch"

@@ -52,6 +52,29 @@ def test_layout_rule_follows_the_zeros():
     assert pack_linear(_weight(sparsity=0.1, pattern="unstructured"), scheme="fp32").layout is Layout.FP32_DENSE
 
 
+def test_decode_layout_rule_weighs_the_few_token_kernels_against_dense_int8():
+    """workload="decode": dense int8 (cost 1) until the few-token kernels' affine costs fall below it."""
+    fast = ops.isa() == "avx512_vnni"
+    (b0, b1), (c0, c1) = ops.INT8_DECODE_BLOCK4_COST, ops.INT8_DECODE_CSR_COST
+    for sparsity in (0.5, 0.8, 0.9, 0.97):
+        for pattern in ("unstructured", "4-block"):
+            w = _weight(n=64, k=512, sparsity=sparsity, pattern=pattern)
+            codes = quantize_weight_int8(w)[0]
+            costs = {Layout.INT8_DENSE: 1.0, Layout.INT8_BLOCK4: b0 + b1 * ops.block4_density(codes)}
+            if fast:
+                costs[Layout.INT8_CSR] = c0 + c1 * ops.quad_count(codes) / (64 * 128)
+            expected = min(costs, key=costs.get)
+            assert pack_linear(w, workload="decode").layout is expected, (sparsity, pattern, costs)
+    # the encoder rule and the decode rule differ where dense int8 amortizes its weights over a few tokens best
+    eighty = _weight(n=64, k=512, sparsity=0.8, pattern="unstructured")
+    assert pack_linear(eighty, workload="decode").layout is Layout.INT8_DENSE
+    assert pack_linear(eighty).layout is (Layout.INT8_CSR if fast else Layout.INT8_DENSE)
+    ninety_seven = _weight(n=64, k=512, sparsity=0.97, pattern="unstructured")
+    assert pack_linear(ninety_seven, workload="decode").layout is (Layout.INT8_CSR if fast else Layout.INT8_BLOCK4)
+    with pytest.raises(ValueError, match=r"workload='prefill' is not supported; choose one of \['batch', 'decode'\]"):
+        pack_linear(eighty, workload="prefill")
+
+
 def test_unstructured_int8_is_padded_to_4_blocks():
     w = torch.zeros(2, 9)
     w[0, 1] = 1.0  # block 0 of row 0

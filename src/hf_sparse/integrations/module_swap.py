@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from torch import nn
 from ..export import CheckpointError, SparseQuantizationConfig
 from ..export.formats import FORMATS, WeightFormat
 from ..nn import Int8Embedding, SparseLinear, pack_siblings
-from ..ops import fuse_ffn
+from ..ops import WORKLOADS, fuse_ffn
 from ..sparsity.patterns import get_pattern
 from .encoder_layer import FusedEncoderForward, fuse_encoder_layer
 from .fusion_rules import (
@@ -155,12 +156,30 @@ def _replace_tied_heads(model: nn.Module) -> None:
             _set_module(model, head_name, new)
 
 
-def pack_model(model: nn.Module) -> dict[str, int]:
+WORKLOAD_ENV = "HF_SPARSE_WORKLOAD"
+
+
+def model_workload(model: nn.Module) -> str:
+    """What the automatic int8 layouts of `model` are chosen for (`pack_linear(workload=...)`): $HF_SPARSE_WORKLOAD
+    ("batch" or "decode") when set to one of them, else "decode" for models that generate token by token
+    (`model.can_generate()`: each step multiplies one token per sequence) and "batch" for the rest."""
+    env = os.environ.get(WORKLOAD_ENV, "auto").strip().lower()
+    if env in WORKLOADS:
+        return env
+    if env != "auto":
+        raise ValueError(f"{WORKLOAD_ENV}={env!r} is not supported; use auto, {', '.join(WORKLOADS)}")
+    can_generate = getattr(model, "can_generate", None)
+    return "decode" if callable(can_generate) and can_generate() else "batch"
+
+
+def pack_model(model: nn.Module, workload: str | None = None) -> dict[str, int]:
     """Pack every loaded `SparseLinear` of `model` for the kernels, in place: exact GELUs after a converted Linear
     are fused into its kernel, sibling Linears are packed side by side, the rest alone, then whole FFNs become one
-    kernel call where the layouts allow, and whole encoder layers as one call of six kernel steps (the attention kernel included). The
-    dense loading copies are dropped, and parameters stop requiring gradients (the kernels have no backward).
-    Returns counts of what was done."""
+    kernel call where the layouts allow, and whole encoder layers as one call of six kernel steps (the attention
+    kernel included). Automatic layouts are chosen for `workload` (None: `model_workload(model)`). The dense
+    loading copies are dropped, and parameters stop requiring gradients (the kernels have no backward). Returns
+    counts of what was done."""
+    workload = model_workload(model) if workload is None else workload
     modules = dict(model.named_modules())
     counts = {"linears": 0, "groups": 0, "fused_gelu": 0, "fused_ffn": 0, "fused_layers": 0}
     for module in modules.values():  # before packing: the activation is part of the packed kernel
@@ -179,12 +198,13 @@ def pack_model(model: nn.Module) -> dict[str, int]:
                     all(isinstance(m, SparseLinear) and not m.is_packed and m.scale_from is None for m in members)
                     and len({(m.scheme, m.in_features, m.activation) for m in members}) == 1
                 ):
-                    pack_siblings(members, [f"{name}.{m}" for m in rule.members], members[0].activation)
+                    names = [f"{name}.{m}" for m in rule.members]
+                    pack_siblings(members, names, members[0].activation, workload=workload)
                     counts["groups"] += 1
     for name, module in modules.items():
         if isinstance(module, SparseLinear):
             if not module.is_packed:
-                module.pack(module.activation, weight_scale=_tied_scale(modules, name, module))
+                module.pack(module.activation, weight_scale=_tied_scale(modules, name, module), workload=workload)
             counts["linears"] += 1
     for module in modules.values():
         for rule in rules_for(module):

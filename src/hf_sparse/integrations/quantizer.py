@@ -29,7 +29,7 @@ from ..export.config import QUANT_METHOD
 from ..export.formats import FORMATS
 from ..export.save import CHECKSUMS_KEY, METADATA_KEY, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, tensor_sha256
 from ..ops import extension_available
-from .module_swap import compressed_state_dict, dequantize_model, pack_model, replace_modules
+from .module_swap import compressed_state_dict, dequantize_model, model_workload, pack_model, replace_modules
 
 
 logger = logging.getLogger(__name__)
@@ -195,12 +195,13 @@ class HfSparseQuantizer(HfQuantizer):
                     f"as {entry.format} / {entry.dtype}"
                 )
         self._check_biases(model)
-        counts = pack_model(model)
+        workload = model_workload(model)
+        counts = pack_model(model, workload)
         self._rename_to_model()
         logger.info(
-            "hf_sparse: packed %(linears)d Linears: %(groups)d sibling groups, %(fused_gelu)d fused GELUs, "
-            "%(fused_ffn)d fused FFNs",
-            counts,
+            "hf_sparse: packed %(linears)d Linears for %(workload)s: %(groups)d sibling groups, %(fused_gelu)d fused "
+            "GELUs, %(fused_ffn)d fused FFNs",
+            {**counts, "workload": "token-by-token decoding" if workload == "decode" else "batches"},
         )
         return model
 

@@ -121,11 +121,16 @@ class SparseLinear(nn.Module):
         bias = self.bias.detach() if self.bias is not None else None
         return self.weight.detach(), (scale.detach() if scale is not None else None), bias
 
-    def pack(self, activation: str = "none", weight_scale: torch.Tensor | None = None) -> PackedLinear:
-        """Pack the loaded weight for the kernels (layout chosen from its zeros), fusing `activation`; the loading
-        parameters are dropped. `weight_scale` overrides the module's own (a tied head's scales)."""
+    def pack(
+        self, activation: str = "none", weight_scale: torch.Tensor | None = None, workload: str = "batch"
+    ) -> PackedLinear:
+        """Pack the loaded weight for the kernels (layout chosen from its zeros for `workload`, see `pack_linear`),
+        fusing `activation`; the loading parameters are dropped. `weight_scale` overrides the module's own (a tied
+        head's scales)."""
         weight, scale, bias = self.loaded_tensors(weight_scale)
-        packed = pack_linear(weight, bias=bias, scheme=self.scheme, weight_scale=scale, activation=activation)
+        packed = pack_linear(
+            weight, bias=bias, scheme=self.scheme, weight_scale=scale, activation=activation, workload=workload
+        )
         self._set_packed(packed, None, 0, activation)
         return packed
 
@@ -186,7 +191,9 @@ class SparseLinear(nn.Module):
         return ", ".join(parts)
 
 
-def pack_siblings(members: list[SparseLinear], names: list[str], activation: str = "none") -> SiblingGroup:
+def pack_siblings(
+    members: list[SparseLinear], names: list[str], activation: str = "none", workload: str = "batch"
+) -> SiblingGroup:
     """Pack Linears that read the same input side by side (`pack_linears`) into one `SiblingGroup`; each member
     then computes through it. All must have the same scheme and in_features."""
     if len({m.scheme for m in members}) != 1 or len({m.in_features for m in members}) != 1:
@@ -198,6 +205,7 @@ def pack_siblings(members: list[SparseLinear], names: list[str], activation: str
         weight_scales=[s for _, s, _ in loaded],
         scheme=members[0].scheme,
         activation=activation,
+        workload=workload,
     )
     group = SiblingGroup(packed, names)
     for i, member in enumerate(members):

@@ -32,6 +32,15 @@ INT8_BLOCK4_MAX_DENSITY = 0.55
 # (benchmarks/RESULTS.md, "int8 CSR"): 1.45-1.65x a 4-block on 4-block weights at 70-90% sparsity. A weight runs
 # CSR when its entries cost less than its 4-blocks and than dense int8.
 INT8_CSR_ENTRY_COST = 1.6
+# workload="decode" (token-by-token generation, M = 1): costs relative to dense int8 = 1, each an affine fit of the
+# few-token kernels' time over dense int8's with the weights cycling through memory, as in a model's forward
+# (benchmarks/RESULTS.md, "int8 CSR for a few tokens"): a fixed part (the per-row and per-call work that dense int8
+# amortizes better) plus a slope per stored 4-block / CSR entry per 4-block of the weight. They fit the measured
+# ratios within ~0.1 on the BERT-base shapes at 70-97%: CSR beats dense int8 from ~85% unstructured sparsity, a
+# padded 4-block layout only from ~65% of the 4-blocks empty.
+INT8_DECODE_BLOCK4_COST = (0.3, 2.2)
+INT8_DECODE_CSR_COST = (0.25, 4.5)
+WORKLOADS = ("batch", "decode")
 # fp32 runs CSR sparse while at most this fraction of weights is nonzero (CSR matched torch's F.linear at about
 # 0.8 on a busy machine; kept well below, since an idle MKL is faster), torch's dense F.linear above.
 FP32_CSR_MAX_DENSITY = 0.4
@@ -279,16 +288,24 @@ def _prepare_fp32(weight: torch.Tensor, weight_scale: torch.Tensor | None, where
     return weight.float().contiguous(), None
 
 
-def _auto_int8(codes: torch.Tensor) -> Layout:
+def _auto_int8(codes: torch.Tensor, workload: str) -> Layout:
     n, k = codes.shape
     blocks = block4_density(codes)  # 4-blocks holding a nonzero, per 4-block of the weight
-    costs = {Layout.INT8_BLOCK4: blocks, Layout.INT8_DENSE: INT8_BLOCK4_MAX_DENSITY}
-    if ext.isa() == "avx512_vnni":  # the other instruction sets run CSR on a portable loop
-        costs[Layout.INT8_CSR] = INT8_CSR_ENTRY_COST * quad_count(codes) / max(1, n * math.ceil(k / 4))
+    csr = ext.isa() == "avx512_vnni"  # the other instruction sets run CSR on a portable loop
+    entries = quad_count(codes) / max(1, n * math.ceil(k / 4)) if csr else 0.0
+    if workload == "decode":
+        (b0, b1), (c0, c1) = INT8_DECODE_BLOCK4_COST, INT8_DECODE_CSR_COST
+        costs = {Layout.INT8_BLOCK4: b0 + b1 * blocks, Layout.INT8_DENSE: 1.0}
+        if csr:
+            costs[Layout.INT8_CSR] = c0 + c1 * entries
+    else:
+        costs = {Layout.INT8_BLOCK4: blocks, Layout.INT8_DENSE: INT8_BLOCK4_MAX_DENSITY}
+        if csr:
+            costs[Layout.INT8_CSR] = INT8_CSR_ENTRY_COST * entries
     return min(costs, key=costs.get)
 
 
-def _auto_fp32(weight: torch.Tensor) -> Layout:
+def _auto_fp32(weight: torch.Tensor, workload: str) -> Layout:
     n, k = weight.shape
     if k > MAX_IN_FEATURES:
         return Layout.FP32_DENSE
@@ -311,6 +328,7 @@ def pack_linears(
     weight_scales: Sequence[torch.Tensor | None] | None = None,
     layout: Layout | str | None = None,
     activation: str = "none",
+    workload: str = "batch",
 ) -> PackedLinear:
     """Pack several Linears that read the same input side by side (e.g. attention Q, K, V): one call quantizes
     the input once and returns a tuple of outputs, one per weight (views of one buffer). Stacking output rows is
@@ -327,6 +345,8 @@ def pack_linears(
         raise ValueError(f"scheme={scheme!r} is not supported; choose one of {sorted(SCHEMES)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload={workload!r} is not supported; choose one of {list(WORKLOADS)}")
     prepare, auto, allowed = SCHEMES[scheme]
     prepared, bias_parts, in_features = [], [], None
     for i, (w, b, s) in enumerate(zip(weights, biases, scales)):
@@ -361,7 +381,7 @@ def pack_linears(
             ]
         ).contiguous()
     if layout is None:
-        chosen = auto(weight)
+        chosen = auto(weight, workload)
     else:
         chosen = Layout(layout)
         if chosen not in allowed:
@@ -384,6 +404,7 @@ def pack_linear(
     weight_scale: torch.Tensor | None = None,
     layout: Layout | str | None = None,
     activation: str = "none",
+    workload: str = "batch",
 ) -> PackedLinear:
     """Pack one Linear weight (out_features, in_features) with its zeros in place, once, for the CPU kernels.
 
@@ -399,6 +420,10 @@ def pack_linear(
             run INT8_BLOCK4, unstructured ones INT8_CSR. fp32: FP32_CSR when at most FP32_CSR_MAX_DENSITY of the
             weights are nonzero, else FP32_DENSE.
         activation: "none" or "gelu" (exact erf GELU fused into the kernel's epilogue).
+        workload: what the automatic int8 layout is chosen for: "batch" (encoder batches, the rule above) or
+            "decode" (token-by-token generation, M = 1: the few-token kernels against dense int8, costs
+            INT8_DECODE_BLOCK4_COST and INT8_DECODE_CSR_COST), where dense int8 wins below ~85% unstructured
+            sparsity. Ignored when `layout` is given and for fp32.
     """
     return pack_linears(
         [weight],
@@ -407,6 +432,7 @@ def pack_linear(
         weight_scales=[weight_scale],
         layout=layout,
         activation=activation,
+        workload=workload,
     )
 
 
@@ -418,6 +444,9 @@ __all__ = [
     "FP32_CSR_MAX_DENSITY",
     "INT8_BLOCK4_MAX_DENSITY",
     "INT8_CSR_ENTRY_COST",
+    "INT8_DECODE_BLOCK4_COST",
+    "INT8_DECODE_CSR_COST",
+    "WORKLOADS",
     "PackedLinear",
     "pack_linear",
     "pack_linears",
