@@ -6,22 +6,49 @@ Unstructured 80-90% weights of the BERT-base shapes, M = 1 and 2, 12 weights cyc
 cycles its layers), 1 thread, us per weight (best of 20); prints the layout the rule picks next to the times.
 """
 
-import torch, time
+from __future__ import annotations
+
+import time
+
+import torch
+
 from hf_sparse import ops
-ops.set_num_threads(1); torch.set_num_threads(1)
-torch.manual_seed(0)
-def best(fn, calls):
-    for _ in range(3): fn()
-    ts=[]
+
+
+LAYOUTS = ("int8_csr", "int8_dense", "int8_block4")
+SHAPES = ((768, 768), (3072, 768), (768, 3072))
+COPIES = 12
+
+
+def best(fn, calls: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
     for _ in range(calls):
-        t=time.perf_counter(); fn(); ts.append(time.perf_counter()-t)
-    return min(ts)
-for n,k in [(768,768),(3072,768),(768,3072)]:
-    for sp in (0.8,0.85,0.9):
-        ws=[torch.randn(n,k)*(torch.rand(n,k)>=sp) for _ in range(12)]
-        ps={l:[ops.pack_linear(w,layout=l) for w in ws] for l in ("int8_csr","int8_dense","int8_block4")}
-        dec=ops.pack_linear(ws[0],workload="decode").layout.value
-        for m in (1,2):
-            x=torch.randn(m,k)
-            t={l:best(lambda ps=p: [q(x) for q in ps], 20)/12*1e6 for l,p in ps.items()}
-            print(f"{n}x{k} {sp} M={m} decode-rule={dec} " + " ".join(f"{l} {v:.1f}" for l,v in t.items()), flush=True)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    ops.set_num_threads(1)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    for n, k in SHAPES:
+        for sparsity in (0.8, 0.85, 0.9):
+            weights = [torch.randn(n, k) * (torch.rand(n, k) >= sparsity) for _ in range(COPIES)]
+            packed = {layout: [ops.pack_linear(w, layout=layout) for w in weights] for layout in LAYOUTS}
+            picked = ops.pack_linear(weights[0], workload="decode").layout.value
+            for m in (1, 2):
+                x = torch.randn(m, k)
+                us = {
+                    layout: best(lambda ps=ps, x=x: [p(x) for p in ps], 20) / COPIES * 1e6
+                    for layout, ps in packed.items()
+                }
+                cells = " ".join(f"{layout} {t:.1f}" for layout, t in us.items())
+                print(f"{n}x{k} {sparsity} M={m} decode-rule={picked} {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
