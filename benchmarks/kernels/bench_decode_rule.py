@@ -8,9 +8,8 @@ cycles its layers), 1 thread, us per weight (best of 20); prints the layout the 
 
 from __future__ import annotations
 
-import time
-
 import torch
+from bench_csr import best  # same folder: the script's own directory is on sys.path
 
 from hf_sparse import ops
 
@@ -18,17 +17,6 @@ from hf_sparse import ops
 LAYOUTS = ("int8_csr", "int8_dense", "int8_block4")
 SHAPES = ((768, 768), (3072, 768), (768, 3072))
 COPIES = 12
-
-
-def best(fn, calls: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
