@@ -65,6 +65,13 @@ VARIANTS: dict[str, list[str]] = {
     "movement-unstructured-90-adam": ["--method-args", '{"score_update": "adam"}'],
     "movement-4block-90-adam": ["--method-args", '{"score_update": "adam"}'],
     "movement-unstructured-90-pretrained-adam": [*_PRETRAINED, "--method-args", '{"score_update": "adam"}'],
+    # closer to the paper's code, which re-ranks at every step: a pruning step every 10 optimizer steps
+    "movement-unstructured-90-pretrained-adam-every10": [
+        *_PRETRAINED, "--pruning-steps", "181", "--method-args", '{"score_update": "adam"}',
+    ],
+    "movement-unstructured-90-pretrained-adam-every10-regrow": [
+        *_PRETRAINED, "--pruning-steps", "181", "--method-args", '{"score_update": "adam", "regrow": true}',
+    ],
 }  # fmt: skip
 for _name, _extra in VARIANTS.items():
     GRID[_name] = GRID[_name.split("-90-")[0] + "-90"] + _extra
