@@ -262,6 +262,15 @@ __attribute__((always_inline)) inline void i8_row(const SparseI8& w, const uint8
 // vpdpbusd each against the quad's 4 codes: 4 useful products per lane where a padded 4-block of an unstructured
 // weight has ~1.2. T = 4 (zmm; quads_tile orders the tokens so that the unpacks' lane order gives the usual 16
 // consecutive tokens per accumulator) or T = 1 (xmm, natural order).
+// A model's CSR weights stream from memory once per forward (at batch 1 each entry meets one 64-token tile, and
+// the layers together outgrow L3): the hardware prefetcher alone left a 12-distinct-layer BERT ~15% slower than
+// one layer run 12 times. Prefetching 128 entries ahead (cols 1 KB, values 512 B) took 8-10% off the batch-1
+// forward (benchmarks/RESULTS.md, "CSR weight prefetch"); on the 4-block kernel it changed nothing measurable.
+inline void prefetch_entry(const uint16_t* cols4, const int32_t* value) {
+  _mm_prefetch(reinterpret_cast<const char*>(cols4) + 1024, _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(value) + 512, _MM_HINT_T0);
+}
+
 template <int T>
 __attribute__((always_inline)) inline void q8_row(const SparseI8& w, const uint8_t* tile, int64_t n, int64_t c0,
                                                   int64_t c1, const __m512i* init, __m512i* res) {
@@ -276,6 +285,7 @@ __attribute__((always_inline)) inline void q8_row(const SparseI8& w, const uint8
       const int32_t e1 = w.ptr[c * w.n + n + 1];
       for (int32_t e = w.ptr[c * w.n + n]; e < e1; ++e) {
         const uint16_t* q = cols + 4 * static_cast<int64_t>(e);
+        prefetch_entry(q, vals + e);
         const __m512i f0 = _mm512_load_si512(row(q[0])), f1 = _mm512_load_si512(row(q[1]));
         const __m512i f2 = _mm512_load_si512(row(q[2])), f3 = _mm512_load_si512(row(q[3]));
         const __m512i lo01 = _mm512_unpacklo_epi8(f0, f1), hi01 = _mm512_unpackhi_epi8(f0, f1);
@@ -297,6 +307,7 @@ __attribute__((always_inline)) inline void q8_row(const SparseI8& w, const uint8
       const int32_t e1 = w.ptr[c * w.n + n + 1];
       for (int32_t e = w.ptr[c * w.n + n]; e < e1; ++e) {
         const uint16_t* q = cols + 4 * static_cast<int64_t>(e);
+        prefetch_entry(q, vals + e);
         const auto ld = [&](int i) { return _mm_load_si128(reinterpret_cast<const __m128i*>(row(q[i]))); };
         const __m128i f0 = ld(0), f1 = ld(1), f2 = ld(2), f3 = ld(3);
         const __m128i lo01 = _mm_unpacklo_epi8(f0, f1), hi01 = _mm_unpackhi_epi8(f0, f1);
