@@ -69,6 +69,10 @@ VARIANTS: dict[str, list[str]] = {
     "movement-unstructured-90-pretrained-adam-every10": [
         *_PRETRAINED, "--pruning-steps", "181", "--method-args", '{"score_update": "adam"}',
     ],
+    # and the paper's per-matrix top-k (its TopKBinarizer ranks each Linear's scores alone)
+    "movement-unstructured-90-pretrained-adam-every10-uniform": [
+        *_PRETRAINED, "--pruning-steps", "181", "--distribution", "uniform", "--method-args", '{"score_update": "adam"}',
+    ],
     "movement-unstructured-90-pretrained-adam-every10-regrow": [
         *_PRETRAINED, "--pruning-steps", "181", "--method-args", '{"score_update": "adam", "regrow": true}',
     ],
