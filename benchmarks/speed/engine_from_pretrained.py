@@ -5,11 +5,12 @@
     python benchmarks/speed/engine_from_pretrained.py      # per-call overheads and where a forward's time goes
     python benchmarks/speed/engine_from_pretrained.py --attention-error     # bf16 vs fp32 attention, BERT-base
 
-Engine "hf_sparse_int8": the pruned model is written with `hf_sparse.save_sparse(..., weight_dtype="int8")` to a
+Engine "hf_sparse_int8": the pruned model is written with `hf_sparse.save_sparse(..., weight_dtype="int8",
+int8_linears=True)` (the pooler and classifier as dense int8: every Linear quantized, as in DeepSparse's int8 file) to a
 temporary folder and loaded with `AutoModelForSequenceClassification.from_pretrained`, exactly as a user would
 (`import hf_sparse` registers the backend): every encoder layer runs fused, as one call of six kernel steps (Q/K/V
 packed together, bf16 attention, attention output, residual add + LayerNorm, the fused FFN, residual add + LayerNorm;
-docs/kernels.md, "Attention"); embeddings, pooler and classifier stay float32 PyTorch, as in the other engines.
+docs/kernels.md, "Attention"); the embeddings stay float32 PyTorch, as in the other engines.
 "hf_sparse_fp32" loads float32 weights (the sparse fp32 kernel). Off by default, the same loaded int8 model with one
 setting switched while it runs: "hf_sparse_int8_pool" (kernel threads from hf_sparse's pool) and
 "hf_sparse_int8_fp32attn" (`set_attention_precision("fp32")`: the layers' own forward, attention and LayerNorms in
@@ -48,7 +49,9 @@ def load_through_from_pretrained(ctx: EngineContext, weight_dtype: str) -> torch
     pattern = bench.pattern if bench.sparsity > 0 else "unstructured"
     recipe = hf_sparse.SparseConfig(schedule="one-shot", start=0, sparsity=max(bench.sparsity, 0.5), pattern=pattern)
     with tempfile.TemporaryDirectory(prefix="hf_sparse_bench_") as folder:
-        hf_sparse.save_sparse(bench.model, folder, recipe, weight_dtype=weight_dtype)
+        # int8: every Linear in int8, as DeepSparse's int8 file quantizes every Linear MatMul (pooler and head too)
+        int8 = weight_dtype == "int8"
+        hf_sparse.save_sparse(bench.model, folder, recipe, weight_dtype=weight_dtype, int8_linears=int8)
         model = AutoModelForSequenceClassification.from_pretrained(folder)
     sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
     if not sparse:
