@@ -73,8 +73,10 @@ VARIANTS: dict[str, list[str]] = {
     "movement-unstructured-90-pretrained-adam-every10-uniform": [
         *_PRETRAINED, "--pruning-steps", "181", "--distribution", "uniform", "--method-args", '{"score_update": "adam"}',
     ],
-    "movement-unstructured-90-pretrained-adam-every10-regrow": [
-        *_PRETRAINED, "--pruning-steps", "181", "--method-args", '{"score_update": "adam", "regrow": true}',
+    # and masked weights may come back at every re-ranking, as the paper's top-k of all scores at each step allows
+    "movement-unstructured-90-pretrained-adam-every10-uniform-regrow": [
+        *_PRETRAINED, "--pruning-steps", "181", "--distribution", "uniform",
+        "--method-args", '{"score_update": "adam", "regrow": true}',
     ],
 }  # fmt: skip
 for _name, _extra in VARIANTS.items():
