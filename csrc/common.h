@@ -142,8 +142,9 @@ const IsaKernels* avx2_kernels();
 const IsaKernels* avx2_vnni_vex_kernels();   // 256-bit VNNI, VEX encoding (AVX-VNNI CPUs)
 const IsaKernels* avx2_vnni_evex_kernels();  // the same source, EVEX encoding (AVX512-VNNI + VL CPUs)
 const IsaKernels* avx512_vnni_kernels();
-// The int8 CSR few-token kernel with VBMI byte permutes (kernels_avx512_vbmi.cpp; null when not built): isa.cpp
-// swaps it into the avx512_vnni table on CPUs with AVX512-VBMI.
-FewKernel avx512_vbmi_quads_few();
+// The int8 CSR few-token kernel with VBMI byte permutes and (rows, when not null) the tokens it takes
+// (kernels_avx512_vbmi.cpp; null when not built): isa.cpp swaps it into the avx512_vnni table on CPUs with
+// AVX512-VBMI.
+FewKernel avx512_vbmi_quads_few(int* rows);
 
 }  // namespace hf_sparse

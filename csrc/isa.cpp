@@ -1,6 +1,7 @@
 #include "isa.h"
 
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -41,14 +42,27 @@ unsigned long long xgetbv0() {
 #endif
 
 // HF_SPARSE_DISABLE_CPU_FEATURES=avx512_vbmi,avx512_bf16: report those features absent, so that the kernels a
-// CPU without them runs can be tested here. Other names are ignored.
+// CPU without them runs can be tested here. Items are trimmed and lowercased; hf_sparse.ops rejects other names at
+// import (this runs inside the first dispatch, where there is no one to tell).
 CpuFeatures without_disabled(CpuFeatures f) {
   const char* env = std::getenv("HF_SPARSE_DISABLE_CPU_FEATURES");
   if (!env) return f;
-  const std::string list = std::string(",") + env + ",";
-  const auto off = [&](const char* name) { return list.find(std::string(",") + name + ",") != std::string::npos; };
-  if (off("avx512_vbmi")) f.avx512_vbmi = false;
-  if (off("avx512_bf16")) f.avx512_bf16 = false;
+  std::string item;
+  const auto apply = [&] {
+    size_t a = item.find_first_not_of(" \t"), b = item.find_last_not_of(" \t");
+    const std::string name = a == std::string::npos ? "" : item.substr(a, b - a + 1);
+    if (name == "avx512_vbmi") f.avx512_vbmi = false;
+    if (name == "avx512_bf16") f.avx512_bf16 = false;
+    item.clear();
+  };
+  for (const char* c = env;; ++c) {
+    if (*c == ',' || *c == '\0') {
+      apply();
+      if (*c == '\0') break;
+    } else {
+      item += static_cast<char>(std::tolower(static_cast<unsigned char>(*c)));
+    }
+  }
   return f;
 }
 
@@ -101,10 +115,10 @@ const IsaKernels* table_for(const std::string& name) {
     if (!avx512 || !f.avx512_vnni || !avx512_vnni_kernels()) return nullptr;
     static const IsaKernels with_vbmi = [] {
       IsaKernels t = *avx512_vnni_kernels();
-      if (avx512_vbmi_quads_few()) t.quads_few = avx512_vbmi_quads_few();
+      if (FewKernel k = avx512_vbmi_quads_few(&t.quads_few_rows)) t.quads_few = k;
       return t;
     }();
-    return f.avx512_vbmi && avx512_vbmi_quads_few() ? &with_vbmi : avx512_vnni_kernels();
+    return f.avx512_vbmi && avx512_vbmi_quads_few(nullptr) ? &with_vbmi : avx512_vnni_kernels();
   }
   if (name == "avx2_vnni") {
     if (avx2 && f.avx_vnni && avx2_vnni_vex_kernels()) return avx2_vnni_vex_kernels();
@@ -174,7 +188,7 @@ const IsaKernels& active_kernels() {
 std::string quads_few_variant() {
   const IsaKernels& t = active_kernels();
   if (!t.quads_few) return "none";
-  return t.quads_few == avx512_vbmi_quads_few() ? "avx512_vbmi" : t.name;
+  return t.quads_few == avx512_vbmi_quads_few(nullptr) ? "avx512_vbmi" : t.name;
 }
 
 std::string active_isa_name() {
@@ -199,7 +213,7 @@ namespace hf_sparse {
 const IsaKernels* avx512_vnni_kernels() { return nullptr; }
 #endif
 #ifndef HF_SPARSE_HAVE_AVX512_VBMI
-FewKernel avx512_vbmi_quads_few() { return nullptr; }
+FewKernel avx512_vbmi_quads_few(int*) { return nullptr; }
 #endif
 #ifndef HF_SPARSE_HAVE_AVX2
 const IsaKernels* avx2_kernels() { return nullptr; }

@@ -905,7 +905,7 @@ void f32_sparse(const SparseF32& w, const float* tile, int mtp, int rows, int64_
 
 const IsaKernels kTable = {
     "avx512_vnni", kVec, kVec * kMaxT, 1, 128, quant_tile, quant_rows, i8_sparse, i8_dense, kFewRows,
-    i8_sparse_few, f32_tile, f32_sparse, i8_ffn_hidden, quads_tile, kQuadsFewRows, quads_few,
+    i8_sparse_few, f32_tile, f32_sparse, i8_ffn_hidden, quads_tile, kQuadsFewRowsWords, quads_few,
 };
 
 }  // namespace

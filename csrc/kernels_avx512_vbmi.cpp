@@ -42,6 +42,9 @@ void quads_few(const SparseI8& w, const void* xq, int64_t ldq, int rows, const f
 
 }  // namespace
 
-FewKernel avx512_vbmi_quads_few() { return quads_few; }
+FewKernel avx512_vbmi_quads_few(int* rows) {
+  if (rows) *rows = kQuadsFewRowsVbmi;
+  return quads_few;
+}
 
 }  // namespace hf_sparse

@@ -8,13 +8,13 @@
 // column indices give wrong bytes of the same panel, never a read outside it. The 16 lanes' products belong to
 // different rows: an inclusive prefix sum over the panel's entries (in register, carried from vector to vector)
 // turns each row's sum into a difference of two prefix values. The differences are exact in wrapping uint32
-// arithmetic as long as the row's own sum fits in int32 (it does: at most 128 entries x 4 x 255 x 128).
+// arithmetic as long as the row's own sum fits in int32 (it does: at most 128 entries x 4 x 255 x 128, and a
+// corrupted row wraps without undefined behaviour).
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
-#include <vector>
 
 #include "avx512_common.h"
 #include "common.h"
@@ -22,7 +22,11 @@
 namespace hf_sparse {
 namespace {
 
-constexpr int kQuadsFewRows = 6;  // tokens up to which it beats a 16-token tile (M = 4: ~0.6x, M = 8: ~1.05x)
+// Tokens up to which each gather beats a 16-token tile (weights cycling through memory): the VBMI one to M = 6
+// (M = 4: ~0.6x the tile, M = 8: ~1.05x), the vpermt2d one to M = 2 (M = 4: 1.2-1.4x). kQuadsFewRows bounds both.
+constexpr int kQuadsFewRowsVbmi = 6;
+constexpr int kQuadsFewRowsWords = 2;
+constexpr int kQuadsFewRows = kQuadsFewRowsVbmi;
 constexpr int64_t kFewChunk = 256;    // output rows whose int32 sums live on the stack
 
 // Scale, bias, activation of 16 output channels at a time for tokens 0..rows-1: sums[r][n - c0] are the exact
@@ -58,44 +62,52 @@ inline __m512i prefix16(__m512i s, __m512i carry) {
 }
 
 // Panel p for tokens xq (R rows ldq bytes apart), output rows n0..n1-1: sums[r][n - n0] += the row's sum over the
-// panel. pre: scratch of R x (entries + 17) uint32.
+// panel. Rows are closed in order as the vectors pass their last entry (a row's sum: its last entry's prefix minus
+// the previous row's), so nothing but the current vector's prefixes is kept.
 template <class G, int R>
 void quads_few_panel(const SparseI8& w, const uint8_t* xq, int64_t ldq, int64_t p, int64_t n0, int64_t n1,
-                     int32_t (*sums)[kFewChunk], uint32_t* pre) {
-  const int64_t byte0 = p * kPanel * 4;
+                     int32_t (*sums)[kFewChunk]) {
+  const int64_t byte0 = p * kPanel * 4, bytes = w.kb * 4 - byte0;  // this panel's bytes of a quantized token
   __m512i xw[R][8];
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < 8; ++j) {
-      xw[r][j] = _mm512_maskz_loadu_epi8(mask64(w.kb * 4 - byte0 - 64 * j), xq + r * ldq + byte0 + 64 * j);
+      xw[r][j] = bytes > 64 * j ? _mm512_maskz_loadu_epi8(mask64(bytes - 64 * j), xq + r * ldq + byte0 + 64 * j)
+                                : _mm512_setzero_si512();
     }
   }
   const int32_t* ptr = w.ptr + p * w.n;
-  const int64_t e0 = ptr[n0], e1 = ptr[n1], stride = e1 - e0 + 17;
-  for (int r = 0; r < R; ++r) pre[r * stride] = 0;
+  const int64_t e0 = ptr[n0], e1 = ptr[n1];
   // column indices relative to the panel, wrapped into it (16-bit lanes: k <= 65536)
   const __m512i base = _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(byte0)));
   const __m512i wrap = _mm512_set1_epi16(kPanel * 4 - 1);
   const __m512i last = _mm512_set1_epi32(15);
   __m512i carry[R];
-  for (int r = 0; r < R; ++r) carry[r] = _mm512_setzero_si512();
+  uint32_t closed[R];  // prefix at the end of the last closed row
+  for (int r = 0; r < R; ++r) carry[r] = _mm512_setzero_si512(), closed[r] = 0;
+  alignas(64) uint32_t lanes[R][16];
+  int64_t n = n0;
   for (int64_t e = e0; e < e1; e += 16) {
     const int64_t v = e1 - e;  // entries left (lanes past them load zeros: their codes multiply by 0)
     const uint16_t* c = w.cols + 4 * e;
     const __m512i lo = _mm512_and_si512(_mm512_sub_epi16(_mm512_maskz_loadu_epi16(mask32(4 * v), c), base), wrap);
-    const __m512i hi =
-        _mm512_and_si512(_mm512_sub_epi16(_mm512_maskz_loadu_epi16(mask32(4 * v - 32), c + 32), base), wrap);
+    const __m512i hi = v > 8 ? _mm512_and_si512(_mm512_sub_epi16(_mm512_maskz_loadu_epi16(mask32(4 * v - 32), c + 32),
+                                                                 base), wrap)
+                             : _mm512_setzero_si512();
     const __m512i wv = _mm512_maskz_loadu_epi32(mask16(v), w.values + e);
     const typename G::Index ix = G::index(lo, hi);
     for (int r = 0; r < R; ++r) {
       const __m512i s = prefix16(dpbusd(_mm512_setzero_si512(), G::bytes(ix, xw[r]), wv), carry[r]);
-      _mm512_storeu_si512(pre + r * stride + (e - e0) + 1, s);
+      _mm512_store_si512(lanes[r], s);
       carry[r] = _mm512_permutexvar_epi32(last, s);
     }
-  }
-  for (int r = 0; r < R; ++r) {
-    const uint32_t* q = pre + r * stride - e0;
-    for (int64_t n = n0; n < n1; ++n) {
-      sums[r][n - n0] += static_cast<int32_t>(q[ptr[n + 1]] - q[ptr[n]]);
+    // rows ending in this vector (empty ones included): their last entry is lane ptr[n + 1] - 1 - e
+    for (; n < n1 && ptr[n + 1] <= e + 16; ++n) {
+      if (ptr[n + 1] == ptr[n]) continue;
+      for (int r = 0; r < R; ++r) {
+        const uint32_t end = lanes[r][ptr[n + 1] - 1 - e];
+        sums[r][n - n0] += static_cast<int32_t>(end - closed[r]);
+        closed[r] = end;
+      }
     }
   }
 }
@@ -106,20 +118,17 @@ void quads_few_t(const SparseI8& w, const void* xq_, int64_t ldq, int rows, cons
                  const Output& out) {
   const uint8_t* xq = static_cast<const uint8_t*>(xq_);
   alignas(64) int32_t sums[kQuadsFewRows][kFewChunk];
-  thread_local std::vector<uint32_t> pre;
   for (int64_t c0 = n0; c0 < n1; c0 += kFewChunk) {
     const int64_t c1 = c0 + kFewChunk < n1 ? c0 + kFewChunk : n1;
     for (int r = 0; r < rows; ++r) {
       for (int64_t n = c0; n < c1; ++n) sums[r][n - c0] = -128 * w.weight_sum[n];
     }
     for (int64_t p = 0; p < w.panels; ++p) {
-      const size_t need = 2 * static_cast<size_t>(w.ptr[p * w.n + c1] - w.ptr[p * w.n + c0] + 17);
-      if (pre.size() < need) pre.resize(need);
       for (int r = 0; r < rows; r += 2) {
         if (r + 1 < rows) {
-          quads_few_panel<G, 2>(w, xq + r * ldq, ldq, p, c0, c1, sums + r, pre.data());
+          quads_few_panel<G, 2>(w, xq + r * ldq, ldq, p, c0, c1, sums + r);
         } else {
-          quads_few_panel<G, 1>(w, xq + r * ldq, ldq, p, c0, c1, sums + r, pre.data());
+          quads_few_panel<G, 1>(w, xq + r * ldq, ldq, p, c0, c1, sums + r);
         }
       }
     }

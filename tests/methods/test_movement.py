@@ -379,14 +379,13 @@ def test_hard_scores_with_adam_follow_adam_on_the_straight_through_gradient_and_
 
 
 def test_state_round_trip_through_the_sparsifier_file(tmp_path):
-    for variant in ("hard", "soft"):
+    for variant, update in (("hard", "sum"), ("hard", "adam"), ("soft", "adam")):
         model = TwoLinear()
-        config = movement_config(
-            schedule="linear", initial_sparsity=0.3, start=2, end=8, method_args={"variant": variant, "threshold": 0.6}
-        )
+        args = {"variant": variant, "threshold": 0.6, "score_update": update}
+        config = movement_config(schedule="linear", initial_sparsity=0.3, start=2, end=8, method_args=args)
         sp = sparsify_(model, config)
         train(model, sp, batches(3))
-        path = sp.save(tmp_path / f"{variant}.safetensors")
+        path = sp.save(tmp_path / f"{variant}-{update}.safetensors")
         saved = load_file(str(path))
         for n in sp.targets:
             torch.testing.assert_close(saved[f"method.scores.{n}"], sp.method.scores_[n])
@@ -404,8 +403,10 @@ def test_state_round_trip_through_the_sparsifier_file(tmp_path):
             torch.testing.assert_close(sp2.method.scores_[n], saved[f"method.scores.{n}"])
             assert torch.equal(sp2.method.values[n], saved[f"method.values.{n}"])
             assert torch.equal(sp2.masks[n], sp.masks[n])
-            if variant == "soft":
+            if update == "adam":
+                torch.testing.assert_close(sp2.method.exp_avg[n], saved[f"method.exp_avg.{n}"])
                 torch.testing.assert_close(sp2.method.exp_avg_sq[n], saved[f"method.exp_avg_sq.{n}"])
+                assert sp2.method.exp_avg_sq[n].abs().sum() > 0  # three steps of moments, not zeros
 
 
 def test_state_from_another_variant_or_shape_is_refused():
@@ -413,7 +414,7 @@ def test_state_from_another_variant_or_shape_is_refused():
     sp = sparsify_(model, movement_config(start=8, method_args={"variant": "soft"}))
     state = sp.method.state_dict()
     hard = sparsify_(TwoLinear(), movement_config(start=8))
-    with pytest.raises(KeyError, match=r"movement pruning state \(hard\) does not match.*unexpected \['exp_avg"):
+    with pytest.raises(KeyError, match=r"state \(hard, score_update='sum'\) does not match.*unexpected \['exp_avg"):
         hard.method.load_state_dict(state)
     bad = {k: (v[:1] if k == "scores.layers.0" else v) for k, v in hard.method.state_dict().items()}
     with pytest.raises(ValueError, match=r"'scores.layers.0' has shape \(1, 12\).*weight shape \(8, 12\)"):
@@ -427,6 +428,8 @@ def test_errors_name_the_fix():
         movement_config(method_args={"variant": "medium"})
     with pytest.raises(ValueError, match=r"method_args.score_update must be one of \('adam', 'sum'\)"):
         movement_config(method_args={"score_update": "sgd"})
+    with pytest.raises(ValueError, match=r"score_update='sum' does not work with variant='soft'.*leave score_update"):
+        movement_config(method_args={"variant": "soft", "score_update": "sum"})
     with pytest.raises(ValueError, match=r"method_args.score_lr must be a number > 0"):
         movement_config(method_args={"score_lr": 0})
     with pytest.raises(ValueError, match=r"method_args.threshold must be in \(0, 1\).*0.1"):

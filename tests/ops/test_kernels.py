@@ -131,14 +131,21 @@ def _few_token_calls(isa: str) -> int:
     return ops.kernel_calls("few_tokens")[isa]
 
 
+def _csr_few_rows(isa: str) -> int:
+    """Tokens up to which int8 CSR runs its few-token kernel under `isa`: 6 with the VBMI gather, 2 with the
+    vpermt2d one (CPUs without VBMI), none on the other instruction sets (the portable loop takes every M)."""
+    with using_isa(isa):
+        variant = _extension.quads_few_variant()
+    return {"avx512_vbmi": 6, "avx512_vnni": 2}.get(variant, 0)
+
+
 def _check_few_rows(isa: str, layout: Layout, few: list[int]) -> None:
-    """The few-token kernel runs for M = 1 .. some limit: 4-blocks from M = 2 on every x86 ISA; int8 CSR only
-    with AVX-512 (elsewhere the portable loop takes every M), at least up to M = 4."""
+    """The few-token kernel runs for M = 1 .. its limit: 4-blocks from M = 2 on every x86 ISA; int8 CSR as above."""
     assert few == list(range(1, len(few) + 1)), f"{isa}, {layout.value}: few-token kernel ran for M={few}"
     if layout is Layout.INT8_BLOCK4:
         assert len(few) >= 2, f"{isa}: 4-block few-token kernel ran for M={few}"
     else:
-        assert len(few) >= 4 if isa == "avx512_vnni" else not few, f"{isa}: CSR few-token kernel ran for M={few}"
+        assert len(few) == _csr_few_rows(isa), f"{isa}: CSR few-token kernel ran for M={few}"
 
 
 @pytest.mark.skipif(not FEW_ISAS, reason="no x86 kernels on this machine")
@@ -191,7 +198,7 @@ def test_few_token_kernel_split_over_threads_is_exact(layout):
                     calls = _few_token_calls(isa)
                     y = packed(x[:m])
                     ran = _few_token_calls(isa) > calls
-                expect = m <= 2 if layout is Layout.INT8_BLOCK4 else isa == "avx512_vnni"
+                expect = m <= (2 if layout is Layout.INT8_BLOCK4 else _csr_few_rows(isa))
                 assert ran or not expect, f"{isa}: M={m} did not run the few-token kernel"
                 assert_same(y, packed.reference(x[:m]), f"M={m}, 2 threads, {layout.value} on {isa}")
     finally:
@@ -204,9 +211,9 @@ def test_few_token_kernel_with_garbage_columns_stays_in_bounds(layout):
     """Out-of-range column indices (clamped, or wrapped into the column panel) give wrong numbers, never a bad
     read."""
     gen = torch.Generator().manual_seed(9)
-    packed = ops.pack_linear(make_weight(70, 300, 0.5, "unstructured", gen), layout=layout)
+    packed = ops.pack_linear(make_weight(70, 1030, 0.5, "unstructured", gen), layout=layout)  # 3 CSR panels
     packed.tensors["cols"].copy_(torch.randint(0, 65536, packed.tensors["cols"].shape, generator=gen).to(torch.uint16))
-    x = torch.randn(4, 300, generator=gen)
+    x = torch.randn(4, 1030, generator=gen)
     for isa in FEW_ISAS:
         with using_isa(isa):
             for m in (1, 2, 3, 4):
@@ -228,6 +235,15 @@ def test_csr_few_token_kernel_variant_follows_the_cpu():
                 assert ext.quads_few_variant() == "none", isa
     if not vbmi or os.environ.get("HF_SPARSE_DISABLE_CPU_FEATURES"):
         return
+    code = "from hf_sparse.ops import _extension as e; e.set_isa('avx512_vnni'); print(e.quads_few_variant())"
+    for value, expected in ((" AVX512_VBMI ", "avx512_vnni"), ("avx512_bf16", "avx512_vbmi")):
+        env = {**os.environ, "HF_SPARSE_DISABLE_CPU_FEATURES": value}
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert run.stdout.strip() == expected, (value, run.stdout, run.stderr[-2000:])
+    env = {**os.environ, "HF_SPARSE_DISABLE_CPU_FEATURES": "avx512_vbmi,sse9"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode != 0 and "HF_SPARSE_DISABLE_CPU_FEATURES='avx512_vbmi,sse9'" in run.stderr
+    assert "unknown feature(s) ['sse9']" in run.stderr
     env = {**os.environ, "HF_SPARSE_DISABLE_CPU_FEATURES": "avx512_vbmi"}
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "few_token and csr"],

@@ -162,8 +162,10 @@ WORKLOAD_ENV = "HF_SPARSE_WORKLOAD"
 def model_workload(model: nn.Module) -> str:
     """What the automatic int8 layouts of `model` are chosen for (`pack_linear(workload=...)`): $HF_SPARSE_WORKLOAD
     ("batch" or "decode") when set to one of them, else "decode" for models that generate token by token
-    (`model.can_generate()`: each step multiplies one token per sequence) and "batch" for the rest."""
-    env = os.environ.get(WORKLOAD_ENV, "auto").strip().lower()
+    (`model.can_generate()`: each step multiplies one token per sequence) and "batch" for the rest. The decode
+    choice also applies to such a model's prompt (prefill) and, in encoder-decoders, to the encoder, where the
+    batch rule would sometimes pick a faster sparse layout: generation time is usually spent token by token."""
+    env = os.environ.get(WORKLOAD_ENV, "").strip().lower() or "auto"
     if env in WORKLOADS:
         return env
     if env != "auto":

@@ -20,6 +20,8 @@ import torch
 
 _ABI_VERSION = 8
 _ISA_ENV = "HF_SPARSE_ISA"
+_DISABLE_ENV = "HF_SPARSE_DISABLE_CPU_FEATURES"
+_DISABLABLE = ("avx512_vbmi", "avx512_bf16")  # what csrc/isa.cpp lets the variable switch off
 
 _C = None
 _load_error: str | None = None
@@ -45,6 +47,13 @@ def _load():
             "extension is stale; rebuild with `pip install -e . --no-build-isolation`"
         )
         return
+    disabled = [name.strip().lower() for name in os.environ.get(_DISABLE_ENV, "").split(",") if name.strip()]
+    unknown = [name for name in disabled if name not in _DISABLABLE]
+    if unknown:
+        raise ValueError(
+            f"{_DISABLE_ENV}={os.environ[_DISABLE_ENV]!r}: unknown feature(s) {unknown}; it takes a comma-separated "
+            f"list of {', '.join(_DISABLABLE)}"
+        )
     threads = os.environ.get("HF_SPARSE_THREADS", "auto").strip() or "auto"
     try:
         ext.set_threads_backend(threads)
@@ -80,6 +89,12 @@ def isa() -> str:
 def available_isas() -> list[str]:
     """Instruction sets this machine and build can run, fastest first (empty without the extension)."""
     return list(_C.supported_isas()) if _C is not None else []
+
+
+def quads_few_variant() -> str:
+    """The int8 CSR few-token kernel of the active instruction set: "avx512_vbmi" (byte permutes), "avx512_vnni"
+    (vpermt2d trees, CPUs without VBMI), or "none" (16-token tiles at every M)."""
+    return _C.quads_few_variant() if _C is not None else "none"
 
 
 def set_isa(name: str = "auto") -> None:

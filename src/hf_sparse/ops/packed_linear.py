@@ -36,10 +36,12 @@ INT8_CSR_ENTRY_COST = 1.6
 # few-token kernels' time over dense int8's with the weights cycling through memory, as in a model's forward
 # (benchmarks/RESULTS.md, "int8 CSR for a few tokens"): a fixed part (the per-row and per-call work that dense int8
 # amortizes better) plus a slope per stored 4-block / CSR entry per 4-block of the weight. They fit the measured
-# ratios within ~0.1 on the BERT-base shapes at 70-97%: CSR beats dense int8 from ~85% unstructured sparsity, a
-# padded 4-block layout only from ~65% of the 4-blocks empty.
+# ratios within ~0.1 on the BERT-base shapes at 70-97%: CSR beats dense int8 from ~85% unstructured sparsity with
+# the VBMI gather, from ~92% with the vpermt2d one (CPUs without VBMI, INT8_DECODE_CSR_COST_NO_VBMI); a padded
+# 4-block layout beats it while at most ~32% of its 4-blocks hold a nonzero.
 INT8_DECODE_BLOCK4_COST = (0.3, 2.2)
 INT8_DECODE_CSR_COST = (0.25, 4.5)
+INT8_DECODE_CSR_COST_NO_VBMI = (0.2, 10.0)
 WORKLOADS = ("batch", "decode")
 # fp32 runs CSR sparse while at most this fraction of weights is nonzero (CSR matched torch's F.linear at about
 # 0.8 on a busy machine; kept well below, since an idle MKL is faster), torch's dense F.linear above.
@@ -294,7 +296,8 @@ def _auto_int8(codes: torch.Tensor, workload: str) -> Layout:
     csr = ext.isa() == "avx512_vnni"  # the other instruction sets run CSR on a portable loop
     entries = quad_count(codes) / max(1, n * math.ceil(k / 4)) if csr else 0.0
     if workload == "decode":
-        (b0, b1), (c0, c1) = INT8_DECODE_BLOCK4_COST, INT8_DECODE_CSR_COST
+        vbmi = ext.quads_few_variant() == "avx512_vbmi"
+        (b0, b1), (c0, c1) = INT8_DECODE_BLOCK4_COST, INT8_DECODE_CSR_COST if vbmi else INT8_DECODE_CSR_COST_NO_VBMI
         costs = {Layout.INT8_BLOCK4: b0 + b1 * blocks, Layout.INT8_DENSE: 1.0}
         if csr:
             costs[Layout.INT8_CSR] = c0 + c1 * entries
@@ -422,8 +425,8 @@ def pack_linear(
         activation: "none" or "gelu" (exact erf GELU fused into the kernel's epilogue).
         workload: what the automatic int8 layout is chosen for: "batch" (encoder batches, the rule above) or
             "decode" (token-by-token generation, M = 1: the few-token kernels against dense int8, costs
-            INT8_DECODE_BLOCK4_COST and INT8_DECODE_CSR_COST), where dense int8 wins below ~85% unstructured
-            sparsity. Ignored when `layout` is given and for fp32.
+            INT8_DECODE_BLOCK4_COST and INT8_DECODE_CSR_COST[_NO_VBMI]), where dense int8 wins below ~85%
+            unstructured sparsity. Ignored when `layout` is given and for fp32.
     """
     return pack_linears(
         [weight],
@@ -446,6 +449,7 @@ __all__ = [
     "INT8_CSR_ENTRY_COST",
     "INT8_DECODE_BLOCK4_COST",
     "INT8_DECODE_CSR_COST",
+    "INT8_DECODE_CSR_COST_NO_VBMI",
     "WORKLOADS",
     "PackedLinear",
     "pack_linear",

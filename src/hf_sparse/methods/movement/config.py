@@ -29,11 +29,11 @@ class MovementArgs:
             gradient W * dL/dW' plus the regulariser `regularization * mean(sigmoid(S))`; during the ramp masks keep
             sigmoid(S) > threshold, so lambda sets the sparsity, and the last pruning step keeps the top scores to
             the exact target (see docs/methods.md).
-        score_update: how hard movement's scores follow W * dL/dW' each step: "sum" subtracts it (the paper's
-            formula, S = -sum_t W_t dL/dW'_t), "adam" takes an Adam step of `score_lr` on it, as the paper's code
-            does (its scores are parameters of the optimizer, learning rate 1e-2): each score then moves by about
-            the same amount per step whatever the weight's size, so a large weight's gradient noise does not
-            outrank a small weight's steady drift. The soft variant always uses Adam.
+        score_update: how the scores follow W * dL/dW' each step: "sum" subtracts it (the paper's formula,
+            S = -sum_t W_t dL/dW'_t), "adam" takes an Adam step of `score_lr` on it, as the paper's code does (its
+            scores are parameters of the optimizer, learning rate 1e-2): each score then moves by about the same
+            amount per step whatever the weight's size, so a large weight's gradient noise does not outrank a small
+            weight's steady drift. None (default): "sum" for hard movement, "adam" for soft, which needs it.
         score_lr: Adam learning rate of the scores (the paper uses 1e-2).
         regularization: lambda of the soft variant's regulariser, >= 0.
         threshold: tau of the soft variant, in (0, 1): a weight is kept while sigmoid(S) > tau (the paper's code
@@ -46,7 +46,7 @@ class MovementArgs:
     """
 
     variant: str = field(default="hard", metadata={"help": "'hard' or 'soft' movement."})
-    score_update: str = field(default="sum", metadata={"help": "Hard variant: 'sum' (the formula) or 'adam'."})
+    score_update: str | None = field(default=None, metadata={"help": "'sum' (the formula) or 'adam'."})
     score_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of the scores."})
     regularization: float = field(default=1.0, metadata={"help": "Soft variant's sigmoid(S) regulariser weight."})
     threshold: float = field(default=0.1, metadata={"help": "Soft variant keeps sigmoid(S) > threshold."})
@@ -55,8 +55,15 @@ class MovementArgs:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"method_args.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.score_update is None:
+            self.score_update = "adam" if self.variant == "soft" else "sum"
         if self.score_update not in SCORE_UPDATES:
             raise ValueError(f"method_args.score_update must be one of {SCORE_UPDATES}, got {self.score_update!r}")
+        if self.variant == "soft" and self.score_update != "adam":
+            raise ValueError(
+                "method_args.score_update='sum' does not work with variant='soft': soft movement learns its scores "
+                "with Adam against a regulariser; leave score_update unset (or 'adam')"
+            )
         self.score_lr = _number("score_lr", self.score_lr, 0.0, strict=True)
         self.regularization = _number("regularization", self.regularization, 0.0, strict=False)
         self.threshold = _number("threshold", self.threshold, 0.0, strict=True)

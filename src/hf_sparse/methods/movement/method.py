@@ -49,7 +49,7 @@ class MovementPruning(PruningMethod):
         # stored values of the masked weights (zero where kept), in the weight's dtype so regrowth is exact
         self.values: dict[str, torch.Tensor] = {n: torch.zeros_like(w.detach()) for n, w in weights.items()}
         self.soft = self.args.variant == "soft"
-        self.adam = self.soft or self.args.score_update == "adam"
+        self.adam = self.args.score_update == "adam"
         if self.adam:
             self.exp_avg = {n: torch.zeros_like(s) for n, s in self.scores_.items()}
             self.exp_avg_sq = {n: torch.zeros_like(s) for n, s in self.scores_.items()}
@@ -231,8 +231,9 @@ class MovementPruning(PruningMethod):
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or extra:
             raise KeyError(
-                f"movement pruning state ({self.args.variant}) does not match the targeted modules: missing "
-                f"{missing[:3]}, unexpected {extra[:3]}; it was saved with other targets or another variant"
+                f"movement pruning state ({self.args.variant}, score_update={self.args.score_update!r}) does not "
+                f"match the targeted modules: missing {missing[:3]}, unexpected {extra[:3]}; it was saved with other "
+                "targets, another variant or another score_update (Adam's moments are saved only with Adam)"
             )
         for key in sorted(expected - {"steps"}):
             kind, name = key.split(".", 1)
