@@ -424,9 +424,11 @@ def pack_linear(
             weights are nonzero, else FP32_DENSE.
         activation: "none" or "gelu" (exact erf GELU fused into the kernel's epilogue).
         workload: what the automatic int8 layout is chosen for: "batch" (encoder batches, the rule above) or
-            "decode" (token-by-token generation, M = 1: the few-token kernels against dense int8, costs
-            INT8_DECODE_BLOCK4_COST and INT8_DECODE_CSR_COST[_NO_VBMI]), where dense int8 wins below ~85%
-            unstructured sparsity. Ignored when `layout` is given and for fp32.
+            "decode" (token-by-token generation, M = 1, with the weights near the caches: the few-token kernels
+            against dense int8, costs INT8_DECODE_BLOCK4_COST and INT8_DECODE_CSR_COST[_NO_VBMI]), where dense int8
+            wins below ~85% unstructured sparsity. A large model's weights stream from memory at every token, and
+            there the batch rule's layouts generate faster (benchmarks/speed/bench_decode.py). Ignored when
+            `layout` is given and for fp32.
     """
     return pack_linears(
         [weight],
