@@ -5,13 +5,13 @@
 
 A random-weight LlamaForCausalLM (hidden 768, 12 layers, 12 heads, MLP 2048, vocabulary 32000) is pruned with
 hf_sparse (one-shot magnitude), then each engine greedily generates --new-tokens tokens after a --prompt-tokens prompt
-at batch 1; rounds are interleaved and the median time per generated token is printed (the prompt's forward
-included, amortized), with the ratios against PyTorch fp32 and hf_sparse's own layouts:
+at batch --batch (M = --batch tokens per step); rounds are interleaved and the median time per generation step
+is printed (the prompt's forward included, amortized), with the ratios against PyTorch fp32 and hf_sparse's own layouts:
 
 - torch_fp32: the pruned model in PyTorch fp32 eager;
 - torch_dynamic_int8: `torch.ao.quantization.quantize_dynamic` on every Linear (int8 weights, fbgemm);
-- hf_sparse_decode: `save_sparse(..., weight_dtype="int8", int8_linears=True)` + `from_pretrained`: the backend
-  picks layouts for token-by-token decoding (a model that generates; docs/kernels.md "Dispatch rules");
+- hf_sparse_decode: `save_sparse(..., weight_dtype="int8", int8_linears=True)` + `from_pretrained`, layouts by the
+  decode rule (what a model that generates gets by default; docs/kernels.md "Dispatch rules");
 - hf_sparse_batch: the same checkpoint loaded with HF_SPARSE_WORKLOAD=batch (the encoder-batch layout rule);
 - hf_sparse_dense: the decode model with every packed weight re-packed as dense int8 (the same codes and scales):
   hf_sparse's dense int8 path, the reference for "not slower than the dense path" at few tokens.
@@ -102,6 +102,7 @@ def main() -> None:
     p.add_argument("--size", choices=sorted(SIZES), default="base")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.9])
     p.add_argument("--pattern", nargs="+", default=["unstructured"])
+    p.add_argument("--batch", type=int, default=1, help="sequences generated together (M per step)")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
@@ -120,15 +121,19 @@ def main() -> None:
                     "torch_dynamic_int8": torch.ao.quantization.quantize_dynamic(
                         copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8
                     ),
-                    "hf_sparse_decode": load(model, folder, None),
+                    "hf_sparse_decode": load(model, folder, "decode"),
                     "hf_sparse_batch": load(model, folder, "batch"),
                     "hf_sparse_dense": force_dense(load(model, folder, None)),
                 }
             for name in ("hf_sparse_decode", "hf_sparse_batch", "hf_sparse_dense"):
                 print(f"  {name}: {layouts(engines[name])}")
             vocab = model.config.vocab_size
-            prompt = torch.randint(3, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
-            kw = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
+            shape = (args.batch, args.prompt_tokens)
+            prompt = torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(1))
+            kw = {
+                "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False,
+                "attention_mask": torch.ones_like(prompt), "pad_token_id": 0,
+            }  # fmt: skip
             times: dict[str, list[float]] = {n: [] for n in engines}
             outputs = {}
             with torch.inference_mode():
@@ -139,17 +144,17 @@ def main() -> None:
                         start = time.perf_counter()
                         m.generate(prompt, **kw)
                         times[name].append((time.perf_counter() - start) / args.new_tokens * 1e3)
-            ref = outputs["torch_fp32"][0, args.prompt_tokens :]
+            ref = outputs["torch_fp32"][:, args.prompt_tokens :]
             base = statistics.median(times["torch_fp32"])
             dense = statistics.median(times["hf_sparse_dense"])
-            print(f"\n{sparsity:.0%} {pattern}, batch 1, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
+            print(f"\n{sparsity:.0%} {pattern}, batch {args.batch}, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, "
                   f"median of {args.rounds} rounds")  # fmt: skip
-            print("| engine | ms per token | vs torch_fp32 | vs hf_sparse_dense | tokens equal to torch_fp32 |")
+            print("| engine | ms per step | vs torch_fp32 | vs hf_sparse_dense | tokens equal to torch_fp32 |")
             print("|---|---:|---:|---:|---:|")
             for name, t in times.items():
                 med = statistics.median(t)
-                same = int((outputs[name][0, args.prompt_tokens :] == ref).sum())
-                print(f"| {name} | {med:.2f} | {base / med:.2f}x | {dense / med:.2f}x | {same}/{args.new_tokens} |")
+                same = int((outputs[name][:, args.prompt_tokens :] == ref).sum())
+                print(f"| {name} | {med:.2f} | {base / med:.2f}x | {dense / med:.2f}x | {same}/{ref.numel()} |")
 
 
 if __name__ == "__main__":

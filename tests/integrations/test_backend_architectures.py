@@ -115,24 +115,30 @@ def _layouts(model) -> set[str]:
     }
 
 
-def test_workload_variable_chooses_the_layout_rule(tmp_path, monkeypatch):
-    """Loaded models pack their automatic layouts with the batch rule, decoders too (measured faster at M = 1 once
-    the weights stream from memory); HF_SPARSE_WORKLOAD=decode switches to the few-token rule, which at 80%
-    unstructured picks dense int8, and a bad value names the variable."""
+def test_decoders_choose_layouts_for_token_by_token_decoding(tmp_path, monkeypatch):
+    """A model that generates packs its automatic layouts for 1-4 tokens per step (`model_workload`): at 70%
+    unstructured dense int8, where an encoder batch runs int8 CSR (on AVX-512 VNNI); HF_SPARSE_WORKLOAD overrides
+    the choice, and a bad value names the variable."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         max_position_embeddings=64,
     )  # fmt: skip
     model = LlamaForCausalLM(config).eval()
-    folder = save(model, tmp_path / "m", prune(model, "unstructured", 0.8), weight_dtype="int8")
+    folder = save(model, tmp_path / "m", prune(model, "unstructured", 0.7), weight_dtype="int8")
     fast = ops.isa() == "avx512_vnni"
     monkeypatch.delenv("HF_SPARSE_WORKLOAD", raising=False)
-    assert model_workload(model) == "batch"
-    assert _layouts(AutoModelForCausalLM.from_pretrained(folder)) == ({"int8_csr"} if fast else {"int8_dense"})
-    monkeypatch.setenv("HF_SPARSE_WORKLOAD", " Decode ")
     assert model_workload(model) == "decode"
     assert _layouts(AutoModelForCausalLM.from_pretrained(folder)) == {"int8_dense"}
+    monkeypatch.setenv("HF_SPARSE_WORKLOAD", " Batch ")
+    assert model_workload(model) == "batch"
+    assert _layouts(AutoModelForCausalLM.from_pretrained(folder)) == ({"int8_csr"} if fast else {"int8_dense"})
     monkeypatch.setenv("HF_SPARSE_WORKLOAD", "prefill")
-    with pytest.raises(ValueError, match=r"HF_SPARSE_WORKLOAD='prefill' is not supported; use batch, decode"):
+    with pytest.raises(ValueError, match=r"HF_SPARSE_WORKLOAD='prefill' is not supported; use auto, batch, decode"):
         model_workload(model)
+    monkeypatch.delenv("HF_SPARSE_WORKLOAD")
+    classifier = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=60, hidden_size=36, intermediate_size=52, num_hidden_layers=1, num_attention_heads=3,
+        max_position_embeddings=40, num_labels=2,
+    ))  # fmt: skip
+    assert model_workload(classifier) == "batch"

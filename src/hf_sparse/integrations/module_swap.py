@@ -161,15 +161,17 @@ WORKLOAD_ENV = "HF_SPARSE_WORKLOAD"
 
 def model_workload(model: nn.Module) -> str:
     """What the automatic int8 layouts of a loaded model are chosen for (`pack_linear(workload=...)`):
-    $HF_SPARSE_WORKLOAD, "batch" (the default) or "decode". "batch" also for models that generate: in a 12-layer
-    Llama-shaped decoder, whose weights stream from memory at every token, the batch rule's int8 CSR ran M = 1
-    steps faster than dense int8 from 70% unstructured sparsity (benchmarks/RESULTS.md, "Token-by-token
-    decoding"); "decode" fits the few-token kernels against dense int8 with weights closer to the caches, and
-    suits small models whose weights stay there."""
-    env = os.environ.get(WORKLOAD_ENV, "").strip().lower() or "batch"
-    if env not in WORKLOADS:
-        raise ValueError(f"{WORKLOAD_ENV}={env!r} is not supported; use {', '.join(WORKLOADS)}")
-    return env
+    $HF_SPARSE_WORKLOAD ("batch" or "decode") when set, else "decode" for models that generate token by token
+    (`model.can_generate()`: each step multiplies one token per sequence) and "batch" for the rest. The decode
+    choice also applies to such a model's prompt (prefill), where the batch rule would sometimes pick a faster sparse
+    layout: generation time is usually spent token by token."""
+    env = os.environ.get(WORKLOAD_ENV, "").strip().lower() or "auto"
+    if env in WORKLOADS:
+        return env
+    if env != "auto":
+        raise ValueError(f"{WORKLOAD_ENV}={env!r} is not supported; use auto, {', '.join(WORKLOADS)}")
+    can_generate = getattr(model, "can_generate", None)
+    return "decode" if callable(can_generate) and can_generate() else "batch"
 
 
 def pack_model(model: nn.Module, workload: str | None = None) -> dict[str, int]:

@@ -32,16 +32,16 @@ INT8_BLOCK4_MAX_DENSITY = 0.55
 # (benchmarks/RESULTS.md, "int8 CSR"): 1.45-1.65x a 4-block on 4-block weights at 70-90% sparsity. A weight runs
 # CSR when its entries cost less than its 4-blocks and than dense int8.
 INT8_CSR_ENTRY_COST = 1.6
-# workload="decode" (token-by-token generation, M = 1): costs relative to dense int8 = 1, each an affine fit of the
-# few-token kernels' time over dense int8's with the weights cycling through memory, as in a model's forward
-# (benchmarks/RESULTS.md, "int8 CSR for a few tokens"): a fixed part (the per-row and per-call work that dense int8
-# amortizes better) plus a slope per stored 4-block / CSR entry per 4-block of the weight. They fit the measured
-# ratios within ~0.1 on the BERT-base shapes at 70-97%: CSR beats dense int8 from ~85% unstructured sparsity with
-# the VBMI gather, from ~92% with the vpermt2d one (CPUs without VBMI, INT8_DECODE_CSR_COST_NO_VBMI); a padded
-# 4-block layout beats it while at most ~32% of its 4-blocks hold a nonzero.
+# workload="decode" (token-by-token generation, 1-4 tokens per step): costs relative to dense int8 = 1, affine in
+# the stored 4-blocks / CSR entries per 4-block of the weight, fitted on a 12-layer Llama-shaped decoder whose
+# weights stream from memory at every step (benchmarks/speed/bench_decode.py; benchmarks/RESULTS.md, "Token-by-token
+# decoding"): CSR's time over dense int8's, averaged over 1 and 4 tokens per step, was 1.07 at 70% unstructured,
+# 0.89 at 80% and 0.82 at 90%, so CSR runs from ~75% (at 70% it was 0.93 at M = 1 but 1.22 at M = 4). The vpermt2d
+# gather (CPUs without VBMI) is ~2x slower and takes only M <= 2: its slope is doubled (not measured in a decoder).
+# 4-blocks: 0.73 at 80% and 0.71 at 90% 4-block sparsity (M = 1), ~1 at ~68% of the 4-blocks nonzero.
 INT8_DECODE_BLOCK4_COST = (0.3, 2.2)
-INT8_DECODE_CSR_COST = (0.25, 4.5)
-INT8_DECODE_CSR_COST_NO_VBMI = (0.2, 10.0)
+INT8_DECODE_CSR_COST = (0.68, 1.28)
+INT8_DECODE_CSR_COST_NO_VBMI = (0.6, 2.6)
 WORKLOADS = ("batch", "decode")
 # fp32 runs CSR sparse while at most this fraction of weights is nonzero (CSR matched torch's F.linear at about
 # 0.8 on a busy machine; kept well below, since an idle MKL is faster), torch's dense F.linear above.
@@ -295,17 +295,20 @@ def _auto_int8(codes: torch.Tensor, workload: str) -> Layout:
     blocks = block4_density(codes)  # 4-blocks holding a nonzero, per 4-block of the weight
     csr = ext.isa() == "avx512_vnni"  # the other instruction sets run CSR on a portable loop
     entries = quad_count(codes) / max(1, n * math.ceil(k / 4)) if csr else 0.0
-    if workload == "decode":
+    costs = {Layout.INT8_BLOCK4: blocks, Layout.INT8_DENSE: INT8_BLOCK4_MAX_DENSITY}
+    if csr:
+        costs[Layout.INT8_CSR] = INT8_CSR_ENTRY_COST * entries
+    if workload != "decode":
+        return min(costs, key=costs.get)
+    # decode: the sparse layout the kernels' relative costs prefer (the same at few tokens: a CSR entry costs about
+    # 1.6 4-blocks there too), kept when it beats dense int8 at 1-4 tokens per step
+    sparse = min((Layout.INT8_BLOCK4, Layout.INT8_CSR) if csr else (Layout.INT8_BLOCK4,), key=costs.get)
+    if sparse is Layout.INT8_CSR:
         vbmi = ext.quads_few_variant() == "avx512_vbmi"
-        (b0, b1), (c0, c1) = INT8_DECODE_BLOCK4_COST, INT8_DECODE_CSR_COST if vbmi else INT8_DECODE_CSR_COST_NO_VBMI
-        costs = {Layout.INT8_BLOCK4: b0 + b1 * blocks, Layout.INT8_DENSE: 1.0}
-        if csr:
-            costs[Layout.INT8_CSR] = c0 + c1 * entries
-    else:
-        costs = {Layout.INT8_BLOCK4: blocks, Layout.INT8_DENSE: INT8_BLOCK4_MAX_DENSITY}
-        if csr:
-            costs[Layout.INT8_CSR] = INT8_CSR_ENTRY_COST * entries
-    return min(costs, key=costs.get)
+        c0, c1 = INT8_DECODE_CSR_COST if vbmi else INT8_DECODE_CSR_COST_NO_VBMI
+        return Layout.INT8_CSR if c0 + c1 * entries < 1.0 else Layout.INT8_DENSE
+    b0, b1 = INT8_DECODE_BLOCK4_COST
+    return Layout.INT8_BLOCK4 if b0 + b1 * blocks < 1.0 else Layout.INT8_DENSE
 
 
 def _auto_fp32(weight: torch.Tensor, workload: str) -> Layout:
@@ -424,10 +427,9 @@ def pack_linear(
             weights are nonzero, else FP32_DENSE.
         activation: "none" or "gelu" (exact erf GELU fused into the kernel's epilogue).
         workload: what the automatic int8 layout is chosen for: "batch" (encoder batches, the rule above) or
-            "decode" (token-by-token generation, M = 1, with the weights near the caches: the few-token kernels
-            against dense int8, costs INT8_DECODE_BLOCK4_COST and INT8_DECODE_CSR_COST[_NO_VBMI]), where dense int8
-            wins below ~85% unstructured sparsity. A large model's weights stream from memory at every token, and
-            there the batch rule's layouts generate faster (benchmarks/speed/bench_decode.py). Ignored when
+            "decode" (token-by-token generation, 1-4 tokens per step: the few-token kernels against dense int8
+            in a decoder whose weights stream from memory, costs INT8_DECODE_BLOCK4_COST and
+            INT8_DECODE_CSR_COST[_NO_VBMI]), where dense int8 runs below ~75% unstructured sparsity. Ignored when
             `layout` is given and for fp32.
     """
     return pack_linears(
