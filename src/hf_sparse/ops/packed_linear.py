@@ -35,8 +35,9 @@ INT8_CSR_ENTRY_COST = 1.6
 # workload="decode" (token-by-token generation, 1-4 tokens per step): costs relative to dense int8 = 1, affine in
 # the stored 4-blocks / CSR entries per 4-block of the weight, fitted on a 12-layer Llama-shaped decoder whose
 # weights stream from memory at every step (benchmarks/speed/bench_decode.py; benchmarks/RESULTS.md, "Token-by-token
-# decoding"): CSR's time over dense int8's, averaged over 1 and 4 tokens per step, was 1.07 at 70% unstructured,
-# 0.89 at 80% and 0.82 at 90%, so CSR runs from ~75% (at 70% it was 0.93 at M = 1 but 1.22 at M = 4). The vpermt2d
+# decoding"): CSR's time over dense int8's, averaged over 1 and 4 tokens per step, was 1.06-1.07 at 70%
+# unstructured, 0.89-0.98 at 80% and 0.81-0.82 at 90% (two runs), so CSR runs from ~75% (at 70%: 0.86-0.93 at
+# M = 1 but 1.22-1.26 at M = 4; at 80% M = 4 it is 0.99-1.08x dense int8's time). The vpermt2d
 # gather (CPUs without VBMI) is ~2x slower and takes only M <= 2: its slope is doubled (not measured in a decoder).
 # 4-blocks: 0.73 at 80% and 0.71 at 90% 4-block sparsity (M = 1), ~1 at ~68% of the 4-blocks nonzero.
 INT8_DECODE_BLOCK4_COST = (0.3, 2.2)
