@@ -606,7 +606,7 @@ inline __m512i panel_words(const __m512i* xw, __m512i idx, __mmask16 b5, __mmask
 // a corrupted column index gives a wrong word of the same panel, never a read outside the registers.
 template <int R>
 void few_panel_pass(const SparseI8& w, const uint8_t* xq, int64_t ldq, int64_t p, int64_t n0, int64_t n1,
-                    int32_t* const* sums) {
+                    int32_t (*sums)[kFewChunk]) {
   __m512i xw[R][8];
   const int64_t word0 = p * kPanel;
   for (int r = 0; r < R; ++r) {
@@ -636,25 +636,11 @@ void few_panel_pass(const SparseI8& w, const uint8_t* xq, int64_t ldq, int64_t p
 void i8_sparse_few(const SparseI8& w, const void* xq_, int64_t ldq, int rows, const float* sx, int64_t n0,
                    int64_t n1, const Output& out) {
   const uint8_t* xq = static_cast<const uint8_t*>(xq_);
-  constexpr int64_t kChunk = kFewChunk;
-  alignas(64) int32_t sums[kFewRows][kChunk];
-  for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
-    const int64_t c1 = c0 + kChunk < n1 ? c0 + kChunk : n1;
-    for (int r = 0; r < rows; ++r) {
-      for (int64_t n = c0; n < c1; ++n) sums[r][n - c0] = -128 * w.weight_sum[n];
-    }
-    for (int64_t p = 0; p < w.panels; ++p) {
-      for (int r = 0; r < rows; r += 2) {
-        int32_t* s[2] = {sums[r], sums[r + 1 < rows ? r + 1 : r]};
-        if (r + 1 < rows) {
-          few_panel_pass<2>(w, xq + r * ldq, ldq, p, c0, c1, s);
-        } else {
-          few_panel_pass<1>(w, xq + r * ldq, ldq, p, c0, c1, s);
-        }
-      }
-    }
-    few_epilogue(w, rows, sx, c0, c1, sums, out);
-  }
+  few_token_chunks<kFewRows>(w, rows, sx, n0, n1, out,
+                             [&](int64_t p, int r, bool pair, int64_t c0, int64_t c1, int32_t(*s)[kFewChunk]) {
+                               if (pair) return few_panel_pass<2>(w, xq + r * ldq, ldq, p, c0, c1, s);
+                               few_panel_pass<1>(w, xq + r * ldq, ldq, p, c0, c1, s);
+                             });
 }
 
 // Int8 CSR for a few tokens (quads_few_avx512.h) without VBMI: each of an entry's 4 bytes is the byte of its

@@ -51,6 +51,25 @@ inline void few_epilogue(const SparseI8& w, int rows, const float* sx, int64_t c
   }
 }
 
+// The few-token kernels' outer loop: output rows n0..n1-1 in chunks of kFewChunk whose int32 sums (started at
+// -128 * weight_sum: the u8 shift taken back) live on the stack; per panel the tokens go in pairs, then the
+// epilogue. pass(p, r, pair, c0, c1, sums + r) adds panel p's sums of token r (and r + 1 when pair).
+template <int MaxRows, class Pass>
+void few_token_chunks(const SparseI8& w, int rows, const float* sx, int64_t n0, int64_t n1, const Output& out,
+                      Pass&& pass) {
+  alignas(64) int32_t sums[MaxRows][kFewChunk];
+  for (int64_t c0 = n0; c0 < n1; c0 += kFewChunk) {
+    const int64_t c1 = c0 + kFewChunk < n1 ? c0 + kFewChunk : n1;
+    for (int r = 0; r < rows; ++r) {
+      for (int64_t n = c0; n < c1; ++n) sums[r][n - c0] = -128 * w.weight_sum[n];
+    }
+    for (int64_t p = 0; p < w.panels; ++p) {
+      for (int r = 0; r < rows; r += 2) pass(p, r, r + 1 < rows, c0, c1, sums + r);
+    }
+    few_epilogue(w, rows, sx, c0, c1, sums, out);
+  }
+}
+
 // Inclusive prefix sum of 16 lanes plus `carry` (every lane holds the previous vector's total).
 inline __m512i prefix16(__m512i s, __m512i carry) {
   const __m512i z = _mm512_setzero_si512();
@@ -117,23 +136,11 @@ template <class G>
 void quads_few_t(const SparseI8& w, const void* xq_, int64_t ldq, int rows, const float* sx, int64_t n0, int64_t n1,
                  const Output& out) {
   const uint8_t* xq = static_cast<const uint8_t*>(xq_);
-  alignas(64) int32_t sums[kQuadsFewRows][kFewChunk];
-  for (int64_t c0 = n0; c0 < n1; c0 += kFewChunk) {
-    const int64_t c1 = c0 + kFewChunk < n1 ? c0 + kFewChunk : n1;
-    for (int r = 0; r < rows; ++r) {
-      for (int64_t n = c0; n < c1; ++n) sums[r][n - c0] = -128 * w.weight_sum[n];
-    }
-    for (int64_t p = 0; p < w.panels; ++p) {
-      for (int r = 0; r < rows; r += 2) {
-        if (r + 1 < rows) {
-          quads_few_panel<G, 2>(w, xq + r * ldq, ldq, p, c0, c1, sums + r);
-        } else {
-          quads_few_panel<G, 1>(w, xq + r * ldq, ldq, p, c0, c1, sums + r);
-        }
-      }
-    }
-    few_epilogue(w, rows, sx, c0, c1, sums, out);
-  }
+  few_token_chunks<kQuadsFewRows>(w, rows, sx, n0, n1, out,
+                                  [&](int64_t p, int r, bool pair, int64_t c0, int64_t c1, int32_t(*s)[kFewChunk]) {
+                                    if (pair) return quads_few_panel<G, 2>(w, xq + r * ldq, ldq, p, c0, c1, s);
+                                    quads_few_panel<G, 1>(w, xq + r * ldq, ldq, p, c0, c1, s);
+                                  });
 }
 
 }  // namespace
