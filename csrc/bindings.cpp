@@ -35,7 +35,7 @@ using namespace nb::literals;
 namespace hf_sparse {
 namespace {
 
-constexpr int kAbiVersion = 8;
+constexpr int kAbiVersion = 9;
 
 enum Kind : int { kI8Sparse = 0, kI8Dense = 1, kF32Sparse = 2, kI8Csr = 3 };  // kI8Csr: SparseI8 with quads
 
@@ -372,14 +372,12 @@ class EncoderLayerPlan {
     call_.scale = static_cast<float>(scale);
   }
 
-  // y = layer(x) for batch sequences of seq tokens; norms: addresses of gamma1, beta1, gamma2, beta2 (float32,
-  // hidden each); profile: 0 or the address of kLayerSteps int64 counters (ns added). Returns encoder_layer's
-  // LayerParallelism flags.
-  int run(uintptr_t x, uintptr_t y, int64_t batch, int64_t seq, int mask_kind, uintptr_t mask, int64_t mask_sb,
-          int64_t mask_sh, int64_t mask_sq, const std::vector<uintptr_t>& norms, double eps1, double eps2,
-          int64_t chunk_tokens, bool split_sequences, int nthreads, uintptr_t profile) const {
+  // This layer's call: y = layer(x) for batch sequences of seq tokens; norms: addresses of gamma1, beta1, gamma2,
+  // beta2 (float32, hidden each).
+  EncoderLayerCall call(uintptr_t x, uintptr_t y, int64_t batch, int64_t seq, int mask_kind, uintptr_t mask,
+                        int64_t mask_sb, int64_t mask_sh, int64_t mask_sq, const uintptr_t* norms, double eps1,
+                        double eps2, int64_t chunk_tokens, bool split_sequences) const {
     if (batch < 0 || seq < 0) throw nb::value_error("encoder layer: batch and seq must be >= 0");
-    if (norms.size() != 4) throw nb::value_error("encoder layer: 4 LayerNorm parameter addresses expected");
     check_mask_kind(mask_kind, "encoder layer");
     EncoderLayerCall c = call_;
     c.x = reinterpret_cast<const float*>(x);
@@ -399,6 +397,17 @@ class EncoderLayerPlan {
     c.eps2 = static_cast<float>(eps2);
     c.chunk_tokens = std::max<int64_t>(1, chunk_tokens);
     c.split_sequences = split_sequences;
+    return c;
+  }
+
+  // y = layer(x); profile: 0 or the address of kLayerSteps int64 counters (ns added). Returns encoder_layer's
+  // LayerParallelism flags.
+  int run(uintptr_t x, uintptr_t y, int64_t batch, int64_t seq, int mask_kind, uintptr_t mask, int64_t mask_sb,
+          int64_t mask_sh, int64_t mask_sq, const std::vector<uintptr_t>& norms, double eps1, double eps2,
+          int64_t chunk_tokens, bool split_sequences, int nthreads, uintptr_t profile) const {
+    if (norms.size() != 4) throw nb::value_error("encoder layer: 4 LayerNorm parameter addresses expected");
+    const EncoderLayerCall c = call(x, y, batch, seq, mask_kind, mask, mask_sb, mask_sh, mask_sq, norms.data(), eps1,
+                                    eps2, chunk_tokens, split_sequences);
     nb::gil_scoped_release release;
     return encoder_layer(c, clamp_threads(nthreads), reinterpret_cast<int64_t*>(profile));
   }
@@ -413,6 +422,47 @@ class EncoderLayerPlan {
 
   nb::object qkv_obj_, out_obj_, first_obj_, second_obj_;  // keep the packed weights alive
   EncoderLayerCall call_;
+};
+
+// Encoder layers run one after the other in one call (encoder_stack): layer l reads layer l-1's output. The
+// intermediate outputs alternate between y and `scratch` (both (batch * seq, hidden) float32, neither aliasing x)
+// so that the last layer writes y.
+class EncoderStackPlan {
+ public:
+  explicit EncoderStackPlan(const std::vector<nb::object>& layers) : layer_objs_(layers) {
+    if (layers.empty()) throw nb::value_error("encoder stack: no layers");
+    for (const nb::object& o : layers) plans_.push_back(&nb::cast<const EncoderLayerPlan&>(o));
+  }
+
+  // norms: 4 LayerNorm parameter addresses per layer (as EncoderLayer.run), eps: eps1, eps2 per layer.
+  int run(uintptr_t x, uintptr_t y, uintptr_t scratch, int64_t batch, int64_t seq, int mask_kind, uintptr_t mask,
+          int64_t mask_sb, int64_t mask_sh, int64_t mask_sq, const std::vector<uintptr_t>& norms,
+          const std::vector<double>& eps, int64_t chunk_tokens, bool split_sequences, int nthreads,
+          uintptr_t profile) const {
+    const size_t n = plans_.size();
+    if (norms.size() != 4 * n || eps.size() != 2 * n) {
+      throw nb::value_error(("encoder stack: " + str(static_cast<int64_t>(4 * n)) + " LayerNorm addresses and " +
+                             str(static_cast<int64_t>(2 * n)) + " eps values expected")
+                                .c_str());
+    }
+    std::vector<EncoderLayerCall> calls;
+    calls.reserve(n);
+    uintptr_t in = x;
+    for (size_t l = 0; l < n; ++l) {
+      const uintptr_t out = (n - 1 - l) % 2 == 0 ? y : scratch;
+      calls.push_back(plans_[l]->call(in, out, batch, seq, mask_kind, mask, mask_sb, mask_sh, mask_sq,
+                                      norms.data() + 4 * l, eps[2 * l], eps[2 * l + 1], chunk_tokens,
+                                      split_sequences));
+      in = out;
+    }
+    nb::gil_scoped_release release;
+    return encoder_stack(calls.data(), static_cast<int>(n), clamp_threads(nthreads),
+                         reinterpret_cast<int64_t*>(profile));
+  }
+
+ private:
+  std::vector<nb::object> layer_objs_;  // keep the layers (and their packed weights) alive
+  std::vector<const EncoderLayerPlan*> plans_;
 };
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -627,6 +677,11 @@ NB_MODULE(_C, m) {
            "head_dim"_a, "scale"_a)
       .def("run", &EncoderLayerPlan::run, "x"_a, "y"_a, "batch"_a, "seq"_a, "mask_kind"_a, "mask"_a, "mask_sb"_a,
            "mask_sh"_a, "mask_sq"_a, "norms"_a, "eps1"_a, "eps2"_a, "chunk_tokens"_a, "split_sequences"_a,
+           "nthreads"_a, "profile"_a);
+  nb::class_<EncoderStackPlan>(m, "EncoderStack")
+      .def(nb::init<const std::vector<nb::object>&>(), "layers"_a)
+      .def("run", &EncoderStackPlan::run, "x"_a, "y"_a, "scratch"_a, "batch"_a, "seq"_a, "mask_kind"_a, "mask"_a,
+           "mask_sb"_a, "mask_sh"_a, "mask_sq"_a, "norms"_a, "eps"_a, "chunk_tokens"_a, "split_sequences"_a,
            "nthreads"_a, "profile"_a);
   m.attr("LAYER_STEPS") = nb::make_tuple("qkv", "attention", "out", "norm1", "ffn", "norm2");
   m.attr("LAYER_PARALLELISM") = nb::make_tuple(nb::make_tuple("sequences", static_cast<int>(kSequenceParallel)),

@@ -149,39 +149,65 @@ struct FirstError {
   }
 };
 
-// Whole chunks per thread. Thread t owns a contiguous run of chunks and takes them first, in order, so that from
-// one layer to the next a thread reads the sequences it wrote; a thread that is done takes the chunks others have
-// not started (one that joins late, its core busy with another process, just takes fewer).
+// Whole chunks per thread, through every layer. Thread t owns a contiguous run of chunks and runs them layer after
+// layer (the lowest layer first, so one layer's weights serve all its chunks while they are cached), reading the
+// sequences it wrote; a chunk goes on to the next layer as soon as it is through the previous one, so no thread
+// waits for the others between layers. A thread with none of its own chunks ready takes another thread's (the
+// lowest layer first): one that joins late, its core busy with another process, just takes fewer.
 struct SequenceJob {
-  const EncoderLayerCall* call;
+  const EncoderLayerCall* calls;
+  int layers;
   int64_t unit, chunks;
   int threads;
   char* scratch;
-  size_t slot_bytes;  // per thread: its next-chunk counter (64 bytes), kLayerSteps counters, the chunk buffers
+  size_t slot_bytes;  // per thread: 64 bytes unused, kLayerSteps counters (64 bytes), the chunk buffers
+  // per chunk: 2 * (the next layer it needs) + 1 while a thread runs that layer; 2 * layers once through them all
+  std::atomic<int>* state;
   bool profile;
   FirstError error;
 
   int64_t first(int t) const { return chunks * t / threads; }
-  std::atomic<int64_t>* taken(int t) const {
-    return reinterpret_cast<std::atomic<int64_t>*>(scratch + static_cast<size_t>(t) * slot_bytes);
-  }
   int64_t* counters(int t) const {
     return reinterpret_cast<int64_t*>(scratch + static_cast<size_t>(t) * slot_bytes + 64);
+  }
+
+  // The ready chunk with the lowest next layer in [c0, c1), or -1; `busy` is set if one is still being run.
+  int64_t ready(int64_t c0, int64_t c1, bool& busy) const {
+    int64_t pick = -1;
+    int best = 2 * layers;
+    for (int64_t c = c0; c < c1; ++c) {
+      const int s = state[c].load(std::memory_order_acquire);
+      if (s < 2 * layers && (s & 1)) busy = true;
+      if (!(s & 1) && s < best) {
+        best = s;
+        pick = c;
+      }
+    }
+    return pick;
   }
 
   void run(int tid) {
     int64_t* prof = profile ? counters(tid) : nullptr;
     if (prof) prof[kJoined] = 1;
-    const ChunkBuffers buf(*call, unit * call->seq, scratch + static_cast<size_t>(tid) * slot_bytes + 128);
+    char* mine = scratch + static_cast<size_t>(tid) * slot_bytes + 128;  // this thread's chunk buffers
     try {
-      for (int k = 0; k < threads; ++k) {
-        const int owner = (tid + k) % threads;
-        const int64_t end = first(owner + 1);
-        for (;;) {
-          const int64_t i = first(owner) + taken(owner)->fetch_add(1, std::memory_order_relaxed);
-          if (i >= end || error.any()) break;
-          run_chunk(*call, i * unit, unit, 1, buf, prof);
+      for (int spins = 1; !error.any(); ++spins) {
+        bool busy = false;
+        int64_t c = ready(first(tid), first(tid + 1), busy);
+        if (c < 0) c = ready(0, chunks, busy);
+        if (c < 0) {
+          if (!busy) return;  // every chunk is through every layer
+          cpu_relax();
+          if ((spins & 255) == 0) std::this_thread::yield();
+          continue;
         }
+        int s = state[c].load(std::memory_order_relaxed);
+        if ((s & 1) || s >= 2 * layers || !state[c].compare_exchange_strong(s, s + 1, std::memory_order_acquire)) {
+          continue;  // another thread took it first
+        }
+        const EncoderLayerCall& call = calls[s / 2];
+        run_chunk(call, c * unit, unit, 1, ChunkBuffers(call, unit * call.seq, mine), prof);
+        state[c].store(s + 2, std::memory_order_release);
       }
     } catch (...) {
       error.capture();
@@ -273,10 +299,17 @@ void run_sequence_tokens(const EncoderLayerCall& c, int64_t b, int threads, int6
 }  // namespace
 
 int encoder_layer(const EncoderLayerCall& c, int nthreads, int64_t* profile_ns) {
-  if (c.batch <= 0 || c.seq <= 0) return 0;
+  return encoder_stack(&c, 1, nthreads, profile_ns);
+}
+
+int encoder_stack(const EncoderLayerCall* calls, int layers, int nthreads, int64_t* profile_ns) {
+  const EncoderLayerCall& c = calls[0];
+  if (layers <= 0 || c.batch <= 0 || c.seq <= 0) return 0;
   int used = 0;
   const int nt = std::max(1, nthreads);
   const int64_t per = std::max<int64_t>(1, std::min<int64_t>(c.batch, c.chunk_tokens / c.seq));
+  size_t chunk_bytes = 0;  // the buffers of a chunk of `per` sequences, the widest layer's
+  for (int l = 0; l < layers; ++l) chunk_bytes = std::max(chunk_bytes, ChunkBuffers::bytes(calls[l], per * c.seq));
   int64_t split = 0;  // the first `split` sequences go to threads whole (never leaving a thread without one)
   if (c.split_sequences && nt > 1 && c.batch >= nt && (c.batch / nt) * c.seq >= kMinTokensPerThread) {
     split = c.batch / nt * nt;
@@ -285,37 +318,40 @@ int encoder_layer(const EncoderLayerCall& c, int nthreads, int64_t* profile_ns) 
     int64_t unit = std::min<int64_t>(per, split / nt);
     while (unit > 1 && (split % unit != 0 || (split / unit) % nt != 0)) --unit;
     SequenceJob job;
-    job.call = &c;
+    job.calls = calls;
+    job.layers = layers;
     job.unit = unit;
     job.chunks = split / unit;
     job.threads = nt;
     job.profile = profile_ns != nullptr;
-    job.slot_bytes = 128 + align64(ChunkBuffers::bytes(c, unit * c.seq));
-    job.scratch = t_layer.get(job.slot_bytes * nt);
-    for (int t = 0; t < job.threads; ++t) {
-      new (job.taken(t)) std::atomic<int64_t>(0);
-      std::fill_n(job.counters(t), kProfileRow, int64_t{0});
-    }
+    job.slot_bytes = 128 + align64(chunk_bytes);
+    const size_t state_bytes = align64(static_cast<size_t>(job.chunks) * sizeof(std::atomic<int>));
+    char* p = t_layer.get(job.slot_bytes * nt + state_bytes);
+    job.scratch = p;
+    job.state = reinterpret_cast<std::atomic<int>*>(p + job.slot_bytes * nt);
+    for (int64_t i = 0; i < job.chunks; ++i) new (&job.state[i]) std::atomic<int>(0);
+    for (int t = 0; t < job.threads; ++t) std::fill_n(job.counters(t), kProfileRow, int64_t{0});
     parallel_run(job.threads, sequence_job_fn, &job);
     job.error.rethrow();
     // the threads ran side by side: each step's share of the wall time is its mean over them
     if (profile_ns) add_mean(profile_ns, job.threads, [&](int t) { return job.counters(t); });
     used |= kSequenceParallel;
   }
-  // The rest one sequence at a time with its tokens split over the threads, or, for short sequences (or
-  // split_sequences off), in chunks with every step split over the threads.
-  if (split < c.batch && c.split_sequences && nt > 1 && c.seq / nt >= kMinTokensPerThread) {
-    for (int64_t b = split; b < c.batch; ++b) run_sequence_tokens(c, b, nt, profile_ns);
-    return used | kTokenParallel;
-  }
-  if (split < c.batch) {
-    const ChunkBuffers buf(c, per * c.seq, t_layer.get(ChunkBuffers::bytes(c, per * c.seq)));
-    for (int64_t b0 = split; b0 < c.batch; b0 += per) {
-      run_chunk(c, b0, std::min(per, c.batch - b0), nt, buf, profile_ns);
+  if (split == c.batch) return used;
+  // The rest, layer after layer: one sequence at a time with its tokens split over the threads, or, for short
+  // sequences (or split_sequences off), in chunks with every step split over the threads.
+  const bool tokens = c.split_sequences && nt > 1 && c.seq / nt >= kMinTokensPerThread;
+  for (int l = 0; l < layers; ++l) {
+    if (tokens) {
+      for (int64_t b = split; b < c.batch; ++b) run_sequence_tokens(calls[l], b, nt, profile_ns);
+    } else {
+      const ChunkBuffers buf(calls[l], per * c.seq, t_layer.get(chunk_bytes));
+      for (int64_t b0 = split; b0 < c.batch; b0 += per) {
+        run_chunk(calls[l], b0, std::min(per, c.batch - b0), nt, buf, profile_ns);
+      }
     }
-    used |= kStepParallel;
   }
-  return used;
+  return used | (tokens ? kTokenParallel : kStepParallel);
 }
 
 }  // namespace hf_sparse

@@ -48,4 +48,11 @@ enum LayerParallelism : int {
 // the wait for the other blocks' Q/K/V).
 int encoder_layer(const EncoderLayerCall& call, int nthreads, int64_t* profile_ns);
 
+// Layers calls[0 .. layers-1] one after the other: calls[l].x must be calls[l-1].y, and every call has the same
+// batch, seq, mask, chunk_tokens and split_sequences. With sequence parallelism a chunk of sequences goes on to the
+// next layer as soon as it is through the previous one: no thread waits for the others between layers (a thread
+// that runs out of its own chunks takes another thread's next one). Same results as calling encoder_layer per
+// layer; profile counters are summed over the layers.
+int encoder_stack(const EncoderLayerCall* calls, int layers, int nthreads, int64_t* profile_ns);
+
 }  // namespace hf_sparse

@@ -7,8 +7,16 @@ import inspect
 import re
 
 import pytest
+import torch
 
-from hf_sparse.integrations.fusion_rules import RULES, EncoderLayerFusion, FFNFusion, GeluFusion, Siblings
+from hf_sparse.integrations.fusion_rules import (
+    RULES,
+    EncoderLayerFusion,
+    EncoderStackFusion,
+    FFNFusion,
+    GeluFusion,
+    Siblings,
+)
 
 
 def _class(key: str) -> type:
@@ -40,6 +48,8 @@ def test_rule_matches_the_class(key, rule):
         assert lines[i + 1] == f"{out} = self.{rule.act}({out})", f"{key}: {rule.act} does not directly follow"
     elif isinstance(rule, EncoderLayerFusion):
         _check_encoder_layer(key, rule)
+    elif isinstance(rule, EncoderStackFusion):
+        _check_encoder_stack(key, rule)
     else:
         assert isinstance(rule, FFNFusion)
         lines = _lines(getattr(cls, rule.method))
@@ -151,3 +161,27 @@ def _check_encoder_layer(key: str, rule: EncoderLayerFusion) -> None:
     assert _lines(attention.forward) == [*projections, *_CACHE, *_INTERFACE, "return attn_output, attn_weights"]
     assert _lines(_class(prefix + "SelfOutput").forward) == _RESIDUAL_NORM
     assert _lines(_class(prefix + "Output").forward) == _RESIDUAL_NORM
+
+
+# What FusedEncoderStackForward computes in place of these forwards: the layers chained, then rule.output(h)
+_BERT_ENCODER = [
+    "for i, layer_module in enumerate(self.layer):", "hidden_states = layer_module(", "hidden_states,",
+    "attention_mask,", "encoder_hidden_states,  # as a positional argument for gradient checkpointing",
+    "encoder_attention_mask=encoder_attention_mask,", "past_key_values=past_key_values,", "**kwargs,", ")",
+    "return BaseModelOutputWithPastAndCrossAttentions(", "last_hidden_state=hidden_states,",
+    "past_key_values=past_key_values if use_cache else None,", ")",
+]  # fmt: skip
+_DISTILBERT_TRANSFORMER = [
+    "for layer_module in self.layer:", "hidden_states = layer_module(", "hidden_states,", "attention_mask,",
+    "**kwargs,", ")", "return BaseModelOutput(last_hidden_state=hidden_states)",
+]  # fmt: skip
+
+
+def _check_encoder_stack(key: str, rule: EncoderStackFusion) -> None:
+    distilbert = key.endswith(".Transformer")
+    expected = _DISTILBERT_TRANSFORMER if distilbert else _BERT_ENCODER
+    assert rule.layers == "layer" and _lines(_class(key).forward) == expected, f"{key}: not a plain chain of layers"
+    h = torch.ones(1)
+    out = rule.output(h)  # the class's return value without a cache
+    assert type(out).__name__ == ("BaseModelOutput" if distilbert else "BaseModelOutputWithPastAndCrossAttentions")
+    assert out.last_hidden_state is h and getattr(out, "past_key_values", None) is None

@@ -1,6 +1,6 @@
 """Which transformers modules let the backend fuse work, keyed by their exact class (never guessed from names).
 
-Four kinds of rule, each checked against the class's source when it was added (and by the tests):
+Five kinds of rule, each checked against the class's source when it was added (and by the tests):
 
 - `GeluFusion`: the module computes `act(linear(x))` with nothing in between, and `act` is the exact (erf) GELU.
   The Linear is packed with `activation="gelu"` (the kernel's epilogue computes it) and `act` becomes Identity.
@@ -15,6 +15,11 @@ Four kinds of rule, each checked against the class's source when it was added (a
   `hf_sparse.integrations.encoder_layer.FusedEncoderForward`: one call of six kernel steps (`hf_sparse.nn.FusedEncoderLayer`)
   whenever the call is one the fast path computes, the class's forward otherwise (always with
   `HF_SPARSE_ATTENTION=fp32`: the fused layer's attention rounds Q, K, V and the probabilities to bfloat16).
+- `EncoderStackFusion`: the module's forward only chains its layers (`h = layer(h, mask, ...)` for each, nothing
+  in between) and wraps the last `h` in an output object. When every layer got a `FusedEncoderForward`, its
+  `forward` is replaced on the instance by a `hf_sparse.integrations.encoder_stack.FusedEncoderStackForward`: all
+  the layers in one kernel call (`hf_sparse.nn.FusedEncoderStack`) when every layer's fast path would run, the
+  class's forward (the layers one by one) otherwise.
 
 A class is named by `module.qualname` so that no modeling file is imported to build the table, and subclasses (which
 may override `forward`) never match. New architectures are one line each.
@@ -121,7 +126,30 @@ _BERT_FFN = FFNFusion(
     "feed_forward_chunk", "intermediate.dense", "intermediate.intermediate_act_fn", "output.dense", _bert_output_tail
 )
 
-Rule = GeluFusion | Siblings | FFNFusion | EncoderLayerFusion
+
+@dataclass(frozen=True)
+class EncoderStackFusion:
+    """An encoder whose forward chains the layers in `layers` (an nn.ModuleList attribute) and returns
+    `output(last hidden states)`."""
+
+    layers: str
+    output: Callable[[torch.Tensor], object]
+
+
+def _encoder_output(h: torch.Tensor):
+    # BertEncoder.forward's return value when no cache is used (past_key_values=None)
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=h, past_key_values=None)
+
+
+def _distilbert_output(h: torch.Tensor):
+    from transformers.modeling_outputs import BaseModelOutput
+
+    return BaseModelOutput(last_hidden_state=h)
+
+
+Rule = GeluFusion | Siblings | FFNFusion | EncoderLayerFusion | EncoderStackFusion
 #: exact class -> rules
 RULES: dict[str, tuple[Rule, ...]] = {}
 
@@ -142,6 +170,7 @@ for _family, _prefix in [
     register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}SelfAttention", _QKV)
     register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}Intermediate", _INTERMEDIATE)
     _module = f"{_TF}.{_family}.modeling_{_family}"
+    register_rules(f"{_module}.{_prefix}Encoder", EncoderStackFusion("layer", _encoder_output))
     register_rules(
         f"{_module}.{_prefix}Layer",
         _BERT_FFN,
@@ -178,6 +207,7 @@ register_rules(
         heads="n_heads",
     ),  # fmt: skip
 )
+register_rules(f"{_TF}.distilbert.modeling_distilbert.Transformer", EncoderStackFusion("layer", _distilbert_output))
 for _family, _prefix in [("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2")]:
     register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}Attention", _PROJ_QKV)
     register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}MLP", _GATE_UP)

@@ -23,8 +23,10 @@ from ..nn import Int8Embedding, SparseLinear, pack_siblings
 from ..ops import WORKLOADS, fuse_ffn
 from ..sparsity.patterns import get_pattern
 from .encoder_layer import FusedEncoderForward, fuse_encoder_layer
+from .encoder_stack import FusedEncoderStackForward, fuse_encoder_stack
 from .fusion_rules import (
     EncoderLayerFusion,
+    EncoderStackFusion,
     FFNFusion,
     FusedFeedForward,
     GeluFusion,
@@ -177,13 +179,13 @@ def model_workload(model: nn.Module) -> str:
 def pack_model(model: nn.Module, workload: str | None = None) -> dict[str, int]:
     """Pack every loaded `SparseLinear` of `model` for the kernels, in place: exact GELUs after a converted Linear
     are fused into its kernel, sibling Linears are packed side by side, the rest alone, then whole FFNs become one
-    kernel call where the layouts allow, and whole encoder layers as one call of six kernel steps (the attention
-    kernel included). Automatic layouts are chosen for `workload` (None: `model_workload(model)`). The dense
+    kernel call where the layouts allow, whole encoder layers as one call of six kernel steps (the attention
+    kernel included), and encoders whose layers are all fused as one call for all the layers. Automatic layouts are chosen for `workload` (None: `model_workload(model)`). The dense
     loading copies are dropped, and parameters stop requiring gradients (the kernels have no backward). Returns
     counts of what was done."""
     workload = model_workload(model) if workload is None else workload
     modules = dict(model.named_modules())
-    counts = {"linears": 0, "groups": 0, "fused_gelu": 0, "fused_ffn": 0, "fused_layers": 0}
+    counts = {"linears": 0, "groups": 0, "fused_gelu": 0, "fused_ffn": 0, "fused_layers": 0, "fused_stacks": 0}
     for module in modules.values():  # before packing: the activation is part of the packed kernel
         for rule in rules_for(module):
             if isinstance(rule, GeluFusion):
@@ -216,6 +218,10 @@ def pack_model(model: nn.Module, workload: str | None = None) -> dict[str, int]:
         for rule in rules_for(module):
             if isinstance(rule, EncoderLayerFusion) and fuse_encoder_layer(module, rule):
                 counts["fused_layers"] += 1
+    for module in modules.values():
+        for rule in rules_for(module):
+            if isinstance(rule, EncoderStackFusion) and fuse_encoder_stack(module, rule):
+                counts["fused_stacks"] += 1
     model.requires_grad_(False)
     return counts
 
@@ -256,7 +262,11 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
     if isinstance(dtype, str):  # a config's dtype ("float32")
         dtype = getattr(torch, dtype)
     for module in model.modules():
-        for key in [k for k, v in vars(module).items() if isinstance(v, (FusedFeedForward, FusedEncoderForward))]:
+        for key in [
+            k
+            for k, v in vars(module).items()
+            if isinstance(v, (FusedFeedForward, FusedEncoderForward, FusedEncoderStackForward))
+        ]:
             del module.__dict__[key]  # the class's own method again
     for name, module in list(model.named_modules()):
         if isinstance(module, FusedActivation):

@@ -30,6 +30,28 @@ from ..ops.packed_linear import can_call_directly
 CHUNK_TOKENS = 256
 
 
+def norm_params_ok(params: list[torch.Tensor | None]) -> bool:
+    """LayerNorm parameters the kernels read: present, float32 and contiguous."""
+    f32 = torch.float32
+    return all(t is not None and t.dtype is f32 and t.is_contiguous() for t in params)
+
+
+class _StepCounters:
+    """The kernels' per-step nanosecond counters while `FusedEncoderLayer.step_times` is set (a profiler's dict),
+    added to it on exit; `address` is 0 (no counters) otherwise."""
+
+    def __enter__(self):
+        self.times = FusedEncoderLayer.step_times
+        self.counters = torch.zeros(len(ext._C.LAYER_STEPS), dtype=torch.int64) if self.times is not None else None
+        self.address = self.counters.data_ptr() if self.counters is not None else 0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.times is not None and exc[0] is None:
+            for step, ns in zip(ext._C.LAYER_STEPS, self.counters.tolist()):
+                self.times[step] = self.times.get(step, 0.0) + ns * 1e-9
+
+
 class FusedEncoderLayer:
     """`y = LN2(FFN(a) + a)` with `a = LN1(O(attention(QKV(x))) + x)`, on hf_sparse's kernels. Inference only.
 
@@ -100,28 +122,29 @@ class FusedEncoderLayer:
         return new
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not (
-            self._plan is not None and can_call_directly(x) and x.dtype is torch.float32 and x.dim() == 3
-            and x.shape[2] == self.hidden and x.is_contiguous() and (mask is None or can_call_directly(mask))
-            and self._norms_ok()
-        ):  # fmt: skip
+        if not (self._plan is not None and self.takes(x, mask) and self._norms_ok()):
             return self._composed(x, mask)
         batch, seq, _ = x.shape
         kind, mk, sb, sh, sq = _mask_args(mask, batch, self.heads, seq, "FusedEncoderLayer")
-        nt = ext._num_threads or torch.get_num_threads()
         y = torch.empty_like(x)
-        norms = [t.data_ptr() for t in (self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias)]
-        times = FusedEncoderLayer.step_times
-        counters = torch.zeros(len(ext._C.LAYER_STEPS), dtype=torch.int64) if times is not None else None
-        self._split_flags = self._plan.run(
-            x.data_ptr(), y.data_ptr(), batch, seq, kind, mk.data_ptr() if mk is not None else 0, sb, sh, sq, norms,
-            self.norm1.eps, self.norm2.eps, self.chunk_tokens, self.split_sequences, nt,
-            counters.data_ptr() if counters is not None else 0,
-        )  # fmt: skip
-        if times is not None:
-            for step, ns in zip(ext._C.LAYER_STEPS, counters.tolist()):
-                times[step] = times.get(step, 0.0) + ns * 1e-9
+        with _StepCounters() as counters:
+            self._split_flags = self._plan.run(
+                x.data_ptr(), y.data_ptr(), batch, seq, kind, mk.data_ptr() if mk is not None else 0, sb, sh, sq,
+                self.norm_pointers(), self.norm1.eps, self.norm2.eps, self.chunk_tokens, self.split_sequences,
+                ext._num_threads or torch.get_num_threads(), counters.address,
+            )  # fmt: skip
         return y
+
+    def takes(self, x: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Whether the kernels take this input as it is (the LayerNorms are checked by `_norms_ok`)."""
+        return (
+            can_call_directly(x) and x.dtype is torch.float32 and x.dim() == 3 and x.shape[2] == self.hidden
+            and x.is_contiguous() and (mask is None or can_call_directly(mask))
+        )  # fmt: skip
+
+    def norm_pointers(self) -> list[int]:
+        """Addresses of gamma1, beta1, gamma2, beta2, read by the kernels at every call."""
+        return [t.data_ptr() for t in self.norm_params()]
 
     @property
     def parallelism(self) -> frozenset[str]:
@@ -130,13 +153,12 @@ class FusedEncoderLayer:
 
     def _norms_ok(self) -> bool:
         """float32 contiguous LayerNorm parameters (a model cast to another dtype runs the composed path)."""
-        for norm in (self.norm1, self.norm2):
-            w, b = norm.weight, norm.bias
-            if w is None or b is None or w.dtype is not torch.float32 or b.dtype is not torch.float32:
-                return False
-            if not (w.is_contiguous() and b.is_contiguous()):
-                return False
-        return True
+        return norm_params_ok(self.norm_params())
+
+    def norm_params(self) -> list[torch.Tensor | None]:
+        """gamma1, beta1, gamma2, beta2 as they are now (read from the modules at every call)."""
+        p1, p2 = self.norm1._parameters, self.norm2._parameters
+        return [p1.get("weight"), p1.get("bias"), p2.get("weight"), p2.get("bias")]
 
     def _norm(self, norm: nn.LayerNorm, vp: int, rp: int, yp: int, m: int, nt: int) -> None:
         """y = norm(v + r) over m rows (addresses of float32 rows, hidden wide)."""

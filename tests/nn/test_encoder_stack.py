@@ -1,0 +1,106 @@
+"""`FusedEncoderStack`: several layers in one kernel call give exactly the layers called one by one.
+
+Chunks of sequences move from layer to layer without waiting for each other (and a thread may take another's
+chunk), so the results are compared with `==` against the per-layer calls on one thread, for every split.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_sparse import ops
+from hf_sparse.nn import FusedEncoderLayer, FusedEncoderStack
+from tests.nn.encoder_layers import HEADS, HIDDEN, make_encoder_layer
+
+
+pytestmark = pytest.mark.skipif(not ops.extension_available(), reason="the one-call path runs on the C++ kernels")
+
+
+@pytest.fixture(scope="module")
+def layers() -> list[FusedEncoderLayer]:
+    return [make_encoder_layer(seed) for seed in (1, 2, 3)]
+
+
+def _one_by_one(layers, x, mask):
+    for layer in layers:
+        x = layer(x, mask)
+    return x
+
+
+def _mask(batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
+    mask = torch.rand(batch, 1, 1, seq, generator=gen) > 0.2
+    mask[..., 0] = True
+    return mask
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("nthreads", [2, 3])
+def test_equals_the_layers_one_by_one(layers, threads, batch, nthreads):
+    gen = torch.Generator().manual_seed(batch)
+    seq = 70
+    x, mask = torch.randn(batch, seq, HIDDEN, generator=gen), _mask(batch, seq, gen)
+    threads(1)
+    expected = _one_by_one(layers, x, mask)
+    stack = FusedEncoderStack(layers)
+    threads(nthreads)
+    for chunk_tokens in (40, 80, 256):
+        for layer in layers:
+            layer.chunk_tokens = chunk_tokens
+        try:
+            got = stack(x, mask)
+        finally:
+            for layer in layers:
+                layer.chunk_tokens = 256
+        assert torch.equal(got, expected), f"batch {batch}, {nthreads} threads, chunks of {chunk_tokens} tokens"
+        assert layers[0].parallelism  # the call says how it split the work
+    x_before = x.clone()
+    stack(x, mask)
+    assert torch.equal(x, x_before), "the input must not be written"
+
+
+def test_steps_split_and_one_layer(layers, threads):
+    x = torch.randn(4, 7, HIDDEN)  # short sequences: every step split over the threads
+    threads(2)
+    assert torch.equal(FusedEncoderStack(layers)(x), _one_by_one(layers, x, None))
+    assert layers[0].parallelism == {"steps"}
+    assert torch.equal(FusedEncoderStack(layers[:1])(x), layers[0](x))
+
+
+def test_inputs_the_kernels_do_not_take_run_the_layers_one_by_one(layers, threads):
+    threads(2)
+    x = torch.randn(2, 40, HIDDEN)
+    stack = FusedEncoderStack(layers)
+    strided = torch.randn(2, 40, 2 * HIDDEN)[..., ::2]  # not contiguous
+    assert torch.equal(stack(strided), _one_by_one(layers, strided.contiguous(), None))
+    assert torch.allclose(stack(x.double()).double(), _one_by_one(layers, x.double(), None).double())
+
+
+def test_close_to_the_reference(layers, threads):
+    threads(2)
+    x = torch.randn(3, 33, HIDDEN, generator=torch.Generator().manual_seed(7))
+    got, ref = FusedEncoderStack(layers)(x), FusedEncoderStack(layers).reference(x)
+    # as for one layer (test_encoder_layer.py): an int8 code on a rounding boundary may flip, now three times over
+    err, scale = (got - ref).abs(), ref.abs().max().item()
+    assert (err <= 1e-5 * scale).float().mean().item() >= 0.97
+    assert err.max().item() <= 3e-2 * scale
+
+
+def test_profile_sums_the_steps_of_every_layer(layers, threads):
+    threads(2)
+    x = torch.randn(4, 80, HIDDEN)
+    FusedEncoderLayer.step_times = times = {}
+    try:
+        FusedEncoderStack(layers)(x)
+    finally:
+        FusedEncoderLayer.step_times = None
+    assert set(times) == {"qkv", "attention", "out", "norm1", "ffn", "norm2"} and all(v > 0 for v in times.values())
+
+
+def test_bad_layers_and_masks_are_refused(layers):
+    with pytest.raises(ValueError, match="expected FusedEncoderLayers"):
+        FusedEncoderStack([])
+    with pytest.raises(ValueError, match="expected FusedEncoderLayers"):
+        FusedEncoderStack([layers[0], "layer"])
+    with pytest.raises(ValueError, match="FusedEncoderStack"):
+        FusedEncoderStack(layers)(torch.randn(2, 8, HIDDEN), torch.ones(3, HEADS, 8, 8, dtype=torch.bool))
