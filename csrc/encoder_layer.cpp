@@ -217,67 +217,88 @@ struct SequenceJob {
 
 void sequence_job_fn(void* ctx, int tid, int) { static_cast<SequenceJob*>(ctx)->run(tid); }
 
-// One sequence, its tokens split over the threads in blocks (token parallelism): phase A computes the Q/K/V rows
-// of a block; phase B, once every block's Q/K/V is written, the block's attention queries (over all keys) and the
-// rest of the layer for its rows. Only the K/V rows cross between threads. A thread waits only for blocks another
-// thread has started, so a thread that never joins cannot stall the others.
+// One sequence through every layer, its tokens split over the threads in blocks (token parallelism), in one job.
+// Per layer, phase A computes the Q/K/V rows of a block (once that block is through the previous layer); phase B,
+// once every block's Q/K/V of the layer is written, the block's attention queries (over all keys) and the rest of
+// the layer for its rows. Only the K/V rows cross between threads, and that is the only wait: a thread done with
+// its blocks of layer l goes on to their Q/K/V of layer l + 1 while another still runs layer l, so the Q/K/V (and
+// the other intermediates) alternate between two sets of buffers by layer parity (layer l + 2 can only start once
+// every block is through layer l + 1, hence every reader of layer l's K/V is done). A thread waits only for blocks
+// another thread has started, so a thread that never joins cannot stall the others.
 struct TokenJob {
-  const EncoderLayerCall* call;
+  const EncoderLayerCall* calls;
+  int layers;
   int64_t b;  // the sequence
   int64_t block_rows, blocks;
   int threads;
-  const ChunkBuffers* buf;  // whole-sequence buffers; each block writes its own rows
-  int64_t* prof;            // threads x kProfileRow counters, or null
-  std::atomic<int64_t> next_a{0}, done_a{0}, next_b{0};
+  char* bufs[2];  // whole-sequence buffers (ChunkBuffers) of even and odd layers; each block writes its own rows
+  int64_t* prof;  // threads x kProfileRow counters, or null
+  // per layer: blocks whose phase A was taken / is done, whose phase B was taken; per layer x block: phase B done
+  std::atomic<int64_t>*next_a, *done_a, *next_b;
+  std::atomic<int>* done_b;
   FirstError error;
 
-  void run(int tid) {
-    const EncoderLayerCall& c = *call;
-    const int64_t w = c.width, hidden = c.hidden, row0 = b * c.seq;
-    int64_t* row = prof ? prof + tid * kProfileRow : nullptr;
-    if (row) row[kJoined] = 1;
-    StepTimer timer(row);  // "qkv" includes the wait for the other blocks' Q/K/V
-    for (;;) {
-      const int64_t i = next_a.fetch_add(1, std::memory_order_relaxed);
-      if (i >= blocks) break;
-      const int64_t r0 = i * block_rows, rows = std::min(block_rows, c.seq - r0);
-      try {
-        if (!error.any()) c.qkv(c.x + (row0 + r0) * hidden, rows, buf->qkv + r0 * 3 * w, 1);
-      } catch (...) {
-        error.capture();
-      }
-      done_a.fetch_add(1, std::memory_order_release);
-    }
-    for (int spins = 1; done_a.load(std::memory_order_acquire) < blocks; ++spins) {
+  template <class Ready>
+  void wait(Ready ready) {
+    for (int spins = 1; !ready() && !error.any(); ++spins) {
       cpu_relax();
       if ((spins & 255) == 0) std::this_thread::yield();
     }
-    timer.done(kStepQkv);
-    try {
+  }
+
+  void run(int tid) {
+    int64_t* row = prof ? prof + tid * kProfileRow : nullptr;
+    if (row) row[kJoined] = 1;
+    StepTimer timer(row);  // "qkv" includes the wait for the other blocks' Q/K/V
+    for (int l = 0; l < layers; ++l) {
+      const EncoderLayerCall& c = calls[l];
+      const ChunkBuffers buf(c, c.seq, bufs[l & 1]);
+      const int64_t w = c.width, hidden = c.hidden, row0 = b * c.seq;
       for (;;) {
-        const int64_t i = next_b.fetch_add(1, std::memory_order_relaxed);
-        if (i >= blocks || error.any()) return;
+        const int64_t i = next_a[l].fetch_add(1, std::memory_order_relaxed);
+        if (i >= blocks) break;
+        if (l > 0) wait([&] { return done_b[(l - 1) * blocks + i].load(std::memory_order_acquire) != 0; });
         const int64_t r0 = i * block_rows, rows = std::min(block_rows, c.seq - r0);
-        AttnCall at = attention_call(c, buf->qkv, buf->ctx, b, 1);
-        at.q_begin = r0;
-        at.q_end = r0 + rows;
-        attention(at, 1);
-        timer.done(kStepAttention);
-        finish_rows(c, buf->ctx + r0 * w, c.x + (row0 + r0) * hidden, buf->a + r0 * hidden,
-                    c.y + (row0 + r0) * hidden, rows, 1, timer);
+        try {
+          if (!error.any()) c.qkv(c.x + (row0 + r0) * hidden, rows, buf.qkv + r0 * 3 * w, 1);
+        } catch (...) {
+          error.capture();
+        }
+        done_a[l].fetch_add(1, std::memory_order_release);
       }
-    } catch (...) {
-      error.capture();
+      wait([&] { return done_a[l].load(std::memory_order_acquire) >= blocks; });
+      timer.done(kStepQkv);
+      for (;;) {
+        const int64_t i = next_b[l].fetch_add(1, std::memory_order_relaxed);
+        if (i >= blocks) break;
+        const int64_t r0 = i * block_rows, rows = std::min(block_rows, c.seq - r0);
+        try {
+          if (!error.any()) {
+            AttnCall at = attention_call(c, buf.qkv, buf.ctx, b, 1);
+            at.q_begin = r0;
+            at.q_end = r0 + rows;
+            attention(at, 1);
+            timer.done(kStepAttention);
+            finish_rows(c, buf.ctx + r0 * w, c.x + (row0 + r0) * hidden, buf.a + r0 * hidden,
+                        c.y + (row0 + r0) * hidden, rows, 1, timer);
+          }
+        } catch (...) {
+          error.capture();
+        }
+        done_b[l * blocks + i].store(1, std::memory_order_release);
+      }
     }
   }
 };
 
 void token_job_fn(void* ctx, int tid, int) { static_cast<TokenJob*>(ctx)->run(tid); }
 
-// Sequence b alone on `threads` threads, token parallel (see TokenJob).
-void run_sequence_tokens(const EncoderLayerCall& c, int64_t b, int threads, int64_t* profile_ns) {
+// Sequence b alone through every layer on `threads` threads, token parallel (see TokenJob).
+void run_sequence_tokens(const EncoderLayerCall* calls, int layers, int64_t b, int threads, int64_t* profile_ns) {
+  const EncoderLayerCall& c = calls[0];
   TokenJob job;
-  job.call = &c;
+  job.calls = calls;
+  job.layers = layers;
   job.b = b;
   job.threads = threads;
   // threads x k blocks of nearly equal size, k the fewest that keeps a block within chunk_tokens
@@ -285,11 +306,22 @@ void run_sequence_tokens(const EncoderLayerCall& c, int64_t b, int threads, int6
   const int64_t k = (per_thread + c.chunk_tokens - 1) / std::max<int64_t>(1, c.chunk_tokens);
   job.block_rows = (c.seq + threads * k - 1) / (threads * k);
   job.blocks = (c.seq + job.block_rows - 1) / job.block_rows;
-  const size_t buf_bytes = align64(ChunkBuffers::bytes(c, c.seq));
-  char* p = t_layer.get(buf_bytes + threads * kProfileRow * sizeof(int64_t));
-  const ChunkBuffers buf(c, c.seq, p);
-  job.buf = &buf;
-  job.prof = profile_ns ? reinterpret_cast<int64_t*>(p + buf_bytes) : nullptr;
+  size_t buf_bytes = 0;  // the widest layer's
+  for (int l = 0; l < layers; ++l) buf_bytes = std::max(buf_bytes, align64(ChunkBuffers::bytes(calls[l], c.seq)));
+  const size_t counters = align64(static_cast<size_t>(3 * layers) * sizeof(std::atomic<int64_t>));
+  const size_t flags = align64(static_cast<size_t>(layers * job.blocks) * sizeof(std::atomic<int>));
+  const size_t prof_bytes = static_cast<size_t>(threads) * kProfileRow * sizeof(int64_t);
+  char* p = t_layer.get(2 * buf_bytes + counters + flags + prof_bytes);
+  job.bufs[0] = p;
+  job.bufs[1] = layers > 1 ? p + buf_bytes : p;
+  auto* atomics = reinterpret_cast<std::atomic<int64_t>*>(p + 2 * buf_bytes);
+  for (int i = 0; i < 3 * layers; ++i) new (&atomics[i]) std::atomic<int64_t>(0);
+  job.next_a = atomics;
+  job.done_a = atomics + layers;
+  job.next_b = atomics + 2 * layers;
+  job.done_b = reinterpret_cast<std::atomic<int>*>(p + 2 * buf_bytes + counters);
+  for (int64_t i = 0; i < layers * job.blocks; ++i) new (&job.done_b[i]) std::atomic<int>(0);
+  job.prof = profile_ns ? reinterpret_cast<int64_t*>(p + 2 * buf_bytes + counters + flags) : nullptr;
   if (job.prof) std::fill_n(job.prof, threads * kProfileRow, int64_t{0});
   parallel_run(threads, token_job_fn, &job);
   job.error.rethrow();
@@ -338,20 +370,19 @@ int encoder_stack(const EncoderLayerCall* calls, int layers, int nthreads, int64
     used |= kSequenceParallel;
   }
   if (split == c.batch) return used;
-  // The rest, layer after layer: one sequence at a time with its tokens split over the threads, or, for short
-  // sequences (or split_sequences off), in chunks with every step split over the threads.
-  const bool tokens = c.split_sequences && nt > 1 && c.seq / nt >= kMinTokensPerThread;
+  // The rest: one sequence at a time through every layer with its tokens split over the threads, or, for short
+  // sequences (or split_sequences off), layer after layer in chunks with every step split over the threads.
+  if (c.split_sequences && nt > 1 && c.seq / nt >= kMinTokensPerThread) {
+    for (int64_t b = split; b < c.batch; ++b) run_sequence_tokens(calls, layers, b, nt, profile_ns);
+    return used | kTokenParallel;
+  }
   for (int l = 0; l < layers; ++l) {
-    if (tokens) {
-      for (int64_t b = split; b < c.batch; ++b) run_sequence_tokens(calls[l], b, nt, profile_ns);
-    } else {
-      const ChunkBuffers buf(calls[l], per * c.seq, t_layer.get(chunk_bytes));
-      for (int64_t b0 = split; b0 < c.batch; b0 += per) {
-        run_chunk(calls[l], b0, std::min(per, c.batch - b0), nt, buf, profile_ns);
-      }
+    const ChunkBuffers buf(calls[l], per * c.seq, t_layer.get(chunk_bytes));
+    for (int64_t b0 = split; b0 < c.batch; b0 += per) {
+      run_chunk(calls[l], b0, std::min(per, c.batch - b0), nt, buf, profile_ns);
     }
   }
-  return used | (tokens ? kTokenParallel : kStepParallel);
+  return used | kStepParallel;
 }
 
 }  // namespace hf_sparse
