@@ -23,18 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine_from_pretrained import load_through_from_pretrained  # noqa: E402
+from engine_from_pretrained import load_bench_model  # noqa: E402
 from models import build_model  # noqa: E402
 
 from hf_sparse.integrations.encoder_stack import FusedEncoderStackForward  # noqa: E402
-
-
-class _Context:
-    def __init__(self, bench):
-        self.bench = bench
-
-    def log(self, message: str) -> None:
-        print(message)
 
 
 def _encoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -90,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---:|---:|---:|")
     for pattern in args.pattern:
         bench = build_model(args.size, args.sparsity, pattern)
-        model = load_through_from_pretrained(_Context(bench), "int8")
+        model = load_bench_model(bench)
         for batch in args.batch:
             inputs = bench.inputs(batch)
             iters = args.iters

@@ -23,18 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine_from_pretrained import load_through_from_pretrained  # noqa: E402
+from engine_from_pretrained import load_bench_model  # noqa: E402
 from models import build_model  # noqa: E402
 
 from hf_sparse.nn import FusedEncoderLayer  # noqa: E402
-
-
-class _Context:
-    def __init__(self, bench):
-        self.bench = bench
-
-    def log(self, message: str) -> None:
-        print(message)
 
 
 def main() -> None:
@@ -47,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bench = build_model("base", args.sparsity, args.pattern)
-    model = load_through_from_pretrained(_Context(bench), "int8")
+    model = load_bench_model(bench)
     layers = [
         m.forward.fused for m in model.modules() if isinstance(getattr(m.forward, "fused", None), FusedEncoderLayer)
     ]

@@ -60,6 +60,16 @@ def load_through_from_pretrained(ctx: EngineContext, weight_dtype: str) -> torch
     return model.eval()
 
 
+def load_bench_model(bench, weight_dtype: str = "int8") -> torch.nn.Module:
+    """`load_through_from_pretrained` for scripts outside the harness: `bench` is a models.BenchModel."""
+
+    class _Context:  # the little of EngineContext that load_through_from_pretrained uses
+        def __init__(self):
+            self.bench, self.log = bench, print
+
+    return load_through_from_pretrained(_Context(), weight_dtype)
+
+
 _STEP_CATEGORY = {"qkv": "linear", "out": "linear", "ffn": "linear", "attention": "attention"}
 
 
@@ -276,13 +286,9 @@ def _bert_base_split(sparsity: float, pattern: str) -> None:
     import engines_hf_sparse
     from models import build_model
 
-    class _Ctx:  # the little of EngineContext that load_through_from_pretrained uses
-        def __init__(self, bench):
-            self.bench, self.log = bench, print
-
     bench = build_model("base", sparsity, pattern)
     start = time.perf_counter()
-    backend = load_through_from_pretrained(_Ctx(bench), "int8")
+    backend = load_bench_model(bench)
     print(f"save_sparse + from_pretrained: {time.perf_counter() - start:.1f} s (wall, busy machine)")
     swapped = engines_hf_sparse.convert(copy.deepcopy(bench.model), "int8")
     spent = {"linear": 0.0}
@@ -354,12 +360,8 @@ def _attention_error(sparsity: float, pattern: str) -> None:
         print(f"| {spread:g} | {float(err.max()) / top:.2e} | {float((sdpa.double() - exact).abs().max()) / top:.2e} "
               f"| {float(err.mean()) / top:.2e} |")  # fmt: skip
 
-    class _Ctx:  # the little of EngineContext that load_through_from_pretrained uses
-        def __init__(self, bench):
-            self.bench, self.log = bench, print
-
     bench = build_model("base", sparsity, pattern)
-    model = load_through_from_pretrained(_Ctx(bench), "int8")
+    model = load_bench_model(bench)
     print(f"\nBERT-base {sparsity:.0%} {pattern} int8 (from_pretrained, random weights), seq {bench.seq_len}: logits "
           "with bf16 attention (fused layers) vs HF_SPARSE_ATTENTION=fp32, and each vs torch_eager fp32;")  # fmt: skip
     print("differences as max |diff| / max |fp32-attention logit|:")
