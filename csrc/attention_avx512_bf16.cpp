@@ -165,9 +165,9 @@ void pack_v(const float* v, int64_t ldv, int64_t s, int64_t d, const Layout& L, 
   }
 }
 
-// Scores of kRows query rows x C key vectors: sc[r][16c + lane] = sum_w q[r][w] . kp[w][16c + lane].
+// Scores of kRows query rows x C key vectors: sc[r][16c + lane] = (sum_w q[r][w] . kp[w][16c + lane]) * scale.
 template <int C>
-void qk_block(const uint32_t* qw, int64_t pairs, const uint32_t* kp, int64_t sp, float* sc) {
+void qk_block(const uint32_t* qw, int64_t pairs, const uint32_t* kp, int64_t sp, float scale, float* sc) {
   __m512 acc[kRows][C];
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) {
@@ -185,10 +185,11 @@ void qk_block(const uint32_t* qw, int64_t pairs, const uint32_t* kp, int64_t sp,
       for (int c = 0; c < C; ++c) acc[r][c] = dpbf16(acc[r][c], qb, kv[c]);
     }
   }
+  const __m512 vscale = _mm512_set1_ps(scale);
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) {
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) _mm512_store_ps(sc + r * sp + c * kVec, acc[r][c]);
+    for (int c = 0; c < C; ++c) _mm512_store_ps(sc + r * sp + c * kVec, _mm512_mul_ps(acc[r][c], vscale));
   }
 }
 
@@ -225,18 +226,18 @@ void pv_block(const uint32_t* pw, int64_t pst, int64_t key_pairs, const uint32_t
   }
 }
 
-// Softmax of one row of scores (keys 0..keys-1 valid; sc holds sp floats), in place: writes the bf16
+// Softmax of one row of scaled scores (keys 0..keys-1 valid; sc holds sp floats), in place: writes the bf16
 // probabilities (row of sp2/2 words) and returns the divisor: the sum of the float32 probabilities, +inf when every
-// key is masked (the row comes out 0), NaN when a score is NaN (the row comes out NaN).
-float softmax_row(float* sc, int64_t nvec, int64_t keys, float scale, int mask_kind, const void* mask, uint32_t* pw,
+// key is masked (the row comes out 0), NaN when a score is NaN (the row comes out NaN). The first pass writes back
+// only vectors it changes (a mask, or keys past the end).
+float softmax_row(float* sc, int64_t nvec, int64_t keys, int mask_kind, const void* mask, uint32_t* pw,
                   int64_t pwords) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512 vscale = _mm512_set1_ps(scale);
   __m512 m = ninf;
   __mmask16 nan = 0;
   for (int64_t c = 0; c < nvec; ++c) {
     const __mmask16 valid = mask16(keys - c * kVec);
-    __m512 v = _mm512_mul_ps(_mm512_load_ps(sc + c * kVec), vscale);
+    __m512 v = _mm512_load_ps(sc + c * kVec);
     __mmask16 keep = valid;
     if (mask_kind == kMaskAdd) {
       v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(valid, static_cast<const float*>(mask) + c * kVec));
@@ -247,7 +248,7 @@ float softmax_row(float* sc, int64_t nvec, int64_t keys, float scale, int mask_k
     v = _mm512_mask_mov_ps(ninf, keep, v);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     m = _mm512_max_ps(m, v);
-    _mm512_store_ps(sc + c * kVec, v);
+    if (mask_kind != kMaskNone || valid != 0xffff) _mm512_store_ps(sc + c * kVec, v);
   }
   const float mx = _mm512_reduce_max_ps(m);
   if (nan || mx == -std::numeric_limits<float>::infinity()) {
@@ -304,10 +305,10 @@ void item(const AttnItem& a, void* scratch) {
         const uint32_t* kk = kp + c0 * kVec;
         float* so = sc + r0 * L.sp + c0 * kVec;
         switch (nvec - c0 < kCols ? nvec - c0 : kCols) {
-          case 1: qk_block<1>(q, L.pairs, kk, L.sp, so); break;
-          case 2: qk_block<2>(q, L.pairs, kk, L.sp, so); break;
-          case 3: qk_block<3>(q, L.pairs, kk, L.sp, so); break;
-          default: qk_block<4>(q, L.pairs, kk, L.sp, so); break;
+          case 1: qk_block<1>(q, L.pairs, kk, L.sp, a.scale, so); break;
+          case 2: qk_block<2>(q, L.pairs, kk, L.sp, a.scale, so); break;
+          case 3: qk_block<3>(q, L.pairs, kk, L.sp, a.scale, so); break;
+          default: qk_block<4>(q, L.pairs, kk, L.sp, a.scale, so); break;
         }
       }
     }
@@ -322,7 +323,7 @@ void item(const AttnItem& a, void* scratch) {
       const void* mrow = nullptr;
       if (a.mask_kind == kMaskAdd) mrow = static_cast<const float*>(a.mask) + i * a.mask_ld;
       if (a.mask_kind == kMaskKeep) mrow = static_cast<const uint8_t*>(a.mask) + i * a.mask_ld;
-      div[r] = softmax_row(sc + r * L.sp, nvec, keys, a.scale, a.mask_kind, mrow, prow, pst);
+      div[r] = softmax_row(sc + r * L.sp, nvec, keys, a.mask_kind, mrow, prow, pst);
     }
     const int64_t key_pairs = (keys_blk + 1) / 2;
     for (int r0 = 0; r0 < nbp; r0 += kRows) {

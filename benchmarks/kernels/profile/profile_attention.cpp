@@ -92,12 +92,12 @@ void profile(int64_t s, int64_t d, int rounds) {
         }
         for (int r0 = 0; r0 < nbp; r0 += kRows) {
           for (int64_t c0 = 0; c0 < nvec; c0 += kCols) {
-            qk_block<4>(qw + r0 * L.pairs, L.pairs, kp + c0 * kVec, L.sp, sc + r0 * L.sp + c0 * kVec);
+            qk_block<4>(qw + r0 * L.pairs, L.pairs, kp + c0 * kVec, L.sp, a.scale, sc + r0 * L.sp + c0 * kVec);
           }
         }
       } else if (phase == 1) {
         for (int r = 0; r < nb; ++r) {
-          div[r] = softmax_row(sc + r * L.sp, nvec, s, a.scale, kMaskNone, nullptr, pw + r * pst, pst);
+          div[r] = softmax_row(sc + r * L.sp, nvec, s, kMaskNone, nullptr, pw + r * pst, pst);
         }
       } else {
         for (int r0 = 0; r0 < nbp; r0 += kRows) {
