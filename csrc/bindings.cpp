@@ -372,6 +372,8 @@ class EncoderLayerPlan {
     call_.scale = static_cast<float>(scale);
   }
 
+  int64_t hidden() const { return call_.hidden; }
+
   // This layer's call: y = layer(x) for batch sequences of seq tokens; norms: addresses of gamma1, beta1, gamma2,
   // beta2 (float32, hidden each).
   EncoderLayerCall call(uintptr_t x, uintptr_t y, int64_t batch, int64_t seq, int mask_kind, uintptr_t mask,
@@ -432,6 +434,13 @@ class EncoderStackPlan {
   explicit EncoderStackPlan(const std::vector<nb::object>& layers) : layer_objs_(layers) {
     if (layers.empty()) throw nb::value_error("encoder stack: no layers");
     for (const nb::object& o : layers) plans_.push_back(&nb::cast<const EncoderLayerPlan&>(o));
+    for (size_t l = 1; l < plans_.size(); ++l) {  // each layer reads the previous one's rows
+      if (plans_[l]->hidden() != plans_[0]->hidden()) {
+        throw nb::value_error(("encoder stack: layer " + str(static_cast<int64_t>(l)) + " is " +
+                               str(plans_[l]->hidden()) + " wide, layer 0 " + str(plans_[0]->hidden()))
+                                  .c_str());
+      }
+    }
   }
 
   // norms: 4 LayerNorm parameter addresses per layer (as EncoderLayer.run), eps: eps1, eps2 per layer.

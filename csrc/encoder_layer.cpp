@@ -188,7 +188,6 @@ struct SequenceJob {
 
   void run(int tid) {
     int64_t* prof = profile ? counters(tid) : nullptr;
-    if (prof) prof[kJoined] = 1;
     char* mine = scratch + static_cast<size_t>(tid) * slot_bytes + 128;  // this thread's chunk buffers
     try {
       for (int spins = 1; !error.any(); ++spins) {
@@ -205,6 +204,7 @@ struct SequenceJob {
         if ((s & 1) || s >= 2 * layers || !state[c].compare_exchange_strong(s, s + 1, std::memory_order_acquire)) {
           continue;  // another thread took it first
         }
+        if (prof) prof[kJoined] = 1;  // (a thread that ran nothing stays out of the profile's mean)
         const EncoderLayerCall& call = calls[s / 2];
         run_chunk(call, c * unit, unit, 1, ChunkBuffers(call, unit * call.seq, mine), prof);
         state[c].store(s + 2, std::memory_order_release);
@@ -248,7 +248,6 @@ struct TokenJob {
 
   void run(int tid) {
     int64_t* row = prof ? prof + tid * kProfileRow : nullptr;
-    if (row) row[kJoined] = 1;
     StepTimer timer(row);  // "qkv" includes the wait for the other blocks' Q/K/V
     for (int l = 0; l < layers; ++l) {
       const EncoderLayerCall& c = calls[l];
@@ -257,6 +256,7 @@ struct TokenJob {
       for (;;) {
         const int64_t i = next_a[l].fetch_add(1, std::memory_order_relaxed);
         if (i >= blocks) break;
+        if (row) row[kJoined] = 1;  // (a thread that ran nothing stays out of the profile's mean)
         if (l > 0) wait([&] { return done_b[(l - 1) * blocks + i].load(std::memory_order_acquire) != 0; });
         const int64_t r0 = i * block_rows, rows = std::min(block_rows, c.seq - r0);
         try {

@@ -53,21 +53,33 @@ def _per_layer(model):
     return plain
 
 
-def test_the_encoder_runs_in_one_call(bert, monkeypatch):
-    encoder = bert.bert.encoder
-    forward = vars(encoder)["forward"]
+class _CountedPlan:
+    """Stands in for the stack's C++ plan and counts its calls."""
+
+    def __init__(self, plan):
+        self.plan, self.calls = plan, 0
+
+    def run(self, *args):
+        self.calls += 1
+        return self.plan.run(*args)
+
+
+@pytest.fixture
+def counted(bert):
+    """The loaded model's one-call plan, counting (the kernels it runs are the same either way)."""
+    stack = vars(bert.bert.encoder)["forward"].stack
+    plan, stack._plan = stack._plan, _CountedPlan(stack._plan)
+    yield stack._plan
+    stack._plan = plan
+
+
+def test_the_encoder_runs_in_one_call(bert, counted):
+    forward = vars(bert.bert.encoder)["forward"]
     assert isinstance(forward, FusedEncoderStackForward) and len(forward.stack.layers) == 3
-    x = torch.randn(3, 11, 36)
-    assert forward.why_not(x, None) is None
-    runs = []
-    monkeypatch.setattr(
-        type(forward.stack), "__call__", lambda self, *a: runs.append(1) or type(self).reference(self, *a)
-    )
-    logits(bert)
-    assert runs == [1], "the stack ran, once"
-    monkeypatch.undo()
+    assert forward.why_not(torch.randn(3, 11, 36), None) is None
     calls = _stack_calls()
     out = logits(bert)
+    assert counted.calls == 1, "the three layers ran in one kernel call"
     assert _stack_calls() == calls + 3
     assert torch.equal(out, logits(_per_layer(bert)))
 
@@ -86,7 +98,7 @@ def _reason(model, *args, **kwargs):
     return vars(model.bert.encoder)["forward"].why_not(torch.randn(3, 11, 36), None, args, kwargs)
 
 
-def test_hooks_training_and_arguments_hand_back_to_the_layers(bert):
+def test_hooks_training_and_arguments_hand_back_to_the_layers(bert, counted):
     seen = []
     layer = bert.bert.encoder.layer[1]
     for module in (layer, layer.attention.self):  # on a layer itself, and inside one (that layer then runs unfused)
@@ -99,6 +111,7 @@ def test_hooks_training_and_arguments_hand_back_to_the_layers(bert):
             assert seen == [type(module).__name__], "the hook fired: the layers ran one by one"
         finally:
             handle.remove()
+    assert counted.calls == 0
     layer.attention.train()
     try:
         assert _reason(bert) == "training mode"
@@ -112,6 +125,33 @@ def test_hooks_training_and_arguments_hand_back_to_the_layers(bert):
     finally:
         layer.__dict__["forward"] = vars(bert.bert.encoder)["forward"].forwards[1]
     assert _reason(bert) is None
+
+
+def test_changed_layer_lists_run_the_class_forward(bert, counted):
+    encoder = bert.bert.encoder
+    layers = encoder.layer
+    try:
+        encoder.layer = layers[:2]  # as distillation drops layers
+        assert _reason(bert) == "the encoder's layers changed"
+        with torch.no_grad():
+            h = torch.randn(3, 11, 36)
+            assert torch.equal(encoder(h).last_hidden_state, layers[1](layers[0](h)))
+    finally:
+        encoder.layer = layers
+    assert counted.calls == 0 and _reason(bert) is None
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # transformers casts shapes to bool
+def test_jit_trace_records_the_torch_ops(bert):
+    other = torch.randint(5, len(WORDS), (3, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda ids: bert(input_ids=ids).logits, (IDS,), check_trace=False)
+        ops.set_attention_precision("fp32")  # what tracing records: the layers' own forwards on the kernels' ops
+        try:
+            expected = bert(input_ids=other).logits
+        finally:
+            ops.set_attention_precision(None)
+        assert torch.equal(traced(other), expected)
 
 
 def test_fp32_attention_runs_the_model_path(bert, monkeypatch):

@@ -15,26 +15,26 @@ def _block4(out_features: int, in_features: int, gen: torch.Generator, density: 
     return w * keep.repeat_interleave(4, dim=1)
 
 
-def _norm(gen: torch.Generator) -> nn.LayerNorm:
-    norm = nn.LayerNorm(HIDDEN, eps=1e-6)
+def _norm(hidden: int, gen: torch.Generator) -> nn.LayerNorm:
+    norm = nn.LayerNorm(hidden, eps=1e-6)
     with torch.no_grad():
-        norm.weight.copy_(1 + 0.1 * torch.randn(HIDDEN, generator=gen))
-        norm.bias.copy_(0.1 * torch.randn(HIDDEN, generator=gen))
+        norm.weight.copy_(1 + 0.1 * torch.randn(hidden, generator=gen))
+        norm.bias.copy_(0.1 * torch.randn(hidden, generator=gen))
     return norm
 
 
-def make_encoder_layer(seed: int):
-    """A FusedEncoderLayer (HIDDEN wide, HEADS heads, FFN hidden) of random 4-block int8 weights."""
+def make_encoder_layer(seed: int, hidden: int = HIDDEN, heads: int = HEADS, ffn: int = FFN):
+    """A FusedEncoderLayer (`hidden` wide, `heads` heads, `ffn` hidden units) of random 4-block int8 weights."""
     from hf_sparse.nn import FusedEncoderLayer
     from hf_sparse.ops import fuse_ffn, pack_linear, pack_linears
 
     gen = torch.Generator().manual_seed(seed)
     qkv = pack_linears(
-        [_block4(HIDDEN, HIDDEN, gen) for _ in range(3)], biases=[torch.randn(HIDDEN, generator=gen) for _ in range(3)]
+        [_block4(hidden, hidden, gen) for _ in range(3)], biases=[torch.randn(hidden, generator=gen) for _ in range(3)]
     )
-    out = pack_linear(_block4(HIDDEN, HIDDEN, gen), bias=torch.randn(HIDDEN, generator=gen))
-    first = pack_linear(_block4(FFN, HIDDEN, gen), bias=torch.randn(FFN, generator=gen), activation="gelu")
-    second = pack_linear(_block4(HIDDEN, FFN, gen), bias=torch.randn(HIDDEN, generator=gen))
+    out = pack_linear(_block4(hidden, hidden, gen), bias=torch.randn(hidden, generator=gen))
+    first = pack_linear(_block4(ffn, hidden, gen), bias=torch.randn(ffn, generator=gen), activation="gelu")
+    second = pack_linear(_block4(hidden, ffn, gen), bias=torch.randn(hidden, generator=gen))
     return FusedEncoderLayer(
-        qkv, out, fuse_ffn(first, second), _norm(gen), _norm(gen), HEADS, (HIDDEN // HEADS) ** -0.5
+        qkv, out, fuse_ffn(first, second), _norm(hidden, gen), _norm(hidden, gen), heads, (hidden // heads) ** -0.5
     )

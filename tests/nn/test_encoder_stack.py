@@ -22,6 +22,22 @@ def layers() -> list[FusedEncoderLayer]:
     return [make_encoder_layer(seed) for seed in (1, 2, 3)]
 
 
+class _CountedPlan:
+    """Stands in for a stack's C++ plan and counts its calls: the one-call path must really run."""
+
+    def __init__(self, plan):
+        self.plan, self.calls = plan, 0
+
+    def run(self, *args):
+        self.calls += 1
+        return self.plan.run(*args)
+
+
+def _counted(stack: FusedEncoderStack) -> _CountedPlan:
+    stack._plan = _CountedPlan(stack._plan)
+    return stack._plan
+
+
 def _one_by_one(layers, x, mask):
     for layer in layers:
         x = layer(x, mask)
@@ -43,6 +59,7 @@ def test_equals_the_layers_one_by_one(layers, threads, batch, nthreads):
     threads(1)
     expected = _one_by_one(layers, x, mask)
     stack = FusedEncoderStack(layers)
+    plan = _counted(stack)
     threads(nthreads)
     for chunk_tokens in (40, 80, 256):
         for layer in layers:
@@ -54,16 +71,42 @@ def test_equals_the_layers_one_by_one(layers, threads, batch, nthreads):
                 layer.chunk_tokens = 256
         assert torch.equal(got, expected), f"batch {batch}, {nthreads} threads, chunks of {chunk_tokens} tokens"
         assert layers[0].parallelism  # the call says how it split the work
+    assert plan.calls == 3, "the stack ran in one call each time"
     x_before = x.clone()
     stack(x, mask)
     assert torch.equal(x, x_before), "the input must not be written"
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_token_blocks_through_every_layer(layers, threads, batch):
+    """Several token blocks per thread (blocks capped at chunk_tokens), and a sequence left over after the whole
+    ones: blocks move to the next layer on their own, the Q/K/V alternate between two buffer sets."""
+    gen = torch.Generator().manual_seed(10 + batch)
+    seq = 100
+    x, mask = torch.randn(batch, seq, HIDDEN, generator=gen), _mask(batch, seq, gen)
+    threads(1)
+    expected = _one_by_one(layers, x, mask)
+    stack = FusedEncoderStack(layers)
+    plan = _counted(stack)
+    threads(2)
+    for chunk_tokens in (16, 24, 256):  # 4, 3 and 1 blocks per thread
+        layers[0].chunk_tokens = chunk_tokens
+        try:
+            for _ in range(3):
+                assert torch.equal(stack(x, mask), expected), f"batch {batch}, chunks of {chunk_tokens} tokens"
+        finally:
+            layers[0].chunk_tokens = 256
+        assert "tokens" in layers[0].parallelism
+    assert plan.calls == 9
+
+
 def test_steps_split_and_one_layer(layers, threads):
     x = torch.randn(4, 7, HIDDEN)  # short sequences: every step split over the threads
     threads(2)
-    assert torch.equal(FusedEncoderStack(layers)(x), _one_by_one(layers, x, None))
-    assert layers[0].parallelism == {"steps"}
+    stack = FusedEncoderStack(layers)
+    plan = _counted(stack)
+    assert torch.equal(stack(x), _one_by_one(layers, x, None))
+    assert layers[0].parallelism == {"steps"} and plan.calls == 1
     assert torch.equal(FusedEncoderStack(layers[:1])(x), layers[0](x))
 
 
@@ -71,9 +114,11 @@ def test_inputs_the_kernels_do_not_take_run_the_layers_one_by_one(layers, thread
     threads(2)
     x = torch.randn(2, 40, HIDDEN)
     stack = FusedEncoderStack(layers)
+    plan = _counted(stack)
     strided = torch.randn(2, 40, 2 * HIDDEN)[..., ::2]  # not contiguous
     assert torch.equal(stack(strided), _one_by_one(layers, strided.contiguous(), None))
     assert torch.allclose(stack(x.double()).double(), _one_by_one(layers, x.double(), None).double())
+    assert plan.calls == 0
 
 
 def test_close_to_the_reference(layers, threads):
@@ -104,3 +149,8 @@ def test_bad_layers_and_masks_are_refused(layers):
         FusedEncoderStack([layers[0], "layer"])
     with pytest.raises(ValueError, match="FusedEncoderStack"):
         FusedEncoderStack(layers)(torch.randn(2, 8, HIDDEN), torch.ones(3, HEADS, 8, 8, dtype=torch.bool))
+    wider = make_encoder_layer(4, hidden=2 * HIDDEN)
+    with pytest.raises(ValueError, match="different shapes"):
+        FusedEncoderStack([layers[0], wider])
+    with pytest.raises(ValueError, match="layer 1 is 96 wide, layer 0 48"):  # the C++ plan checks it too
+        ops._extension._C.EncoderStack([layers[0]._plan, wider._plan])

@@ -84,8 +84,8 @@ class FusedEncoderForward:
         """None when the fast path may run for this call, else the reason it may not."""
         if attention_precision() != "bf16":
             return "attention precision fp32 (HF_SPARSE_ATTENTION / set_attention_precision): the model's attention"
-        if torch.compiler.is_compiling():
-            return "compiling (the layer's own forward runs the kernels' torch ops)"
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return "compiling or tracing (the layer's own forward runs the kernels' torch ops)"
         if not (type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu and x.dim() == 3):
             return "input: not a float32 CPU tensor (batch, seq, hidden)"
         if x.requires_grad and torch.is_grad_enabled():

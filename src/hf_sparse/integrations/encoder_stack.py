@@ -48,6 +48,13 @@ class FusedEncoderStackForward:
 
     def why_not(self, x, mask, args: tuple = (), kwargs: dict | None = None) -> str | None:
         """None when one call may run every layer, else the reason it may not."""
+        current = getattr(self.encoder, self.rule.layers, None)
+        if (
+            current is None
+            or len(current) != len(self.layers)
+            or any(a is not b for a, b in zip(current, self.layers))
+        ):
+            return "the encoder's layers changed"
         for layer, forward in zip(self.layers, self.forwards):
             if layer.__dict__.get("forward") is not forward:
                 return "a layer's forward was replaced"

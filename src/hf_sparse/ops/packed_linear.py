@@ -54,10 +54,11 @@ _FP32_LAYOUTS = (Layout.FP32_CSR, Layout.FP32_DENSE)
 
 def can_call_directly(x) -> bool:
     """Whether a call may go straight to the C++ kernel rather than through the torch op: not when something
-    traces (torch.compile, checked first so that Dynamo stops here), nor for fake or subclass tensors, dispatch or
-    function modes, or autograd."""
+    traces (torch.compile, checked first so that Dynamo stops here, or torch.jit.trace, which would record no op),
+    nor for fake or subclass tensors, dispatch or function modes, or autograd."""
     return (
         not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
         and type(x) is torch.Tensor
         and x.is_cpu
         and not (x.requires_grad and torch.is_grad_enabled())
