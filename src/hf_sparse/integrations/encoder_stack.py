@@ -62,7 +62,8 @@ class FusedEncoderStackForward:
         reason = self.forwards[0].why_not(x, mask, args, kwargs)
         if reason is not None:
             return reason
-        # the layers' own __call__ is skipped, so no hook at all (not even transformers' idle capturing ones)
+        # the layers' own __call__ is skipped, so no hook at all but transformers' capturing ones while they capture
+        # nothing
         if any(self.hook_dicts) and not self._idle_capture_hooks():
             return "hooks on a layer or inside one"
         if any(map(_training, self.modules)):
