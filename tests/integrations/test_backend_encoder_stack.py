@@ -13,6 +13,7 @@ from hf_sparse import ops
 from hf_sparse.integrations.encoder_layer import FusedEncoderForward
 from hf_sparse.integrations.encoder_stack import FusedEncoderStackForward
 from tests.integrations.backend_support import WORDS, bert_config, prune, save
+from tests.nn.encoder_layers import CountedPlan
 
 
 pytestmark = pytest.mark.skipif(not ops.extension_available(), reason="the fused encoder runs with the C++ kernels")
@@ -53,22 +54,11 @@ def _per_layer(model):
     return plain
 
 
-class _CountedPlan:
-    """Stands in for the stack's C++ plan and counts its calls."""
-
-    def __init__(self, plan):
-        self.plan, self.calls = plan, 0
-
-    def run(self, *args):
-        self.calls += 1
-        return self.plan.run(*args)
-
-
 @pytest.fixture
 def counted(bert):
     """The loaded model's one-call plan, counting (the kernels it runs are the same either way)."""
     stack = vars(bert.bert.encoder)["forward"].stack
-    plan, stack._plan = stack._plan, _CountedPlan(stack._plan)
+    plan, stack._plan = stack._plan, CountedPlan(stack._plan)
     yield stack._plan
     stack._plan = plan
 

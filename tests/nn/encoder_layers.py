@@ -38,3 +38,14 @@ def make_encoder_layer(seed: int, hidden: int = HIDDEN, heads: int = HEADS, ffn:
     return FusedEncoderLayer(
         qkv, out, fuse_ffn(first, second), _norm(hidden, gen), _norm(hidden, gen), heads, (hidden // heads) ** -0.5
     )
+
+
+class CountedPlan:
+    """Stands in for a FusedEncoderStack's C++ plan and counts its calls: tests check that one call really ran."""
+
+    def __init__(self, plan):
+        self.plan, self.calls = plan, 0
+
+    def run(self, *args):
+        self.calls += 1
+        return self.plan.run(*args)

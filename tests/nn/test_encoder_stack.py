@@ -11,7 +11,7 @@ import torch
 
 from hf_sparse import ops
 from hf_sparse.nn import FusedEncoderLayer, FusedEncoderStack
-from tests.nn.encoder_layers import HEADS, HIDDEN, make_encoder_layer
+from tests.nn.encoder_layers import HEADS, HIDDEN, CountedPlan, make_encoder_layer
 
 
 pytestmark = pytest.mark.skipif(not ops.extension_available(), reason="the one-call path runs on the C++ kernels")
@@ -22,19 +22,8 @@ def layers() -> list[FusedEncoderLayer]:
     return [make_encoder_layer(seed) for seed in (1, 2, 3)]
 
 
-class _CountedPlan:
-    """Stands in for a stack's C++ plan and counts its calls: the one-call path must really run."""
-
-    def __init__(self, plan):
-        self.plan, self.calls = plan, 0
-
-    def run(self, *args):
-        self.calls += 1
-        return self.plan.run(*args)
-
-
-def _counted(stack: FusedEncoderStack) -> _CountedPlan:
-    stack._plan = _CountedPlan(stack._plan)
+def _counted(stack: FusedEncoderStack) -> CountedPlan:
+    stack._plan = CountedPlan(stack._plan)
     return stack._plan
 
 
@@ -50,16 +39,20 @@ def _mask(batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
     return mask
 
 
-@pytest.mark.parametrize("batch", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("nthreads", [2, 3])
-def test_equals_the_layers_one_by_one(layers, threads, batch, nthreads):
-    gen = torch.Generator().manual_seed(batch)
-    seq = 70
+def _case(layers, threads, seed: int, batch: int, seq: int):
+    """Inputs, the layers' one-thread output one by one, and a stack counting its one-call runs."""
+    gen = torch.Generator().manual_seed(seed)
     x, mask = torch.randn(batch, seq, HIDDEN, generator=gen), _mask(batch, seq, gen)
     threads(1)
     expected = _one_by_one(layers, x, mask)
     stack = FusedEncoderStack(layers)
-    plan = _counted(stack)
+    return x, mask, expected, stack, _counted(stack)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("nthreads", [2, 3])
+def test_equals_the_layers_one_by_one(layers, threads, batch, nthreads):
+    x, mask, expected, stack, plan = _case(layers, threads, batch, batch, 70)
     threads(nthreads)
     for chunk_tokens in (40, 80, 256):
         for layer in layers:
@@ -81,13 +74,7 @@ def test_equals_the_layers_one_by_one(layers, threads, batch, nthreads):
 def test_token_blocks_through_every_layer(layers, threads, batch):
     """Several token blocks per thread (blocks capped at chunk_tokens), and a sequence left over after the whole
     ones: blocks move to the next layer on their own, the Q/K/V alternate between two buffer sets."""
-    gen = torch.Generator().manual_seed(10 + batch)
-    seq = 100
-    x, mask = torch.randn(batch, seq, HIDDEN, generator=gen), _mask(batch, seq, gen)
-    threads(1)
-    expected = _one_by_one(layers, x, mask)
-    stack = FusedEncoderStack(layers)
-    plan = _counted(stack)
+    x, mask, expected, stack, plan = _case(layers, threads, 10 + batch, batch, 100)
     threads(2)
     for chunk_tokens in (16, 24, 256):  # 4, 3 and 1 blocks per thread
         layers[0].chunk_tokens = chunk_tokens
