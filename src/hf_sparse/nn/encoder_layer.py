@@ -122,7 +122,8 @@ class FusedEncoderLayer:
         return new
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not (self._plan is not None and self.takes(x, mask) and self._norms_ok()):
+        params = self.norm_params()
+        if not (self._plan is not None and self.takes(x, mask) and norm_params_ok(params)):
             return self._composed(x, mask)
         batch, seq, _ = x.shape
         kind, mk, sb, sh, sq = _mask_args(mask, batch, self.heads, seq, "FusedEncoderLayer")
@@ -130,33 +131,26 @@ class FusedEncoderLayer:
         with _StepCounters() as counters:
             self._split_flags = self._plan.run(
                 x.data_ptr(), y.data_ptr(), batch, seq, kind, mk.data_ptr() if mk is not None else 0, sb, sh, sq,
-                self.norm_pointers(), self.norm1.eps, self.norm2.eps, self.chunk_tokens, self.split_sequences,
+                [t.data_ptr() for t in params], self.norm1.eps, self.norm2.eps, self.chunk_tokens, self.split_sequences,
                 ext._num_threads or torch.get_num_threads(), counters.address,
             )  # fmt: skip
         return y
 
     def takes(self, x: torch.Tensor, mask: torch.Tensor | None) -> bool:
-        """Whether the kernels take this input as it is (the LayerNorms are checked by `_norms_ok`)."""
+        """Whether the kernels take this input as it is (the LayerNorms are checked by `norm_params_ok`)."""
         return (
             can_call_directly(x) and x.dtype is torch.float32 and x.dim() == 3 and x.shape[2] == self.hidden
             and x.is_contiguous() and (mask is None or can_call_directly(mask))
         )  # fmt: skip
-
-    def norm_pointers(self) -> list[int]:
-        """Addresses of gamma1, beta1, gamma2, beta2, read by the kernels at every call."""
-        return [t.data_ptr() for t in self.norm_params()]
 
     @property
     def parallelism(self) -> frozenset[str]:
         """How the last fast-path call split its work over the threads: "sequences", "tokens", "steps" (see above)."""
         return frozenset(name for name, bit in ext._C.LAYER_PARALLELISM if self._split_flags & bit)
 
-    def _norms_ok(self) -> bool:
-        """float32 contiguous LayerNorm parameters (a model cast to another dtype runs the composed path)."""
-        return norm_params_ok(self.norm_params())
-
     def norm_params(self) -> list[torch.Tensor | None]:
-        """gamma1, beta1, gamma2, beta2 as they are now (read from the modules at every call)."""
+        """gamma1, beta1, gamma2, beta2 as they are now (the kernels read them at every call; a model cast to another
+        dtype fails `norm_params_ok` and runs the composed path)."""
         p1, p2 = self.norm1._parameters, self.norm2._parameters
         return [p1.get("weight"), p1.get("bias"), p2.get("weight"), p2.get("bias")]
 
