@@ -6,6 +6,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <stdexcept>
+#include <string>
 
 #include "scratch.h"
 #include "thread_pool.h"
@@ -54,12 +56,19 @@ struct AttnJob {
       const int64_t b = bh / c.heads, h = bh % c.heads;
       AttnItem a;
       const int64_t row0 = b * c.seq;
-      a.q = c.q + row0 * c.ldq + h * c.d;
-      a.k = c.k + row0 * c.ldk + h * c.d;
-      a.v = c.v + row0 * c.ldv + h * c.d;
-      a.ldq = c.ldq;
-      a.ldk = c.ldk;
-      a.ldv = c.ldv;
+      if (const QkvPackedOut* p = c.packed) {
+        const uint32_t* base = p->base + b * p->seq_words;
+        a.qp = base + p->q_off + h * p->qk_head;
+        a.kp = base + p->k_off + h * p->qk_head;
+        a.vp = base + p->v_off + h * p->v_head;
+      } else {
+        a.q = c.q + row0 * c.ldq + h * c.d;
+        a.k = c.k + row0 * c.ldk + h * c.d;
+        a.v = c.v + row0 * c.ldv + h * c.d;
+        a.ldq = c.ldq;
+        a.ldk = c.ldk;
+        a.ldv = c.ldv;
+      }
       a.out = c.out + row0 * c.ldo + h * c.d;
       a.ldo = c.ldo;
       a.s = c.seq;
@@ -118,6 +127,9 @@ void count(std::atomic<int64_t>* counters, const AttnKernels& k) {
 void attention(const AttnCall& c, int nthreads) {
   if (c.batch <= 0 || c.seq <= 0 || c.heads <= 0 || c.d <= 0) return;
   const AttnKernels& kern = active_attn_kernels();
+  if (c.packed && !kern.write_qkv_group) {
+    throw std::logic_error(std::string("attention: packed Q/K/V given to the ") + kern.name + " kernel");
+  }
   const int64_t q_rows = (c.q_end < 0 ? c.seq : std::min(c.seq, c.q_end)) - std::max<int64_t>(0, c.q_begin);
   const double macs = 2.0 * static_cast<double>(c.batch * c.heads) * std::max<int64_t>(q_rows, 0) * c.seq * c.d;
   const int nt = threads_for(macs, std::max(1, nthreads));

@@ -10,6 +10,8 @@
 #include <utility>
 #include <vector>
 
+#include "common.h"
+
 namespace hf_sparse {
 
 // How a mask row is read: none, float32 added to the scaled scores, or bool (uint8, nonzero = attend).
@@ -32,6 +34,11 @@ struct AttnItem {
   int mask_kind = kMaskNone;
   const void* mask = nullptr;  // row of query i: mask + i * mask_ld elements (0: one row for all queries)
   int64_t mask_ld = 0;
+  // Packed inputs (kernels with write_qkv_group only; q, k, v unused): this head's Q, K and V in QkvPackedOut's
+  // layout (common.h), written by write_qkv_group.
+  const uint32_t* qp = nullptr;
+  const uint32_t* kp = nullptr;
+  const uint32_t* vp = nullptr;
 };
 
 // The kernels of one instruction set. Every attention kernel computes the numerics of docs/kernels.md
@@ -44,6 +51,8 @@ struct AttnKernels {
   // y[r] = LayerNorm(x[r] + res[r]) * gamma + beta for rows 0..rows-1 (res may be null; y may alias x or res).
   void (*add_layernorm)(const float* x, int64_t ldx, const float* res, int64_t ldr, int64_t rows, int64_t n,
                         const float* gamma, const float* beta, float eps, float* y, int64_t ldy);
+  // Optional (null: the kernel packs Q, K and V itself): the writer of QkvPackedOut, whose layout item then reads.
+  void (*write_qkv_group)(const QkvPackedOut& p, const float* staged, int T, int64_t n, int64_t m0, int rows);
 };
 
 const AttnKernels* attn_scalar_kernels();
@@ -73,6 +82,9 @@ struct AttnCall {
   // Only query rows q_begin .. q_end - 1 of each sequence (q_end < 0: to the end) are computed and written; keys
   // are always all seq tokens.
   int64_t q_begin = 0, q_end = -1;
+  // Q, K and V already packed (QkvPackedOut, sequence b at base + b * seq_words; q, k, v unused): only for
+  // kernels with write_qkv_group.
+  const QkvPackedOut* packed = nullptr;
 };
 void attention(const AttnCall& call, int nthreads);
 

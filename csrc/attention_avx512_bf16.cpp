@@ -165,9 +165,11 @@ void pack_v(const float* v, int64_t ldv, int64_t s, int64_t d, const Layout& L, 
   }
 }
 
-// Scores of kRows query rows x C key vectors: sc[r][16c + lane] = (sum_w q[r][w] . kp[w][16c + lane]) * scale.
+// Scores of kRows query rows x C key vectors: sc[r][16c + lane] = (sum_w q[r][w] . kp[w][16c + lane]) * scale,
+// with Q's word (r, w) at qw[w * qs + r * qr] (the item's bf16 Q rows, or the packed Q of QkvPackedOut).
 template <int C>
-void qk_block(const uint32_t* qw, int64_t pairs, const uint32_t* kp, int64_t sp, float scale, float* sc) {
+void qk_block(const uint32_t* qw, int64_t qs, int64_t qr, int64_t pairs, const uint32_t* kp, int64_t sp, float scale,
+              float* sc) {
   __m512 acc[kRows][C];
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) {
@@ -180,7 +182,7 @@ void qk_block(const uint32_t* qw, int64_t pairs, const uint32_t* kp, int64_t sp,
     for (int c = 0; c < C; ++c) kv[c] = _mm512_load_si512(kp + w * sp + c * kVec);
 #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r) {
-      const __m512i qb = _mm512_set1_epi32(static_cast<int>(qw[r * pairs + w]));
+      const __m512i qb = _mm512_set1_epi32(static_cast<int>(qw[w * qs + r * qr]));
 #pragma GCC unroll 4
       for (int c = 0; c < C; ++c) acc[r][c] = dpbf16(acc[r][c], qb, kv[c]);
     }
@@ -267,25 +269,102 @@ float softmax_row(float* sc, int64_t nvec, int64_t keys, int mask_kind, const vo
   return _mm512_reduce_add_ps(l);
 }
 
+// 16 lanes of bf16 pairs: word i = (bf16 lo[i], bf16 hi[i]), lo in the low half (as pack_k and pack_v write them).
+inline __m512i pairs16(__m512 lo, __m512 hi) {
+  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), bf16x32(lo, hi));
+}
+
+// QkvPackedOut's writer (common.h): channels n .. n + 15 of the Q/K/V product for tokens m0 .. m0 + rows - 1 of the
+// call, staged as [T token vectors][16 channels][16 tokens] floats. Q and K: each pair of channels is one row of
+// words with the tokens in lanes, as staged (no transpose); a vector of tokens may span sequences, and each run
+// of one sequence is stored under its own mask. V: the 16 channels of each token (a 16x16 transpose per token
+// vector) go to a line of token pairs, both tokens in one store when the pair is in the vector, else each its
+// half. Padding: Q and K's are left as they are (the scores of keys past seq are never read: the softmax masks
+// them, and rows past the queries are dropped), V's is zeroed by whoever writes the sequence's last token (its
+// probabilities are 0, but 0 x NaN would not be).
+void write_qkv_group(const QkvPackedOut& p, const float* staged, int T, int64_t n, int64_t m0, int rows) {
+  const int64_t width = p.heads * p.d;
+  const int64_t part = n / width, f = n % width, h = f / p.d, e0 = f % p.d;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int t = 0; t < T && 16 * t < rows; ++t) {
+    const float* g = staged + t * 16 * kVec;
+    const int lanes = rows - 16 * t < kVec ? rows - 16 * t : kVec;
+    const int64_t tok = p.token0 + m0 + 16 * t;  // the chunk's token in lane 0
+    if (part < 2) {
+      __m512i words[8];
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) {
+        words[c] = pairs16(_mm512_load_ps(g + 2 * c * kVec), _mm512_load_ps(g + (2 * c + 1) * kVec));
+      }
+      for (int lane = 0; lane < lanes;) {
+        const int64_t b = (tok + lane) / p.seq, i = (tok + lane) % p.seq;
+        const int len = static_cast<int>(lanes - lane < p.seq - i ? lanes - lane : p.seq - i);
+        const __mmask16 m = static_cast<__mmask16>(mask16(lane + len) & ~mask16(lane));
+        uint32_t* row = p.base + b * p.seq_words + (part == 0 ? p.q_off : p.k_off) + h * p.qk_head + (e0 / 2) * p.sp;
+        // lane j goes to token i - lane + j (masked-off lanes are not accessed, wherever they would point)
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; ++c) _mm512_mask_storeu_epi32(row + c * p.sp + i - lane, m, words[c]);
+        lane += len;
+      }
+      continue;
+    }
+    __m512i r[16];
+#pragma GCC unroll 16
+    for (int c = 0; c < 16; ++c) r[c] = _mm512_load_si512(g + c * kVec);
+    transpose16(r);  // r[j]: the 16 channels of token j
+    for (int j = 0; j < lanes; ++j) {
+      const int64_t b = (tok + j) / p.seq, i = (tok + j) % p.seq;
+      uint32_t* vbase = p.base + b * p.seq_words + p.v_off + h * p.v_head + e0;
+      uint32_t* line = vbase + (i / 2) * p.d;
+      const __m512 v = _mm512_castsi512_ps(r[j]);
+      int64_t last = i;  // the last token this step writes
+      if (i % 2 == 1) {
+        _mm512_mask_storeu_epi16(line, 0xAAAAAAAAu, pairs16(zero, v));  // its pair's first token wrote the rest
+      } else if (i + 1 == p.seq) {
+        _mm512_storeu_si512(line, pairs16(v, zero));  // the last token of an odd sequence: the pad token is 0
+      } else if (j + 1 < lanes) {
+        _mm512_storeu_si512(line, pairs16(v, _mm512_castsi512_ps(r[j + 1])));
+        ++j;
+        last = i + 1;
+      } else {
+        _mm512_mask_storeu_epi16(line, 0x55555555u, pairs16(v, zero));  // token i + 1 is in the next tile
+      }
+      if (last + 1 == p.seq) {
+        for (int64_t jp = (p.seq + 1) / 2; jp < p.sp2 / 2; ++jp) {
+          _mm512_storeu_si512(vbase + jp * p.d, _mm512_setzero_si512());
+        }
+      }
+    }
+  }
+}
+
 void item(const AttnItem& a, void* scratch) {
   const int64_t d = a.d;
   const int64_t s = a.causal ? (a.q1 < a.s ? a.q1 : a.s) : a.s;  // keys any row of this item may see
   const Layout L(d, a.s);
   char* base = static_cast<char*>(scratch);
-  uint32_t* kp = reinterpret_cast<uint32_t*>(base + L.k_off);
-  uint32_t* vp = reinterpret_cast<uint32_t*>(base + L.v_off);
+  uint32_t* kbuf = reinterpret_cast<uint32_t*>(base + L.k_off);
+  uint32_t* vbuf = reinterpret_cast<uint32_t*>(base + L.v_off);
   uint32_t* qw = reinterpret_cast<uint32_t*>(base + L.q_off);
   float* sc = reinterpret_cast<float*>(base + L.s_off);
   uint32_t* pw = reinterpret_cast<uint32_t*>(base + L.p_off);
   float* div = reinterpret_cast<float*>(base + L.l_off);
-  pack_k(a.k, a.ldk, s, d, L, kp);
-  pack_v(a.v, a.ldv, s, d, L, vp);
+  const bool packed = a.kp != nullptr;  // Q, K, V written by write_qkv_group (d is a multiple of 16 then)
+  const uint32_t* kp = packed ? a.kp : kbuf;
+  const uint32_t* vp = packed ? a.vp : vbuf;
+  if (!packed) {
+    pack_k(a.k, a.ldk, s, d, L, kbuf);
+    pack_v(a.v, a.ldv, s, d, L, vbuf);
+  }
   const int64_t pst = L.sp2 / 2, vst = L.dv * kVec;
   for (int64_t i0 = a.q0; i0 < a.q1; i0 += kBlock) {
     const int nb = static_cast<int>(a.q1 - i0 < kBlock ? a.q1 - i0 : kBlock);
     const int nbp = static_cast<int>(round_up(nb, kRows));
-    // Q rows as bf16 pairs; padding rows are zero.
-    for (int r = 0; r < nbp; ++r) {
+    // Q rows as bf16 pairs; padding rows are zero. (Packed Q: rows past nb are later queries or padding, computed
+    // and never used.)
+    for (int r = 0; r < (packed ? 0 : nbp); ++r) {
       uint32_t* dst = qw + r * L.pairs;
       for (int64_t w0 = 0; w0 < L.pairs; w0 += kVec) {
         __m512i q = _mm512_setzero_si512();
@@ -301,14 +380,15 @@ void item(const AttnItem& a, void* scratch) {
     const int64_t nvec = (keys_blk + kVec - 1) / kVec;
     for (int r0 = 0; r0 < nbp; r0 += kRows) {
       for (int64_t c0 = 0; c0 < nvec; c0 += kCols) {
-        const uint32_t* q = qw + r0 * L.pairs;
+        const uint32_t* q = packed ? a.qp + i0 + r0 : qw + r0 * L.pairs;
+        const int64_t qs = packed ? L.sp : 1, qr = packed ? 1 : L.pairs;
         const uint32_t* kk = kp + c0 * kVec;
         float* so = sc + r0 * L.sp + c0 * kVec;
         switch (nvec - c0 < kCols ? nvec - c0 : kCols) {
-          case 1: qk_block<1>(q, L.pairs, kk, L.sp, a.scale, so); break;
-          case 2: qk_block<2>(q, L.pairs, kk, L.sp, a.scale, so); break;
-          case 3: qk_block<3>(q, L.pairs, kk, L.sp, a.scale, so); break;
-          default: qk_block<4>(q, L.pairs, kk, L.sp, a.scale, so); break;
+          case 1: qk_block<1>(q, qs, qr, L.pairs, kk, L.sp, a.scale, so); break;
+          case 2: qk_block<2>(q, qs, qr, L.pairs, kk, L.sp, a.scale, so); break;
+          case 3: qk_block<3>(q, qs, qr, L.pairs, kk, L.sp, a.scale, so); break;
+          default: qk_block<4>(q, qs, qr, L.pairs, kk, L.sp, a.scale, so); break;
         }
       }
     }
@@ -396,7 +476,7 @@ void add_layernorm(const float* x, int64_t ldx, const float* res, int64_t ldr, i
   }
 }
 
-const AttnKernels kTable = {"avx512_bf16", scratch_bytes, item, add_layernorm};
+const AttnKernels kTable = {"avx512_bf16", scratch_bytes, item, add_layernorm, write_qkv_group};
 
 }  // namespace
 

@@ -111,7 +111,7 @@ void add_layernorm(const float* x, int64_t ldx, const float* res, int64_t ldr, i
   }
 }
 
-const AttnKernels kTable = {"scalar", scratch_bytes, item, add_layernorm};
+const AttnKernels kTable = {"scalar", scratch_bytes, item, add_layernorm, nullptr};
 
 }  // namespace
 

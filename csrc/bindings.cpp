@@ -35,7 +35,7 @@ using namespace nb::literals;
 namespace hf_sparse {
 namespace {
 
-constexpr int kAbiVersion = 9;
+constexpr int kAbiVersion = 10;
 
 enum Kind : int { kI8Sparse = 0, kI8Dense = 1, kF32Sparse = 2, kI8Csr = 3 };  // kI8Csr: SparseI8 with quads
 
@@ -343,6 +343,13 @@ class EncoderLayerPlan {
     if (ffn_fused) Packed::check_ffn(f1, f2);
     const Packed *pq = &q, *po = &o, *p1 = &f1, *p2 = &f2;
     call_.qkv = [pq](const float* x, int64_t m, float* y, int nt) { pq->forward(x, m, plain(y, pq), nt); };
+    if (q.kind() == kI8Sparse || q.kind() == kI8Csr) {  // the kernels that can write the attention's packed Q/K/V
+      call_.qkv_packed = [pq](const float* x, int64_t m, const QkvPackedOut& p, int nt) {
+        Output out;
+        out.qkv = &p;
+        pq->forward(x, m, out, nt);
+      };
+    }
     call_.out = [po, act_out](const float* x, int64_t m, float* y, int nt) {
       Output out = plain(y, po);
       out.act = act_out;
@@ -378,7 +385,7 @@ class EncoderLayerPlan {
   // beta2 (float32, hidden each).
   EncoderLayerCall call(uintptr_t x, uintptr_t y, int64_t batch, int64_t seq, int mask_kind, uintptr_t mask,
                         int64_t mask_sb, int64_t mask_sh, int64_t mask_sq, const uintptr_t* norms, double eps1,
-                        double eps2, int64_t chunk_tokens, bool split_sequences) const {
+                        double eps2, int64_t chunk_tokens, bool split_sequences, bool pack_qkv) const {
     if (batch < 0 || seq < 0) throw nb::value_error("encoder layer: batch and seq must be >= 0");
     check_mask_kind(mask_kind, "encoder layer");
     EncoderLayerCall c = call_;
@@ -399,6 +406,7 @@ class EncoderLayerPlan {
     c.eps2 = static_cast<float>(eps2);
     c.chunk_tokens = std::max<int64_t>(1, chunk_tokens);
     c.split_sequences = split_sequences;
+    c.pack_qkv = pack_qkv;
     return c;
   }
 
@@ -406,10 +414,10 @@ class EncoderLayerPlan {
   // LayerParallelism flags.
   int run(uintptr_t x, uintptr_t y, int64_t batch, int64_t seq, int mask_kind, uintptr_t mask, int64_t mask_sb,
           int64_t mask_sh, int64_t mask_sq, const std::vector<uintptr_t>& norms, double eps1, double eps2,
-          int64_t chunk_tokens, bool split_sequences, int nthreads, uintptr_t profile) const {
+          int64_t chunk_tokens, bool split_sequences, bool pack_qkv, int nthreads, uintptr_t profile) const {
     if (norms.size() != 4) throw nb::value_error("encoder layer: 4 LayerNorm parameter addresses expected");
     const EncoderLayerCall c = call(x, y, batch, seq, mask_kind, mask, mask_sb, mask_sh, mask_sq, norms.data(), eps1,
-                                    eps2, chunk_tokens, split_sequences);
+                                    eps2, chunk_tokens, split_sequences, pack_qkv);
     nb::gil_scoped_release release;
     return encoder_layer(c, clamp_threads(nthreads), reinterpret_cast<int64_t*>(profile));
   }
@@ -446,7 +454,7 @@ class EncoderStackPlan {
   // norms: 4 LayerNorm parameter addresses per layer (as EncoderLayer.run), eps: eps1, eps2 per layer.
   int run(uintptr_t x, uintptr_t y, uintptr_t scratch, int64_t batch, int64_t seq, int mask_kind, uintptr_t mask,
           int64_t mask_sb, int64_t mask_sh, int64_t mask_sq, const std::vector<uintptr_t>& norms,
-          const std::vector<double>& eps, int64_t chunk_tokens, bool split_sequences, int nthreads,
+          const std::vector<double>& eps, int64_t chunk_tokens, bool split_sequences, bool pack_qkv, int nthreads,
           uintptr_t profile) const {
     const size_t n = plans_.size();
     if (norms.size() != 4 * n || eps.size() != 2 * n) {
@@ -461,7 +469,7 @@ class EncoderStackPlan {
       const uintptr_t out = (n - 1 - l) % 2 == 0 ? y : scratch;
       calls.push_back(plans_[l]->call(in, out, batch, seq, mask_kind, mask, mask_sb, mask_sh, mask_sq,
                                       norms.data() + 4 * l, eps[2 * l], eps[2 * l + 1], chunk_tokens,
-                                      split_sequences));
+                                      split_sequences, pack_qkv));
       in = out;
     }
     nb::gil_scoped_release release;
@@ -686,16 +694,17 @@ NB_MODULE(_C, m) {
            "head_dim"_a, "scale"_a)
       .def("run", &EncoderLayerPlan::run, "x"_a, "y"_a, "batch"_a, "seq"_a, "mask_kind"_a, "mask"_a, "mask_sb"_a,
            "mask_sh"_a, "mask_sq"_a, "norms"_a, "eps1"_a, "eps2"_a, "chunk_tokens"_a, "split_sequences"_a,
-           "nthreads"_a, "profile"_a);
+           "pack_qkv"_a, "nthreads"_a, "profile"_a);
   nb::class_<EncoderStackPlan>(m, "EncoderStack")
       .def(nb::init<const std::vector<nb::object>&>(), "layers"_a)
       .def("run", &EncoderStackPlan::run, "x"_a, "y"_a, "scratch"_a, "batch"_a, "seq"_a, "mask_kind"_a, "mask"_a,
            "mask_sb"_a, "mask_sh"_a, "mask_sq"_a, "norms"_a, "eps"_a, "chunk_tokens"_a, "split_sequences"_a,
-           "nthreads"_a, "profile"_a);
+           "pack_qkv"_a, "nthreads"_a, "profile"_a);
   m.attr("LAYER_STEPS") = nb::make_tuple("qkv", "attention", "out", "norm1", "ffn", "norm2");
   m.attr("LAYER_PARALLELISM") = nb::make_tuple(nb::make_tuple("sequences", static_cast<int>(kSequenceParallel)),
                                                nb::make_tuple("tokens", static_cast<int>(kTokenParallel)),
                                                nb::make_tuple("steps", static_cast<int>(kStepParallel)));
+  m.attr("LAYER_PACKED_QKV") = static_cast<int>(kPackedQkv);
 
   m.def("i8_sparse_raw", &i8_sparse_raw);
   m.def("i8_ffn_raw", &i8_ffn_raw);

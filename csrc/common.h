@@ -64,6 +64,24 @@ struct SparseF32 {
   const int64_t* row_prefix = nullptr;  // (n + 1,) or null
 };
 
+// The Q/K/V product of an encoder layer written straight into the bf16 attention's packed inputs (attention.h,
+// "AttnCall::packed") instead of y: output channels 0..3W-1 are Q, K and V of `heads` heads of d features each
+// (W = heads * d, d a multiple of 16), token row r of the call is token token0 + r of the chunk, i.e. token
+// (token0 + r) % seq of sequence (token0 + r) / seq. Per sequence (seq_words 32-bit words from base), per head h:
+//   Q at q_off + h * qk_head, K at k_off + h * qk_head: [d/2][sp] words, word [w][i] = bf16 pair (feature 2w, 2w+1)
+//     of token i (what the attention packs K into; the Q K^T product broadcasts Q's words from the same layout);
+//   V at v_off + h * v_head: [sp2/2][d] words, word [j][e] = bf16 pair (token 2j, 2j+1) of feature e.
+// sp = seq rounded up to 16, sp2 to 32; V's padding tokens (seq .. sp2 - 1) are zero, written with the sequence's
+// last token (Q and K's padding is never used). The kernel stages 16 output channels x its tile's tokens (as floats after the epilogue,
+// [token vector][channel][16 tokens]) and hands them to write_group (the attention's file: it needs AVX512-BF16).
+struct QkvPackedOut {
+  uint32_t* base = nullptr;
+  int64_t token0 = 0, seq = 0, heads = 0, d = 0, sp = 0, sp2 = 0;
+  int64_t seq_words = 0, q_off = 0, k_off = 0, v_off = 0, qk_head = 0, v_head = 0;
+  // Channels n .. n + 15 (n a multiple of 16) of tokens m0 .. m0 + rows - 1 of the call (T token vectors).
+  void (*write_group)(const QkvPackedOut& p, const float* staged, int T, int64_t n, int64_t m0, int rows) = nullptr;
+};
+
 // Where a kernel writes: y (fp32, row stride ldy) or, for the accumulator debug entry, yi (int32, exact sums).
 // Token row r of the current tile goes to row m0 + r.
 struct Output {
@@ -75,6 +93,8 @@ struct Output {
   // Write whole 64-byte lines of y with non-temporal stores (set by the driver for outputs much larger than the
   // caches, 64-byte aligned rows): no read-for-ownership, and the weights stay cached. Kernels may ignore it.
   bool stream = false;
+  // Q/K/V for the bf16 attention instead of y (only kernels with IsaKernels::qkv_packed, sparse int8 tiles).
+  const QkvPackedOut* qkv = nullptr;
 };
 
 // Few-token kernels (decoding): rows n0..n1-1 of a sparse int8 product for tokens 0..rows-1 of row-major quantized
@@ -122,6 +142,8 @@ struct IsaKernels {
   // int8 CSR for a few tokens, optional (rows <= quads_few_rows; 0 / null: tiles at every M).
   int quads_few_rows;
   FewKernel quads_few;
+  // i8_sparse writes Output::qkv (output channels in whole groups of 16).
+  bool qkv_packed = false;
 };
 
 // Tokens per tile (mtp) for `rows` tokens of a quads weight on `isa`: the vector kernel takes one vector or a full

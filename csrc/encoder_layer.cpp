@@ -18,8 +18,10 @@
 #include <exception>
 #include <new>
 #include <thread>
+#include <vector>
 
 #include "attention.h"
+#include "linear.h"
 #include "scratch.h"
 #include "thread_pool.h"
 
@@ -47,17 +49,49 @@ struct StepTimer {
   }
 };
 
-// Intermediates of one chunk of up to `tokens` tokens.
+// Whether the layer's Q/K/V go straight into the attention's packed layout (EncoderLayerCall::qkv_packed).
+bool packs_qkv(const EncoderLayerCall& c) {
+  return c.pack_qkv && c.qkv_packed && c.head_dim % 16 == 0 && active_attn_kernels().write_qkv_group &&
+         qkv_packed_available();
+}
+
+// QkvPackedOut for sequences of c.seq tokens at base, the call's first token being token0 of the chunk.
+QkvPackedOut packed_layout(const EncoderLayerCall& c, void* base, int64_t token0) {
+  QkvPackedOut p;
+  p.base = static_cast<uint32_t*>(base);
+  p.token0 = token0;
+  p.seq = c.seq;
+  p.heads = c.heads;
+  p.d = c.head_dim;
+  p.sp = (c.seq + 15) / 16 * 16;
+  p.sp2 = (c.seq + 31) / 32 * 32;
+  p.qk_head = c.head_dim / 2 * p.sp;
+  p.v_head = p.sp2 / 2 * c.head_dim;
+  p.q_off = 0;
+  p.k_off = c.heads * p.qk_head;
+  p.v_off = 2 * c.heads * p.qk_head;
+  p.seq_words = p.v_off + c.heads * p.v_head;
+  p.write_group = active_attn_kernels().write_qkv_group;
+  return p;
+}
+
+// Intermediates of one chunk of up to `tokens` tokens (whole sequences). qkv holds the float32 Q/K/V rows or
+// their packed form, whichever is larger (+ 64 bytes: the attention may read up to 3 words past a packed Q).
 struct ChunkBuffers {
   float* qkv;
   float* ctx;
   float* a;
+  static size_t qkv_bytes(const EncoderLayerCall& c, int64_t tokens) {
+    const int64_t sp = (c.seq + 15) / 16 * 16, sp2 = (c.seq + 31) / 32 * 32;
+    const int64_t packed = (tokens / std::max<int64_t>(1, c.seq)) * c.width * (sp + sp2 / 2) * 4;
+    return align64(std::max(tokens * 3 * c.width * 4, packed) + 64);
+  }
   static size_t bytes(const EncoderLayerCall& c, int64_t tokens) {
-    return align64(tokens * 3 * c.width * 4) + align64(tokens * c.width * 4) + align64(tokens * c.hidden * 4);
+    return qkv_bytes(c, tokens) + align64(tokens * c.width * 4) + align64(tokens * c.hidden * 4);
   }
   ChunkBuffers(const EncoderLayerCall& c, int64_t tokens, char* p) {
     qkv = reinterpret_cast<float*>(p);
-    p += align64(tokens * 3 * c.width * 4);
+    p += qkv_bytes(c, tokens);
     ctx = reinterpret_cast<float*>(p);
     p += align64(tokens * c.width * 4);
     a = reinterpret_cast<float*>(p);
@@ -122,14 +156,22 @@ void finish_rows(const EncoderLayerCall& c, const float* ctx, const float* x, fl
   timer.done(kStepNorm2);
 }
 
-// Sequences b0 .. b0 + nb - 1 through the layer, each step on up to nt threads.
-void run_chunk(const EncoderLayerCall& c, int64_t b0, int64_t nb, int nt, const ChunkBuffers& buf, int64_t* prof) {
+// Sequences b0 .. b0 + nb - 1 through the layer, each step on up to nt threads (packed: packs_qkv(c)).
+void run_chunk(const EncoderLayerCall& c, int64_t b0, int64_t nb, int nt, const ChunkBuffers& buf, bool packed,
+               int64_t* prof) {
   const int64_t m = nb * c.seq;
   const float* x = c.x + b0 * c.seq * c.hidden;
   StepTimer timer(prof);
-  c.qkv(x, m, buf.qkv, nt);
+  AttnCall at = attention_call(c, buf.qkv, buf.ctx, b0, nb);
+  const QkvPackedOut layout = packed_layout(c, buf.qkv, 0);
+  if (packed) {
+    c.qkv_packed(x, m, layout, nt);
+    at.packed = &layout;
+  } else {
+    c.qkv(x, m, buf.qkv, nt);
+  }
   timer.done(kStepQkv);
-  attention(attention_call(c, buf.qkv, buf.ctx, b0, nb), nt);
+  attention(at, nt);
   timer.done(kStepAttention);
   finish_rows(c, buf.ctx, x, buf.a, c.y + b0 * c.seq * c.hidden, m, nt, timer);
 }
@@ -163,6 +205,7 @@ struct SequenceJob {
   size_t slot_bytes;  // per thread: 64 bytes unused, kLayerSteps counters (64 bytes), the chunk buffers
   // per chunk: 2 * (the next layer it needs) + 1 while a thread runs that layer; 2 * layers once through them all
   std::atomic<int>* state;
+  const char* packed;  // per layer: packs_qkv
   bool profile;
   FirstError error;
 
@@ -206,7 +249,7 @@ struct SequenceJob {
         }
         if (prof) prof[kJoined] = 1;  // (a thread that ran nothing stays out of the profile's mean)
         const EncoderLayerCall& call = calls[s / 2];
-        run_chunk(call, c * unit, unit, 1, ChunkBuffers(call, unit * call.seq, mine), prof);
+        run_chunk(call, c * unit, unit, 1, ChunkBuffers(call, unit * call.seq, mine), packed[s / 2] != 0, prof);
         state[c].store(s + 2, std::memory_order_release);
       }
     } catch (...) {
@@ -231,6 +274,7 @@ struct TokenJob {
   int64_t b;  // the sequence
   int64_t block_rows, blocks;
   int threads;
+  const char* packed;  // per layer: packs_qkv
   char* bufs[2];  // whole-sequence buffers (ChunkBuffers) of even and odd layers; each block writes its own rows
   int64_t* prof;  // threads x kProfileRow counters, or null
   // per layer: blocks whose phase A was taken / is done, whose phase B was taken; per layer x block: phase B done
@@ -260,7 +304,12 @@ struct TokenJob {
         if (l > 0) wait([&] { return done_b[(l - 1) * blocks + i].load(std::memory_order_acquire) != 0; });
         const int64_t r0 = i * block_rows, rows = std::min(block_rows, c.seq - r0);
         try {
-          if (!error.any()) c.qkv(c.x + (row0 + r0) * hidden, rows, buf.qkv + r0 * 3 * w, 1);
+          if (error.any()) {
+          } else if (packed[l]) {
+            c.qkv_packed(c.x + (row0 + r0) * hidden, rows, packed_layout(c, buf.qkv, r0), 1);
+          } else {
+            c.qkv(c.x + (row0 + r0) * hidden, rows, buf.qkv + r0 * 3 * w, 1);
+          }
         } catch (...) {
           error.capture();
         }
@@ -275,6 +324,8 @@ struct TokenJob {
         try {
           if (!error.any()) {
             AttnCall at = attention_call(c, buf.qkv, buf.ctx, b, 1);
+            const QkvPackedOut layout = packed_layout(c, buf.qkv, 0);
+            if (packed[l]) at.packed = &layout;
             at.q_begin = r0;
             at.q_end = r0 + rows;
             attention(at, 1);
@@ -294,11 +345,13 @@ struct TokenJob {
 void token_job_fn(void* ctx, int tid, int) { static_cast<TokenJob*>(ctx)->run(tid); }
 
 // Sequence b alone through every layer on `threads` threads, token parallel (see TokenJob).
-void run_sequence_tokens(const EncoderLayerCall* calls, int layers, int64_t b, int threads, int64_t* profile_ns) {
+void run_sequence_tokens(const EncoderLayerCall* calls, int layers, const char* packed, int64_t b, int threads,
+                         int64_t* profile_ns) {
   const EncoderLayerCall& c = calls[0];
   TokenJob job;
   job.calls = calls;
   job.layers = layers;
+  job.packed = packed;
   job.b = b;
   job.threads = threads;
   // threads x k blocks of nearly equal size, k the fewest that keeps a block within chunk_tokens
@@ -339,6 +392,12 @@ int encoder_stack(const EncoderLayerCall* calls, int layers, int nthreads, int64
   if (layers <= 0 || c.batch <= 0 || c.seq <= 0) return 0;
   int used = 0;
   const int nt = std::max(1, nthreads);
+  // decided once per call (the attention kernel in use may change between calls, never within one)
+  std::vector<char> packed(static_cast<size_t>(layers));
+  for (int l = 0; l < layers; ++l) {
+    packed[l] = packs_qkv(calls[l]);
+    if (packed[l]) used |= kPackedQkv;
+  }
   const int64_t per = std::max<int64_t>(1, std::min<int64_t>(c.batch, c.chunk_tokens / c.seq));
   size_t chunk_bytes = 0;  // the buffers of a chunk of `per` sequences, the widest layer's
   for (int l = 0; l < layers; ++l) chunk_bytes = std::max(chunk_bytes, ChunkBuffers::bytes(calls[l], per * c.seq));
@@ -352,6 +411,7 @@ int encoder_stack(const EncoderLayerCall* calls, int layers, int nthreads, int64
     SequenceJob job;
     job.calls = calls;
     job.layers = layers;
+    job.packed = packed.data();
     job.unit = unit;
     job.chunks = split / unit;
     job.threads = nt;
@@ -373,13 +433,13 @@ int encoder_stack(const EncoderLayerCall* calls, int layers, int nthreads, int64
   // The rest: one sequence at a time through every layer with its tokens split over the threads, or, for short
   // sequences (or split_sequences off), layer after layer in chunks with every step split over the threads.
   if (c.split_sequences && nt > 1 && c.seq / nt >= kMinTokensPerThread) {
-    for (int64_t b = split; b < c.batch; ++b) run_sequence_tokens(calls, layers, b, nt, profile_ns);
+    for (int64_t b = split; b < c.batch; ++b) run_sequence_tokens(calls, layers, packed.data(), b, nt, profile_ns);
     return used | kTokenParallel;
   }
   for (int l = 0; l < layers; ++l) {
     const ChunkBuffers buf(calls[l], per * c.seq, t_layer.get(chunk_bytes));
     for (int64_t b0 = split; b0 < c.batch; b0 += per) {
-      run_chunk(calls[l], b0, std::min(per, c.batch - b0), nt, buf, profile_ns);
+      run_chunk(calls[l], b0, std::min(per, c.batch - b0), nt, buf, packed[l] != 0, profile_ns);
     }
   }
   return used | kStepParallel;

@@ -7,11 +7,15 @@
 #include <cstdint>
 #include <functional>
 
+#include "common.h"
+
 namespace hf_sparse {
 
 // One Linear step: y (m rows, row stride = its output width) from x (m rows, row stride = its input width), on up
 // to nthreads threads. Called from worker threads too, without the GIL.
 using LinearStep = std::function<void(const float* x, int64_t m, float* y, int nthreads)>;
+// The Q/K/V step written straight into the bf16 attention's packed inputs (common.h, QkvPackedOut).
+using QkvPackedStep = std::function<void(const float* x, int64_t m, const QkvPackedOut& out, int nthreads)>;
 
 // Steps in the order they run; profile counters are indexed the same way.
 enum LayerStep : int { kStepQkv = 0, kStepAttention, kStepOut, kStepNorm1, kStepFfn, kStepNorm2, kLayerSteps };
@@ -21,6 +25,11 @@ struct EncoderLayerCall {
   LinearStep qkv;  // hidden -> 3 * width (Q, K, V side by side)
   LinearStep out;  // width -> hidden
   LinearStep ffn;  // hidden -> hidden (the whole FFN)
+  // qkv into the attention's packed layout, when its weight's kernels can write it (else null). Used when pack_qkv
+  // is set, head_dim is a multiple of 16 and the active attention kernel reads packed inputs: Q/K/V then never
+  // exist as float32 rows, and the attention packs nothing.
+  QkvPackedStep qkv_packed;
+  bool pack_qkv = true;
   int64_t hidden = 0, width = 0, heads = 0, head_dim = 0;
   float scale = 1.0f;
   int mask_kind = 0;              // MaskKind (attention.h)
@@ -40,6 +49,7 @@ enum LayerParallelism : int {
   kSequenceParallel = 1,  // whole chunks of sequences per thread
   kTokenParallel = 2,     // one sequence at a time, its tokens in blocks per thread (only K/V rows are shared)
   kStepParallel = 4,      // each step split over the threads (also: one thread)
+  kPackedQkv = 8,         // (not a split) Q/K/V went straight into the attention's packed layout (qkv_packed)
 };
 
 // Runs the layer and returns the LayerParallelism flags it used. With profile_ns (kLayerSteps counters) each

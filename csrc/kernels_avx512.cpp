@@ -464,9 +464,36 @@ struct TransposedOut {
   }
 };
 
+// Epilogue to the bf16 attention's packed Q/K/V (Output::qkv): rows staged as for TransposedOut, each group of 16
+// (n0 and n1 are multiples of 16: the drivers split rows so) handed to the attention file's writer, which packs Q
+// and K pairs without a transpose.
+template <int T>
+struct PackedQkvOut {
+  const SparseI8& w;
+  const Output& out;
+  Dequant<T> dq;
+  int rows;
+  Staging<T> st;
+  PackedQkvOut(const SparseI8& w_, const Output& out_, const float* sx, int rows_)
+      : w(w_), out(out_), dq(sx, rows_), rows(rows_) {}
+  __attribute__((always_inline)) void row(int64_t n, const __m512i* acc) {
+    const int r = static_cast<int>(n & 15);
+    __m512 y[T];
+    dq.apply(w, n, out.act, acc, y);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) _mm512_store_ps(reinterpret_cast<float*>(st.v[t][r]), y[t]);
+    if (r == 15) out.qkv->write_group(*out.qkv, reinterpret_cast<const float*>(st.v), T, n - 15, out.m0, rows);
+  }
+};
+
 template <int T>
 void i8_sparse_t(const SparseI8& w, const uint8_t* tile, int rows, const float* sx, int64_t n0, int64_t n1,
                  const Output& out) {
+  if (out.qkv) {
+    PackedQkvOut<T> epi(w, out, sx, rows);
+    sparse_rows<T>(w, tile, n0, n1, epi);
+    return;
+  }
   TransposedOut<T> epi(w, out, sx, rows, n0, n1);
   sparse_rows<T>(w, tile, n0, n1, epi);
   if (out.stream) _mm_sfence();  // order the non-temporal stores before the caller signals completion
@@ -891,7 +918,7 @@ void f32_sparse(const SparseF32& w, const float* tile, int mtp, int rows, int64_
 
 const IsaKernels kTable = {
     "avx512_vnni", kVec, kVec * kMaxT, 1, 128, quant_tile, quant_rows, i8_sparse, i8_dense, kFewRows,
-    i8_sparse_few, f32_tile, f32_sparse, i8_ffn_hidden, quads_tile, kQuadsFewRowsWords, quads_few,
+    i8_sparse_few, f32_tile, f32_sparse, i8_ffn_hidden, quads_tile, kQuadsFewRowsWords, quads_few, true,
 };
 
 }  // namespace

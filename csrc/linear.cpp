@@ -5,6 +5,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <stdexcept>
+#include <string>
 #include <thread>
 
 #include "isa.h"
@@ -350,11 +352,18 @@ void ffn_job_fn(void* ctx, int tid, int) { static_cast<const FfnJob*>(ctx)->run(
 
 }  // namespace
 
+bool qkv_packed_available() { return active_kernels().qkv_packed; }
+
 void linear_i8_sparse(const SparseI8& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out,
                       int nthreads) {
   if (m_rows <= 0 || w.n <= 0) return;
   const IsaKernels& isa = active_kernels();
-  if (const FewKernel few = few_kernel(isa, w, m_rows)) return run_few(isa, few, w, x, ldx, m_rows, out, nthreads);
+  if (out.qkv && (!isa.qkv_packed || w.n % 16 != 0)) {
+    throw std::logic_error("packed Q/K/V output: not supported by the " + std::string(isa.name) + " kernels");
+  }
+  // (the few-token kernels write rows; a packed Q/K/V always runs the tile kernel)
+  const FewKernel few = out.qkv ? nullptr : few_kernel(isa, w, m_rows);
+  if (few) return run_few(isa, few, w, x, ldx, m_rows, out, nthreads);
   SparseJob job{};
   job.isa = &isa;
   job.int8 = true;

@@ -24,8 +24,8 @@ class FusedEncoderStack:
 
     Call: `x` (batch, seq, hidden) float32, `mask` None or as `hf_sparse.ops.attention` takes it (the same for every
     layer) -> float32 (batch, seq, hidden). The one-call path needs what each layer's fast path needs (see
-    FusedEncoderLayer); otherwise the layers are called one by one. Each layer's `chunk_tokens` and
-    `split_sequences` are the first layer's here."""
+    FusedEncoderLayer); otherwise the layers are called one by one. Each layer's `chunk_tokens`,
+    `split_sequences` and `pack_qkv` are the first layer's here."""
 
     def __init__(self, layers: Sequence[FusedEncoderLayer]):
         layers = list(layers)
@@ -57,7 +57,7 @@ class FusedEncoderStack:
             flags = self._plan.run(
                 x.data_ptr(), y.data_ptr(), scratch.data_ptr(), batch, seq, kind, mk.data_ptr() if mk is not None else 0,
                 sb, sh, sq, [t.data_ptr() for t in params], eps, first.chunk_tokens, first.split_sequences,
-                ext._num_threads or torch.get_num_threads(), counters.address,
+                first.pack_qkv, ext._num_threads or torch.get_num_threads(), counters.address,
             )  # fmt: skip
         for layer in self.layers:
             layer._split_flags = flags

@@ -1,0 +1,131 @@
+"""Q/K/V written straight into the bf16 attention's packed layout (`FusedEncoderLayer.pack_qkv`, csrc: QkvPackedOut).
+
+Both ways round Q, K and V to bfloat16 the same way and sum in the same order, so the packed path must give the
+unpacked path's output bit for bit, whatever the sequence length (odd, shorter than a vector of 16 tokens, token
+tiles that span sequences), threads, split and chunking; and it must be taken exactly where it can be (AVX512-BF16
+attention, sparse int8 Q/K/V, head_dim a multiple of 16).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_sparse import ops
+from hf_sparse.nn import FusedEncoderStack
+from tests.nn.encoder_layers import assert_matches_reference, make_encoder_layer
+
+
+pytestmark = pytest.mark.skipif(not ops.extension_available(), reason="the fast path runs on the C++ kernels")
+
+BF16_ATTENTION = ops.extension_available() and ops.attention_isa() == "avx512_bf16"
+SHAPES = {"d16": (64, 4, 96), "d32": (64, 2, 96), "d64": (128, 2, 160)}  # hidden, heads, ffn
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def shape(request):
+    return SHAPES[request.param]
+
+
+def _mask(batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
+    """Key padding of a different length per sequence (additive float mask), as a tokenizer's batch gives."""
+    keep = torch.ones(batch, seq, dtype=torch.bool)
+    for b in range(batch):
+        keep[b, max(1, seq - 3 * b - int(torch.randint(0, 3, (1,), generator=gen))) :] = False
+    return torch.zeros(batch, 1, 1, seq).masked_fill(~keep[:, None, None, :], float("-inf"))
+
+
+def _both(layer, x, mask, nthreads, **settings):
+    """(unpacked output, packed output, whether the packed call packed), each after a different input of the same
+    shape (so that neither can pass on the other's intermediates)."""
+    ops.set_num_threads(nthreads)
+    for name, value in settings.items():
+        setattr(layer, name, value)
+    outs = []
+    try:
+        for pack in (False, True):
+            layer.pack_qkv = pack
+            layer(torch.randn_like(x), mask)
+            outs.append(layer(x, mask))
+            assert layer.qkv_packed is (pack and BF16_ATTENTION)
+    finally:
+        layer.pack_qkv, layer.split_sequences, layer.chunk_tokens = True, True, 256
+    return outs
+
+
+@pytest.mark.parametrize("qkv_layout", ["int8_block4", "int8_csr"])
+@pytest.mark.parametrize("seq", [1, 7, 16, 33, 70, 130])
+def test_packed_equals_unpacked(shape, threads, qkv_layout, seq):
+    hidden, heads, ffn = shape
+    layer = make_encoder_layer(seq, hidden, heads, ffn, qkv_layout=qkv_layout)
+    gen = torch.Generator().manual_seed(seq)
+    for batch in (1, 3):
+        x = torch.randn(batch, seq, hidden, generator=gen)
+        for mask in (None, _mask(batch, seq, gen)):
+            # whole sequences per thread, token blocks of one sequence, every step split (rows split over threads)
+            for nthreads, split, chunk in ((1, True, 256), (2, True, 256), (2, True, 40), (2, False, 256)):
+                plain, packed = _both(layer, x, mask, nthreads, split_sequences=split, chunk_tokens=chunk)
+                assert torch.equal(plain, packed), (batch, seq, nthreads, split, chunk, mask is not None)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_packed_matches_the_reference(shape, threads, seed):
+    hidden, heads, ffn = shape
+    layer = make_encoder_layer(seed, hidden, heads, ffn)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 45, hidden, generator=gen)
+    mask = _mask(4, 45, gen)
+    ops.set_num_threads(2)
+    got = layer(x, mask)
+    assert layer.qkv_packed is BF16_ATTENTION
+    assert_matches_reference(layer, got, x, mask)
+
+
+def test_stack_packed_equals_unpacked(threads):
+    hidden, heads, ffn = SHAPES["d32"]
+    layers = [make_encoder_layer(seed, hidden, heads, ffn) for seed in range(3)]
+    stack = FusedEncoderStack(layers)
+    gen = torch.Generator().manual_seed(0)
+    ops.set_num_threads(2)
+    for batch, seq in ((4, 70), (1, 100), (3, 9)):  # sequences per thread, token blocks, steps split
+        x = torch.randn(batch, seq, hidden, generator=gen)
+        mask = _mask(batch, seq, gen)
+        outs = []
+        for pack in (False, True):
+            layers[0].pack_qkv = pack  # the stack takes its first layer's setting
+            outs.append(stack(x, mask))
+            assert all(layer.qkv_packed is (pack and BF16_ATTENTION) for layer in layers)
+        layers[0].pack_qkv = True
+        assert torch.equal(outs[0], outs[1]), (batch, seq)
+        assert_matches_reference(stack, outs[1], x, mask)
+
+
+def test_only_where_it_can(threads):
+    x = torch.randn(2, 20, 64)
+    ops.set_num_threads(1)
+    odd = make_encoder_layer(0, 48, 4, 96)  # head_dim 12: the packed layout needs a multiple of 16
+    odd(torch.randn(2, 20, 48))
+    assert not odd.qkv_packed
+    dense = make_encoder_layer(0, 64, 2, 96, qkv_layout="int8_dense")  # only the sparse kernels write it
+    dense(x)
+    assert not dense.qkv_packed
+    layer = make_encoder_layer(0, 64, 2, 96)
+    expected = layer(x)
+    assert layer.qkv_packed is BF16_ATTENTION
+    layer.pack_qkv = False
+    assert torch.equal(layer(x), expected) and not layer.qkv_packed
+
+
+@pytest.mark.skipif(not BF16_ATTENTION, reason="the packed path needs the AVX512-BF16 attention")
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_lower_instruction_sets_do_not_pack(threads, isa):
+    layer = make_encoder_layer(0, 64, 2, 96)
+    x = torch.randn(2, 20, 64)
+    ops.set_num_threads(1)
+    ops.set_isa(isa)
+    try:
+        got = layer(x)
+        assert not layer.qkv_packed
+    finally:
+        ops.set_isa("auto")
+    assert_matches_reference(layer, got, x, None)
