@@ -1,13 +1,18 @@
-"""The whole encoder in one call (`FusedEncoderStackForward`) against its layers called one by one, interleaved.
+"""Two ways of running the same fused encoder, side by side in one process, interleaved.
 
     python benchmarks/speed/bench_encoder_stack.py                       # BERT-base 90% int8, both patterns
     python benchmarks/speed/bench_encoder_stack.py --pattern 4-block --batch 1 --rounds 20
+    python benchmarks/speed/bench_encoder_stack.py --compare pack_qkv    # Q/K/V packed for the attention or not
+
+--compare stack (default): the whole encoder in one call (`FusedEncoderStackForward`) against its layers called
+one by one (the encoder's one-call forward taken off the instance: the class's forward, every layer still fused,
+called from Python one after the other).
+--compare pack_qkv: the Q/K/V product writing bf16 straight into the attention's packed layout
+(`FusedEncoderLayer.pack_qkv`, the default) against float32 Q/K/V rows that the attention packs itself.
 
 The model is the speed benchmark's (random BERT-base weights, magnitude-pruned, `save_sparse` + `from_pretrained`).
-The same loaded model runs both ways: with the encoder's one-call forward, and with it taken off the instance (the
-class's forward: every layer still fused, called from Python one after the other). Each round times `--iters`
-forwards one way, then the other (which one first alternates), so both see the same machine state; the logits must
-be equal. Prints the median over rounds of each round's median, and the speed-up.
+Each round times `--iters` forwards one way, then the other (which one first alternates), so both see the same
+machine state; the logits must be equal. Prints the median over rounds of each round's median, and the speed-up.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_from_pretrained import load_bench_model  # noqa: E402
 from models import build_model  # noqa: E402
 
+from hf_sparse.integrations.encoder_layer import FusedEncoderForward  # noqa: E402
 from hf_sparse.integrations.encoder_stack import FusedEncoderStackForward  # noqa: E402
 
 
@@ -36,26 +43,52 @@ def _encoder(model: torch.nn.Module) -> torch.nn.Module:
     raise RuntimeError("the loaded model has no encoder running in one call (FusedEncoderStackForward)")
 
 
-def compare(model, inputs, rounds: int, iters: int) -> dict[str, float]:
-    """Median ms per forward with the one-call encoder ("stack") and with its layers one by one ("layers")."""
+def _ways_stack(model) -> tuple[dict[str, Callable[[], None]], Callable[[], None]]:
+    """ "layers" (one by one) and "stack" (one call), and what restores the model."""
     encoder = _encoder(model)
     stack = vars(encoder)["forward"]
-    modes = {
-        "stack": lambda: encoder.__dict__.__setitem__("forward", stack),
+    ways = {
         "layers": lambda: vars(encoder).pop("forward", None),
+        "stack": lambda: encoder.__dict__.__setitem__("forward", stack),
     }
-    medians = {name: [] for name in modes}
+    return ways, ways["stack"]
+
+
+def _ways_pack_qkv(model) -> tuple[dict[str, Callable[[], None]], Callable[[], None]]:
+    """ "unpacked" and "packed" Q/K/V (every fused layer's pack_qkv), and what restores the model."""
+    layers = [
+        vars(m)["forward"].fused for m in model.modules() if isinstance(vars(m).get("forward"), FusedEncoderForward)
+    ]
+    if not layers:
+        raise RuntimeError("the loaded model has no fused encoder layers (FusedEncoderForward)")
+
+    def use(pack: bool) -> None:
+        for layer in layers:
+            layer.pack_qkv = pack
+
+    ways = {"unpacked": lambda: use(False), "packed": lambda: use(True)}
+    return ways, ways["packed"]
+
+
+COMPARISONS = {"stack": _ways_stack, "pack_qkv": _ways_pack_qkv}
+
+
+def compare(model, inputs, rounds: int, iters: int, what: str = "stack") -> dict[str, float]:
+    """Median ms per forward each way of `what` (COMPARISONS: the baseline first, then the default)."""
+    ways, restore = COMPARISONS[what](model)
+    medians = {name: [] for name in ways}
     try:
         with torch.inference_mode():
             outputs = {}
-            for name, use in modes.items():
+            for name, use in ways.items():
                 use()
                 outputs[name] = model(**inputs).logits
-            if not torch.equal(outputs["stack"], outputs["layers"]):
-                raise RuntimeError("the one-call encoder and its layers one by one gave different logits")
+            first, second = outputs.values()
+            if not torch.equal(first, second):
+                raise RuntimeError(f"{' and '.join(ways)} gave different logits")
             for r in range(rounds):
-                for name in list(modes)[:: 1 if r % 2 == 0 else -1]:
-                    modes[name]()
+                for name in list(ways)[:: 1 if r % 2 == 0 else -1]:
+                    ways[name]()
                     times = []
                     for _ in range(iters):
                         start = time.perf_counter()
@@ -63,7 +96,7 @@ def compare(model, inputs, rounds: int, iters: int) -> dict[str, float]:
                         times.append(time.perf_counter() - start)
                     medians[name].append(statistics.median(times))
     finally:
-        encoder.__dict__["forward"] = stack
+        restore()
     return {name: statistics.median(values) * 1e3 for name, values in medians.items()}
 
 
@@ -76,9 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--iters", type=int, default=0, help="forwards per round and way (0: ~0.4 s of them)")
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="stack", help="which two ways (see above)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print("| pattern | batch | layers one by one (ms) | one call (ms) | speed-up |")
+    base, new = {"stack": ("layers one by one", "one call"), "pack_qkv": ("float32 Q/K/V", "packed Q/K/V")}[
+        args.compare
+    ]
+    print(f"| pattern | batch | {base} (ms) | {new} (ms) | speed-up |")
     print("|---|---:|---:|---:|---:|")
     for pattern in args.pattern:
         bench = build_model(args.size, args.sparsity, pattern)
@@ -91,10 +128,8 @@ def main(argv: list[str] | None = None) -> None:
                     start = time.perf_counter()
                     model(**inputs)
                     iters = max(1, int(0.4 / max(time.perf_counter() - start, 1e-4)))
-            ms = compare(model, inputs, args.rounds, iters)
-            print(
-                f"| {pattern} | {batch} | {ms['layers']:.2f} | {ms['stack']:.2f} | {ms['layers'] / ms['stack']:.3f}x |"
-            )
+            slow, fast = compare(model, inputs, args.rounds, iters, args.compare).values()
+            print(f"| {pattern} | {batch} | {slow:.2f} | {fast:.2f} | {slow / fast:.3f}x |")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ SCRIPT = REPO / "benchmarks" / "speed" / "bench_encoder_stack.py"
 
 
 @pytest.mark.skipif(not ops.extension_available(), reason="the fused encoder runs with the C++ kernels")
-def test_encoder_stack_bench_prints_both_ways():
+@pytest.mark.parametrize("what", ["stack", "pack_qkv"])
+def test_encoder_stack_bench_prints_both_ways(what):
     cmd = [sys.executable, str(SCRIPT), "--size", "tiny", "--batch", "1", "3", "--rounds", "2", "--iters", "2"]
+    cmd += ["--compare", what]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )
