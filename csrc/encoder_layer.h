@@ -40,7 +40,7 @@ struct EncoderLayerCall {
   const float* x = nullptr;  // (batch * seq, hidden)
   float* y = nullptr;        // (batch * seq, hidden), not aliasing x
   int64_t batch = 0, seq = 0;
-  int64_t chunk_tokens = 256;  // whole sequences per chunk, about this many tokens
+  int64_t chunk_tokens = 128;  // whole sequences per chunk, about this many tokens
   bool split_sequences = true;  // false: always split every step over the threads (kStepParallel) instead
 };
 

@@ -13,6 +13,7 @@ import torch
 
 from hf_sparse import ops
 from hf_sparse.nn import FusedEncoderLayer
+from hf_sparse.nn.encoder_layer import CHUNK_TOKENS
 from tests.nn.encoder_layers import HEADS, HIDDEN, assert_matches_reference, make_encoder_layer
 
 
@@ -24,7 +25,7 @@ def layer() -> FusedEncoderLayer:
     return make_encoder_layer(0)
 
 
-def _run(layer, x, mask, nthreads, split=True, chunk_tokens=256):
+def _run(layer, x, mask, nthreads, split=True, chunk_tokens=CHUNK_TOKENS):
     # First a different input of the same shape on one thread: it leaves other values in the calling thread's
     # scratch, so a split that skipped work could not pass on the intermediates of an earlier call.
     ops.set_num_threads(1)
@@ -34,7 +35,7 @@ def _run(layer, x, mask, nthreads, split=True, chunk_tokens=256):
     try:
         return layer(x, mask), layer.parallelism
     finally:
-        layer.split_sequences, layer.chunk_tokens = True, 256
+        layer.split_sequences, layer.chunk_tokens = True, CHUNK_TOKENS
 
 
 def _expected_split(batch: int, seq: int, nthreads: int) -> set[str]:

@@ -13,6 +13,7 @@ import torch
 
 from hf_sparse import ops
 from hf_sparse.nn import FusedEncoderStack
+from hf_sparse.nn.encoder_layer import CHUNK_TOKENS
 from tests.nn.encoder_layers import assert_matches_reference, make_encoder_layer
 
 
@@ -49,7 +50,7 @@ def _both(layer, x, mask, nthreads, **settings):
             outs.append(layer(x, mask))
             assert layer.qkv_packed is (pack and BF16_ATTENTION)
     finally:
-        layer.pack_qkv, layer.split_sequences, layer.chunk_tokens = True, True, 256
+        layer.pack_qkv, layer.split_sequences, layer.chunk_tokens = True, True, CHUNK_TOKENS
     return outs
 
 

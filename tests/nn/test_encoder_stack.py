@@ -11,6 +11,7 @@ import torch
 
 from hf_sparse import ops
 from hf_sparse.nn import FusedEncoderLayer, FusedEncoderStack
+from hf_sparse.nn.encoder_layer import CHUNK_TOKENS
 from tests.nn.encoder_layers import HEADS, HIDDEN, CountedPlan, make_encoder_layer
 
 
@@ -61,7 +62,7 @@ def test_equals_the_layers_one_by_one(layers, threads, batch, nthreads):
             got = stack(x, mask)
         finally:
             for layer in layers:
-                layer.chunk_tokens = 256
+                layer.chunk_tokens = CHUNK_TOKENS
         assert torch.equal(got, expected), f"batch {batch}, {nthreads} threads, chunks of {chunk_tokens} tokens"
         assert layers[0].parallelism  # the call says how it split the work
     assert plan.calls == 3, "the stack ran in one call each time"
@@ -82,7 +83,7 @@ def test_token_blocks_through_every_layer(layers, threads, batch):
             for _ in range(3):
                 assert torch.equal(stack(x, mask), expected), f"batch {batch}, chunks of {chunk_tokens} tokens"
         finally:
-            layers[0].chunk_tokens = 256
+            layers[0].chunk_tokens = CHUNK_TOKENS
         assert "tokens" in layers[0].parallelism
     assert plan.calls == 9
 
