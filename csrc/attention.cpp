@@ -126,7 +126,7 @@ void count(std::atomic<int64_t>* counters, const AttnKernels& k) {
 
 void attention(const AttnCall& c, int nthreads) {
   if (c.batch <= 0 || c.seq <= 0 || c.heads <= 0 || c.d <= 0) return;
-  const AttnKernels& kern = active_attn_kernels();
+  const AttnKernels& kern = c.kernels ? *c.kernels : active_attn_kernels();
   if (c.packed && !kern.write_qkv_group) {
     throw std::logic_error(std::string("attention: packed Q/K/V given to the ") + kern.name + " kernel");
   }

@@ -85,6 +85,8 @@ struct AttnCall {
   // Q, K and V already packed (QkvPackedOut, sequence b at base + b * seq_words; q, k, v unused): only for
   // kernels with write_qkv_group.
   const QkvPackedOut* packed = nullptr;
+  // The kernels to run (null: the active ones), e.g. the ones that wrote `packed`.
+  const AttnKernels* kernels = nullptr;
 };
 void attention(const AttnCall& call, int nthreads);
 

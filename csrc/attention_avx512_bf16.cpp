@@ -281,9 +281,9 @@ inline __m512i pairs16(__m512 lo, __m512 hi) {
 // words with the tokens in lanes, as staged (no transpose); a vector of tokens may span sequences, and each run
 // of one sequence is stored under its own mask. V: the 16 channels of each token (a 16x16 transpose per token
 // vector) go to a line of token pairs, both tokens in one store when the pair is in the vector, else each its
-// half. Padding: Q and K's are left as they are (the scores of keys past seq are never read: the softmax masks
-// them, and rows past the queries are dropped), V's is zeroed by whoever writes the sequence's last token (its
-// probabilities are 0, but 0 x NaN would not be).
+// half. Padding: Q and K's is left as it is (the scores of keys past seq are never read: the softmax masks them,
+// and rows past the queries are dropped); V is read up to the pair of the last token, whose second half, for an
+// odd seq, is written 0 with it (its probability is 0, but 0 x NaN would not be).
 void write_qkv_group(const QkvPackedOut& p, const float* staged, int T, int64_t n, int64_t m0, int rows) {
   const int64_t width = p.heads * p.d;
   const int64_t part = n / width, f = n % width, h = f / p.d, e0 = f % p.d;
@@ -301,11 +301,15 @@ void write_qkv_group(const QkvPackedOut& p, const float* staged, int T, int64_t 
       for (int lane = 0; lane < lanes;) {
         const int64_t b = (tok + lane) / p.seq, i = (tok + lane) % p.seq;
         const int len = static_cast<int>(lanes - lane < p.seq - i ? lanes - lane : p.seq - i);
-        const __mmask16 m = static_cast<__mmask16>(mask16(lane + len) & ~mask16(lane));
         uint32_t* row = p.base + b * p.seq_words + (part == 0 ? p.q_off : p.k_off) + h * p.qk_head + (e0 / 2) * p.sp;
-        // lane j goes to token i - lane + j (masked-off lanes are not accessed, wherever they would point)
+        // lanes lane .. lane + len - 1 go to tokens i .. i + len - 1 (moved down to lane 0 first when a run starts
+        // inside the vector, as where a sequence ends within it)
+        const __mmask16 run = static_cast<__mmask16>(mask16(lane + len) & ~mask16(lane));
 #pragma GCC unroll 8
-        for (int c = 0; c < 8; ++c) _mm512_mask_storeu_epi32(row + c * p.sp + i - lane, m, words[c]);
+        for (int c = 0; c < 8; ++c) {
+          const __m512i v = lane == 0 ? words[c] : _mm512_maskz_compress_epi32(run, words[c]);
+          _mm512_mask_storeu_epi32(row + c * p.sp + i, mask16(len), v);
+        }
         lane += len;
       }
       continue;
@@ -316,10 +320,8 @@ void write_qkv_group(const QkvPackedOut& p, const float* staged, int T, int64_t 
     transpose16(r);  // r[j]: the 16 channels of token j
     for (int j = 0; j < lanes; ++j) {
       const int64_t b = (tok + j) / p.seq, i = (tok + j) % p.seq;
-      uint32_t* vbase = p.base + b * p.seq_words + p.v_off + h * p.v_head + e0;
-      uint32_t* line = vbase + (i / 2) * p.d;
+      uint32_t* line = p.base + b * p.seq_words + p.v_off + h * p.v_head + e0 + (i / 2) * p.d;
       const __m512 v = _mm512_castsi512_ps(r[j]);
-      int64_t last = i;  // the last token this step writes
       if (i % 2 == 1) {
         _mm512_mask_storeu_epi16(line, 0xAAAAAAAAu, pairs16(zero, v));  // its pair's first token wrote the rest
       } else if (i + 1 == p.seq) {
@@ -327,14 +329,8 @@ void write_qkv_group(const QkvPackedOut& p, const float* staged, int T, int64_t 
       } else if (j + 1 < lanes) {
         _mm512_storeu_si512(line, pairs16(v, _mm512_castsi512_ps(r[j + 1])));
         ++j;
-        last = i + 1;
       } else {
         _mm512_mask_storeu_epi16(line, 0x55555555u, pairs16(v, zero));  // token i + 1 is in the next tile
-      }
-      if (last + 1 == p.seq) {
-        for (int64_t jp = (p.seq + 1) / 2; jp < p.sp2 / 2; ++jp) {
-          _mm512_storeu_si512(vbase + jp * p.d, _mm512_setzero_si512());
-        }
       }
     }
   }

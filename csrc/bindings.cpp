@@ -705,6 +705,7 @@ NB_MODULE(_C, m) {
                                                nb::make_tuple("tokens", static_cast<int>(kTokenParallel)),
                                                nb::make_tuple("steps", static_cast<int>(kStepParallel)));
   m.attr("LAYER_PACKED_QKV") = static_cast<int>(kPackedQkv);
+  m.attr("PACKED_QKV_MIN_SEQ") = kMinPackedSeq;
 
   m.def("i8_sparse_raw", &i8_sparse_raw);
   m.def("i8_ffn_raw", &i8_ffn_raw);

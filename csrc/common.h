@@ -71,15 +71,20 @@ struct SparseF32 {
 //   Q at q_off + h * qk_head, K at k_off + h * qk_head: [d/2][sp] words, word [w][i] = bf16 pair (feature 2w, 2w+1)
 //     of token i (what the attention packs K into; the Q K^T product broadcasts Q's words from the same layout);
 //   V at v_off + h * v_head: [sp2/2][d] words, word [j][e] = bf16 pair (token 2j, 2j+1) of feature e.
-// sp = seq rounded up to 16, sp2 to 32; V's padding tokens (seq .. sp2 - 1) are zero, written with the sequence's
-// last token (Q and K's padding is never used). The kernel stages 16 output channels x its tile's tokens (as floats after the epilogue,
+// sp = seq rounded up to 16, sp2 to 32; for an odd seq, the token after the last is zero in V (written with it;
+// the attention reads V up to that pair and Q, K's padding not at all). The kernel stages 16 output channels x its tile's tokens (as floats after the epilogue,
 // [token vector][channel][16 tokens]) and hands them to write_group (the attention's file: it needs AVX512-BF16).
+struct IsaKernels;
+
 struct QkvPackedOut {
   uint32_t* base = nullptr;
   int64_t token0 = 0, seq = 0, heads = 0, d = 0, sp = 0, sp2 = 0;
   int64_t seq_words = 0, q_off = 0, k_off = 0, v_off = 0, qk_head = 0, v_head = 0;
   // Channels n .. n + 15 (n a multiple of 16) of tokens m0 .. m0 + rows - 1 of the call (T token vectors).
   void (*write_group)(const QkvPackedOut& p, const float* staged, int T, int64_t n, int64_t m0, int rows) = nullptr;
+  // The Linear kernels that write it: the caller's snapshot, so that another thread switching the instruction set
+  // (hf_sparse.ops.set_isa) mid-call cannot pair this layout with kernels that do not write it.
+  const IsaKernels* isa = nullptr;
 };
 
 // Where a kernel writes: y (fp32, row stride ldy) or, for the accumulator debug entry, yi (int32, exact sums).

@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "attention.h"
-#include "linear.h"
+#include "isa.h"
 #include "scratch.h"
 #include "thread_pool.h"
 
@@ -49,14 +49,21 @@ struct StepTimer {
   }
 };
 
+// The kernel tables of one call, read once: another Python thread may switch the instruction set meanwhile
+// (hf_sparse.ops.set_isa), and a packed Q/K/V must be written and read by kernels that agree on it.
+struct CallKernels {
+  const IsaKernels* linear;
+  const AttnKernels* attn;
+};
+
 // Whether the layer's Q/K/V go straight into the attention's packed layout (EncoderLayerCall::qkv_packed).
-bool packs_qkv(const EncoderLayerCall& c) {
-  return c.pack_qkv && c.qkv_packed && c.head_dim % 16 == 0 && active_attn_kernels().write_qkv_group &&
-         qkv_packed_available();
+bool packs_qkv(const EncoderLayerCall& c, const CallKernels& k) {
+  return c.pack_qkv && c.qkv_packed && c.head_dim % 16 == 0 && c.seq >= kMinPackedSeq && k.attn->write_qkv_group &&
+         k.linear->qkv_packed;
 }
 
 // QkvPackedOut for sequences of c.seq tokens at base, the call's first token being token0 of the chunk.
-QkvPackedOut packed_layout(const EncoderLayerCall& c, void* base, int64_t token0) {
+QkvPackedOut packed_layout(const EncoderLayerCall& c, const CallKernels& k, void* base, int64_t token0) {
   QkvPackedOut p;
   p.base = static_cast<uint32_t*>(base);
   p.token0 = token0;
@@ -71,12 +78,13 @@ QkvPackedOut packed_layout(const EncoderLayerCall& c, void* base, int64_t token0
   p.k_off = c.heads * p.qk_head;
   p.v_off = 2 * c.heads * p.qk_head;
   p.seq_words = p.v_off + c.heads * p.v_head;
-  p.write_group = active_attn_kernels().write_qkv_group;
+  p.write_group = k.attn->write_qkv_group;
+  p.isa = k.linear;
   return p;
 }
 
 // Intermediates of one chunk of up to `tokens` tokens (whole sequences). qkv holds the float32 Q/K/V rows or
-// their packed form, whichever is larger (+ 64 bytes: the attention may read up to 3 words past a packed Q).
+// their packed form, whichever is larger.
 struct ChunkBuffers {
   float* qkv;
   float* ctx;
@@ -84,7 +92,7 @@ struct ChunkBuffers {
   static size_t qkv_bytes(const EncoderLayerCall& c, int64_t tokens) {
     const int64_t sp = (c.seq + 15) / 16 * 16, sp2 = (c.seq + 31) / 32 * 32;
     const int64_t packed = (tokens / std::max<int64_t>(1, c.seq)) * c.width * (sp + sp2 / 2) * 4;
-    return align64(std::max(tokens * 3 * c.width * 4, packed) + 64);
+    return align64(std::max(tokens * 3 * c.width * 4, packed));
   }
   static size_t bytes(const EncoderLayerCall& c, int64_t tokens) {
     return qkv_bytes(c, tokens) + align64(tokens * c.width * 4) + align64(tokens * c.hidden * 4);
@@ -156,17 +164,18 @@ void finish_rows(const EncoderLayerCall& c, const float* ctx, const float* x, fl
   timer.done(kStepNorm2);
 }
 
-// Sequences b0 .. b0 + nb - 1 through the layer, each step on up to nt threads (packed: packs_qkv(c)).
+// Sequences b0 .. b0 + nb - 1 through the layer, each step on up to nt threads (packed: packs_qkv(c, k)).
 void run_chunk(const EncoderLayerCall& c, int64_t b0, int64_t nb, int nt, const ChunkBuffers& buf, bool packed,
-               int64_t* prof) {
+               const CallKernels& k, int64_t* prof) {
   const int64_t m = nb * c.seq;
   const float* x = c.x + b0 * c.seq * c.hidden;
   StepTimer timer(prof);
   AttnCall at = attention_call(c, buf.qkv, buf.ctx, b0, nb);
-  const QkvPackedOut layout = packed_layout(c, buf.qkv, 0);
+  const QkvPackedOut layout = packed_layout(c, k, buf.qkv, 0);
   if (packed) {
     c.qkv_packed(x, m, layout, nt);
     at.packed = &layout;
+    at.kernels = k.attn;
   } else {
     c.qkv(x, m, buf.qkv, nt);
   }
@@ -206,6 +215,7 @@ struct SequenceJob {
   // per chunk: 2 * (the next layer it needs) + 1 while a thread runs that layer; 2 * layers once through them all
   std::atomic<int>* state;
   const char* packed;  // per layer: packs_qkv
+  CallKernels kernels;
   bool profile;
   FirstError error;
 
@@ -249,7 +259,8 @@ struct SequenceJob {
         }
         if (prof) prof[kJoined] = 1;  // (a thread that ran nothing stays out of the profile's mean)
         const EncoderLayerCall& call = calls[s / 2];
-        run_chunk(call, c * unit, unit, 1, ChunkBuffers(call, unit * call.seq, mine), packed[s / 2] != 0, prof);
+        run_chunk(call, c * unit, unit, 1, ChunkBuffers(call, unit * call.seq, mine), packed[s / 2] != 0, kernels,
+                  prof);
         state[c].store(s + 2, std::memory_order_release);
       }
     } catch (...) {
@@ -275,6 +286,7 @@ struct TokenJob {
   int64_t block_rows, blocks;
   int threads;
   const char* packed;  // per layer: packs_qkv
+  CallKernels kernels;
   char* bufs[2];  // whole-sequence buffers (ChunkBuffers) of even and odd layers; each block writes its own rows
   int64_t* prof;  // threads x kProfileRow counters, or null
   // per layer: blocks whose phase A was taken / is done, whose phase B was taken; per layer x block: phase B done
@@ -306,7 +318,7 @@ struct TokenJob {
         try {
           if (error.any()) {
           } else if (packed[l]) {
-            c.qkv_packed(c.x + (row0 + r0) * hidden, rows, packed_layout(c, buf.qkv, r0), 1);
+            c.qkv_packed(c.x + (row0 + r0) * hidden, rows, packed_layout(c, kernels, buf.qkv, r0), 1);
           } else {
             c.qkv(c.x + (row0 + r0) * hidden, rows, buf.qkv + r0 * 3 * w, 1);
           }
@@ -324,8 +336,11 @@ struct TokenJob {
         try {
           if (!error.any()) {
             AttnCall at = attention_call(c, buf.qkv, buf.ctx, b, 1);
-            const QkvPackedOut layout = packed_layout(c, buf.qkv, 0);
-            if (packed[l]) at.packed = &layout;
+            const QkvPackedOut layout = packed_layout(c, kernels, buf.qkv, 0);
+            if (packed[l]) {
+              at.packed = &layout;
+              at.kernels = kernels.attn;
+            }
             at.q_begin = r0;
             at.q_end = r0 + rows;
             attention(at, 1);
@@ -345,13 +360,14 @@ struct TokenJob {
 void token_job_fn(void* ctx, int tid, int) { static_cast<TokenJob*>(ctx)->run(tid); }
 
 // Sequence b alone through every layer on `threads` threads, token parallel (see TokenJob).
-void run_sequence_tokens(const EncoderLayerCall* calls, int layers, const char* packed, int64_t b, int threads,
-                         int64_t* profile_ns) {
+void run_sequence_tokens(const EncoderLayerCall* calls, int layers, const char* packed, const CallKernels& kernels,
+                         int64_t b, int threads, int64_t* profile_ns) {
   const EncoderLayerCall& c = calls[0];
   TokenJob job;
   job.calls = calls;
   job.layers = layers;
   job.packed = packed;
+  job.kernels = kernels;
   job.b = b;
   job.threads = threads;
   // threads x k blocks of nearly equal size, k the fewest that keeps a block within chunk_tokens
@@ -392,10 +408,11 @@ int encoder_stack(const EncoderLayerCall* calls, int layers, int nthreads, int64
   if (layers <= 0 || c.batch <= 0 || c.seq <= 0) return 0;
   int used = 0;
   const int nt = std::max(1, nthreads);
-  // decided once per call (the attention kernel in use may change between calls, never within one)
+  // decided once per call, with the kernel tables of this call
+  const CallKernels kernels{&active_kernels(), &active_attn_kernels()};
   std::vector<char> packed(static_cast<size_t>(layers));
   for (int l = 0; l < layers; ++l) {
-    packed[l] = packs_qkv(calls[l]);
+    packed[l] = packs_qkv(calls[l], kernels);
     if (packed[l]) used |= kPackedQkv;
   }
   const int64_t per = std::max<int64_t>(1, std::min<int64_t>(c.batch, c.chunk_tokens / c.seq));
@@ -412,6 +429,7 @@ int encoder_stack(const EncoderLayerCall* calls, int layers, int nthreads, int64
     job.calls = calls;
     job.layers = layers;
     job.packed = packed.data();
+    job.kernels = kernels;
     job.unit = unit;
     job.chunks = split / unit;
     job.threads = nt;
@@ -433,13 +451,15 @@ int encoder_stack(const EncoderLayerCall* calls, int layers, int nthreads, int64
   // The rest: one sequence at a time through every layer with its tokens split over the threads, or, for short
   // sequences (or split_sequences off), layer after layer in chunks with every step split over the threads.
   if (c.split_sequences && nt > 1 && c.seq / nt >= kMinTokensPerThread) {
-    for (int64_t b = split; b < c.batch; ++b) run_sequence_tokens(calls, layers, packed.data(), b, nt, profile_ns);
+    for (int64_t b = split; b < c.batch; ++b) {
+      run_sequence_tokens(calls, layers, packed.data(), kernels, b, nt, profile_ns);
+    }
     return used | kTokenParallel;
   }
   for (int l = 0; l < layers; ++l) {
     const ChunkBuffers buf(calls[l], per * c.seq, t_layer.get(chunk_bytes));
     for (int64_t b0 = split; b0 < c.batch; b0 += per) {
-      run_chunk(calls[l], b0, std::min(per, c.batch - b0), nt, buf, packed[l] != 0, profile_ns);
+      run_chunk(calls[l], b0, std::min(per, c.batch - b0), nt, buf, packed[l] != 0, kernels, profile_ns);
     }
   }
   return used | kStepParallel;

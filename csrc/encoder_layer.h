@@ -11,6 +11,11 @@
 
 namespace hf_sparse {
 
+// Sequences shorter than this keep float32 Q/K/V rows (EncoderLayerCall::qkv_packed): the packed layout pads each
+// sequence to 16 tokens (Q, K) and 32 (V), and the tokens of short sequences would each fill cache lines of their
+// own (measured slower at 1-8 tokens, faster from 32 on: benchmarks/RESULTS.md).
+constexpr int64_t kMinPackedSeq = 32;
+
 // One Linear step: y (m rows, row stride = its output width) from x (m rows, row stride = its input width), on up
 // to nthreads threads. Called from worker threads too, without the GIL.
 using LinearStep = std::function<void(const float* x, int64_t m, float* y, int nthreads)>;

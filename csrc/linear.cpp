@@ -352,14 +352,15 @@ void ffn_job_fn(void* ctx, int tid, int) { static_cast<const FfnJob*>(ctx)->run(
 
 }  // namespace
 
-bool qkv_packed_available() { return active_kernels().qkv_packed; }
-
 void linear_i8_sparse(const SparseI8& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out,
                       int nthreads) {
   if (m_rows <= 0 || w.n <= 0) return;
-  const IsaKernels& isa = active_kernels();
-  if (out.qkv && (!isa.qkv_packed || w.n % 16 != 0)) {
+  const IsaKernels& isa = out.qkv && out.qkv->isa ? *out.qkv->isa : active_kernels();
+  if (out.qkv && (!isa.qkv_packed || !out.qkv->write_group)) {
     throw std::logic_error("packed Q/K/V output: not supported by the " + std::string(isa.name) + " kernels");
+  }
+  if (out.qkv && w.n % 16 != 0) {
+    throw std::logic_error("packed Q/K/V output: " + std::to_string(w.n) + " output channels, not a multiple of 16");
   }
   // (the few-token kernels write rows; a packed Q/K/V always runs the tile kernel)
   const FewKernel few = out.qkv ? nullptr : few_kernel(isa, w, m_rows);

@@ -22,9 +22,6 @@ void linear_i8_ffn(const SparseI8& w1, int act1, const SparseI8& w2, const float
 void linear_f32_sparse(const SparseF32& w, const float* x, int64_t ldx, int64_t m_rows, const Output& out,
                        int nthreads);
 
-// Whether the active instruction set's sparse int8 kernel writes Output::qkv (the bf16 attention's packed Q/K/V).
-bool qkv_packed_available();
-
 // Kernel calls so far per instruction set name, then "few_tokens:<isa>" for the few-token kernel alone (tests
 // assert that the fast path ran).
 std::vector<std::pair<std::string, int64_t>> kernel_calls();

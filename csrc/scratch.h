@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 
 #if defined(__linux__)
@@ -43,6 +44,16 @@ inline void scratch_aligned_free(void* p) {
 #endif
 }
 
+// HF_SPARSE_POISON_SCRATCH=1 (read once; for tests): every ScratchBuffer::get fills the bytes asked for with 0xff
+// (NaN as float32 and as bfloat16), so a kernel that reads scratch it did not write shows it in its output.
+inline bool poison_scratch() {
+  static const bool on = [] {
+    const char* v = std::getenv("HF_SPARSE_POISON_SCRATCH");
+    return v && v[0] == '1';
+  }();
+  return on;
+}
+
 // A grow-only 64-byte aligned buffer owned by the calling thread. A kernel call takes all its scratch from the
 // caller's buffer before its job starts, so its workers never allocate; a whole-layer job (encoder_layer.cpp) runs
 // kernel calls on its workers, which then use their own buffers and catch what they throw (the caller rethrows).
@@ -62,6 +73,7 @@ class ScratchBuffer {
       if (!p_) throw std::bad_alloc();
       cap_ = cap;
     }
+    if (poison_scratch()) std::memset(p_, 0xff, bytes);
     return static_cast<char*>(p_);
   }
 

@@ -62,12 +62,30 @@ def _ways_pack_qkv(model) -> tuple[dict[str, Callable[[], None]], Callable[[], N
     if not layers:
         raise RuntimeError("the loaded model has no fused encoder layers (FusedEncoderForward)")
 
+    before = [layer.pack_qkv for layer in layers]
+
     def use(pack: bool) -> None:
         for layer in layers:
             layer.pack_qkv = pack
 
+    def restore() -> None:
+        for layer, pack in zip(layers, before):
+            layer.pack_qkv = pack
+
     ways = {"unpacked": lambda: use(False), "packed": lambda: use(True)}
-    return ways, ways["packed"]
+    return ways, restore
+
+
+def _check_pack_qkv(model) -> None:
+    """After a forward with packing on: it must have run (else the comparison measures nothing)."""
+    layers = [
+        vars(m)["forward"].fused for m in model.modules() if isinstance(vars(m).get("forward"), FusedEncoderForward)
+    ]
+    if not all(layer.qkv_packed for layer in layers):
+        raise RuntimeError(
+            "Q/K/V were not packed for the attention (needs the AVX512-BF16 attention, sparse int8 Q/K/V, head_dim a "
+            "multiple of 16 and sequences of 32 tokens or more): nothing to compare"
+        )
 
 
 COMPARISONS = {"stack": _ways_stack, "pack_qkv": _ways_pack_qkv}
@@ -83,6 +101,8 @@ def compare(model, inputs, rounds: int, iters: int, what: str = "stack") -> dict
             for name, use in ways.items():
                 use()
                 outputs[name] = model(**inputs).logits
+            if what == "pack_qkv":
+                _check_pack_qkv(model)
             first, second = outputs.values()
             if not torch.equal(first, second):
                 raise RuntimeError(f"{' and '.join(ways)} gave different logits")

@@ -1,12 +1,18 @@
 """Q/K/V written straight into the bf16 attention's packed layout (`FusedEncoderLayer.pack_qkv`, csrc: QkvPackedOut).
 
 Both ways round Q, K and V to bfloat16 the same way and sum in the same order, so the packed path must give the
-unpacked path's output bit for bit, whatever the sequence length (odd, shorter than a vector of 16 tokens, token
-tiles that span sequences), threads, split and chunking; and it must be taken exactly where it can be (AVX512-BF16
-attention, sparse int8 Q/K/V, head_dim a multiple of 16).
+unpacked path's output bit for bit, whatever the sequence length (odd, token tiles that span sequences), threads,
+split and chunking, also when the kernels' scratch starts out as NaN (HF_SPARSE_POISON_SCRATCH=1: nothing may read
+padding it did not write); and it must be taken exactly where it can be (AVX512-BF16 attention, sparse int8 Q/K/V,
+head_dim a multiple of 16, sequences of PACKED_QKV_MIN_SEQ tokens or more).
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +20,14 @@ import torch
 from hf_sparse import ops
 from hf_sparse.nn import FusedEncoderStack
 from hf_sparse.nn.encoder_layer import CHUNK_TOKENS
+from hf_sparse.ops import _extension as ext
 from tests.nn.encoder_layers import assert_matches_reference, make_encoder_layer
 
 
 pytestmark = pytest.mark.skipif(not ops.extension_available(), reason="the fast path runs on the C++ kernels")
 
 BF16_ATTENTION = ops.extension_available() and ops.attention_isa() == "avx512_bf16"
+MIN_SEQ = ext._C.PACKED_QKV_MIN_SEQ if ops.extension_available() else 32
 SHAPES = {"d16": (64, 4, 96), "d32": (64, 2, 96), "d64": (128, 2, 160)}  # hidden, heads, ffn
 
 
@@ -37,8 +45,8 @@ def _mask(batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _both(layer, x, mask, nthreads, **settings):
-    """(unpacked output, packed output, whether the packed call packed), each after a different input of the same
-    shape (so that neither can pass on the other's intermediates)."""
+    """(unpacked output, packed output), each after a different input of the same shape (so that neither can pass
+    on the other's intermediates); checks that the packed call packed where it can."""
     ops.set_num_threads(nthreads)
     for name, value in settings.items():
         setattr(layer, name, value)
@@ -48,14 +56,14 @@ def _both(layer, x, mask, nthreads, **settings):
             layer.pack_qkv = pack
             layer(torch.randn_like(x), mask)
             outs.append(layer(x, mask))
-            assert layer.qkv_packed is (pack and BF16_ATTENTION)
+            assert layer.qkv_packed is (pack and BF16_ATTENTION and x.shape[1] >= MIN_SEQ)
     finally:
         layer.pack_qkv, layer.split_sequences, layer.chunk_tokens = True, True, CHUNK_TOKENS
     return outs
 
 
 @pytest.mark.parametrize("qkv_layout", ["int8_block4", "int8_csr"])
-@pytest.mark.parametrize("seq", [1, 7, 16, 33, 70, 130])
+@pytest.mark.parametrize("seq", [7, 32, 33, 47, 70, 130])
 def test_packed_equals_unpacked(shape, threads, qkv_layout, seq):
     hidden, heads, ffn = shape
     layer = make_encoder_layer(seq, hidden, heads, ffn, qkv_layout=qkv_layout)
@@ -88,7 +96,7 @@ def test_stack_packed_equals_unpacked(threads):
     stack = FusedEncoderStack(layers)
     gen = torch.Generator().manual_seed(0)
     ops.set_num_threads(2)
-    for batch, seq in ((4, 70), (1, 100), (3, 9)):  # sequences per thread, token blocks, steps split
+    for batch, seq in ((4, 70), (1, 100), (3, 33)):  # sequences per thread, token blocks, steps split
         x = torch.randn(batch, seq, hidden, generator=gen)
         mask = _mask(batch, seq, gen)
         outs = []
@@ -102,10 +110,10 @@ def test_stack_packed_equals_unpacked(threads):
 
 
 def test_only_where_it_can(threads):
-    x = torch.randn(2, 20, 64)
+    x = torch.randn(2, 40, 64)
     ops.set_num_threads(1)
     odd = make_encoder_layer(0, 48, 4, 96)  # head_dim 12: the packed layout needs a multiple of 16
-    odd(torch.randn(2, 20, 48))
+    odd(torch.randn(2, 40, 48))
     assert not odd.qkv_packed
     dense = make_encoder_layer(0, 64, 2, 96, qkv_layout="int8_dense")  # only the sparse kernels write it
     dense(x)
@@ -113,6 +121,9 @@ def test_only_where_it_can(threads):
     layer = make_encoder_layer(0, 64, 2, 96)
     expected = layer(x)
     assert layer.qkv_packed is BF16_ATTENTION
+    short = torch.randn(3, MIN_SEQ - 1, 64)  # below the length where packing pays
+    layer(short)
+    assert not layer.qkv_packed
     layer.pack_qkv = False
     assert torch.equal(layer(x), expected) and not layer.qkv_packed
 
@@ -121,7 +132,7 @@ def test_only_where_it_can(threads):
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_lower_instruction_sets_do_not_pack(threads, isa):
     layer = make_encoder_layer(0, 64, 2, 96)
-    x = torch.randn(2, 20, 64)
+    x = torch.randn(2, 40, 64)
     ops.set_num_threads(1)
     ops.set_isa(isa)
     try:
@@ -130,3 +141,38 @@ def test_lower_instruction_sets_do_not_pack(threads, isa):
     finally:
         ops.set_isa("auto")
     assert_matches_reference(layer, got, x, None)
+
+
+_POISONED = """
+import torch
+from hf_sparse import ops
+from tests.nn.encoder_layers import make_encoder_layer
+ops.set_num_threads(2)
+for seq in (33, 35, 47, 63, 65, 97):
+    for qkv_layout in ("int8_block4", "int8_csr"):
+        layer = make_encoder_layer(seq, 64, 2, 96, qkv_layout=qkv_layout)
+        for batch in (1, 3):
+            x = torch.randn(batch, seq, 64, generator=torch.Generator().manual_seed(seq))
+            for split in (True, False):
+                layer.split_sequences = split
+                layer.pack_qkv = False
+                plain = layer(x)
+                layer.pack_qkv = True
+                packed = layer(x)
+                assert layer.qkv_packed, "the packed path did not run"
+                assert not packed.isnan().any(), f"NaN out of scratch: seq {seq} batch {batch} split {split}"
+                assert torch.equal(plain, packed), (seq, batch, split, qkv_layout)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not BF16_ATTENTION, reason="the packed path needs the AVX512-BF16 attention")
+def test_packed_reads_no_scratch_it_did_not_write():
+    """With every scratch buffer filled with NaN bytes first, odd sequences (whose V pads the last pair with a 0
+    token) and every split still give the unpacked output: the attention reads no padding the writer left as is."""
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "HF_SPARSE_POISON_SCRATCH": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _POISONED], capture_output=True, text=True, timeout=300, cwd=repo, env=env
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -75,10 +75,10 @@ class FusedEncoderLayer:
     split every step over the threads ("steps"). `layer.parallelism` holds the ones the last call used. int8 results
     are the same in every case (float32 CSR layers: up to the last bits).
 
-    With sparse int8 Q/K/V weights, a head_dim that is a multiple of 16 and the AVX512-BF16 attention, the Q/K/V
-    product writes its outputs in bfloat16 straight into the layouts the attention reads (`layer.qkv_packed` says
-    whether the last call did): no float32 Q/K/V rows, no packing in the attention, the same results bit for bit
-    (both round to bfloat16 the same way). `layer.pack_qkv = False` turns it off.
+    With sparse int8 Q/K/V weights, a head_dim that is a multiple of 16, sequences of at least 32 tokens and the
+    AVX512-BF16 attention, the Q/K/V product writes its outputs in bfloat16 straight into the layouts the attention
+    reads (`layer.qkv_packed` says whether the last call did): no float32 Q/K/V rows, no packing in the attention,
+    the same results bit for bit (both round to bfloat16 the same way). `layer.pack_qkv = False` turns it off.
 
     `FusedEncoderLayer.step_times`, None normally, may be set by a profiler (benchmarks/speed) to a dict: every
     fast-path call then adds each step's share of its wall time, in seconds, under the step's name ("qkv",
@@ -139,7 +139,7 @@ class FusedEncoderLayer:
             self._split_flags = self._plan.run(
                 x.data_ptr(), y.data_ptr(), batch, seq, kind, mk.data_ptr() if mk is not None else 0, sb, sh, sq,
                 [t.data_ptr() for t in params], self.norm1.eps, self.norm2.eps, self.chunk_tokens, self.split_sequences,
-                self.pack_qkv, ext._num_threads or torch.get_num_threads(), counters.address,
+                bool(self.pack_qkv), ext._num_threads or torch.get_num_threads(), counters.address,
             )  # fmt: skip
         return y
 
@@ -157,7 +157,8 @@ class FusedEncoderLayer:
 
     @property
     def qkv_packed(self) -> bool:
-        """Whether the last fast-path call wrote Q/K/V straight into the attention's packed layout (see above)."""
+        """Whether the last fast-path call wrote Q/K/V straight into the attention's packed layout (see above; after
+        a FusedEncoderStack call: whether it did for any of the stack's layers)."""
         return bool(self._split_flags & ext._C.LAYER_PACKED_QKV)
 
     def norm_params(self) -> list[torch.Tensor | None]:

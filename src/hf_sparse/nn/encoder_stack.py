@@ -57,7 +57,7 @@ class FusedEncoderStack:
             flags = self._plan.run(
                 x.data_ptr(), y.data_ptr(), scratch.data_ptr(), batch, seq, kind, mk.data_ptr() if mk is not None else 0,
                 sb, sh, sq, [t.data_ptr() for t in params], eps, first.chunk_tokens, first.split_sequences,
-                first.pack_qkv, ext._num_threads or torch.get_num_threads(), counters.address,
+                bool(first.pack_qkv), ext._num_threads or torch.get_num_threads(), counters.address,
             )  # fmt: skip
         for layer in self.layers:
             layer._split_flags = flags

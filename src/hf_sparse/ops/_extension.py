@@ -8,6 +8,8 @@ Environment variables (read when `hf_sparse.ops` is imported):
     HF_SPARSE_SPIN_US   microseconds the pool's threads spin waiting for the next call before they sleep (50).
     HF_SPARSE_DISABLE_EXTENSION=1   run the pure-torch reference kernels (slow; for debugging and tests).
     HF_SPARSE_DISABLE_CPU_FEATURES  e.g. avx512_vbmi,avx512_bf16: treat those CPU features as absent (tests).
+    HF_SPARSE_POISON_SCRATCH=1      fill the kernels' scratch with NaN bytes at every use (tests: a kernel reading
+                                    scratch it did not write shows it; slow).
 """
 
 from __future__ import annotations
