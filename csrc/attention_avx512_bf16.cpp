@@ -358,9 +358,9 @@ void item(const AttnItem& a, void* scratch) {
   for (int64_t i0 = a.q0; i0 < a.q1; i0 += kBlock) {
     const int nb = static_cast<int>(a.q1 - i0 < kBlock ? a.q1 - i0 : kBlock);
     const int nbp = static_cast<int>(round_up(nb, kRows));
-    // Q rows as bf16 pairs; padding rows are zero. (Packed Q: rows past nb are later queries or padding, computed
-    // and never used.)
-    for (int r = 0; r < (packed ? 0 : nbp); ++r) {
+    // Q rows as bf16 pairs; padding rows are zero. (Packed Q is read in place: rows past nb are later queries or
+    // padding, computed and never used.)
+    for (int r = 0; r < nbp && !packed; ++r) {
       uint32_t* dst = qw + r * L.pairs;
       for (int64_t w0 = 0; w0 < L.pairs; w0 += kVec) {
         __m512i q = _mm512_setzero_si512();

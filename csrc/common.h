@@ -72,8 +72,9 @@ struct SparseF32 {
 //     of token i (what the attention packs K into; the Q K^T product broadcasts Q's words from the same layout);
 //   V at v_off + h * v_head: [sp2/2][d] words, word [j][e] = bf16 pair (token 2j, 2j+1) of feature e.
 // sp = seq rounded up to 16, sp2 to 32; for an odd seq, the token after the last is zero in V (written with it;
-// the attention reads V up to that pair and Q, K's padding not at all). The kernel stages 16 output channels x its tile's tokens (as floats after the epilogue,
-// [token vector][channel][16 tokens]) and hands them to write_group (the attention's file: it needs AVX512-BF16).
+// the attention reads V up to that pair and Q, K's padding not at all). The kernel stages 16 output channels x its
+// tile's tokens (as floats after the epilogue, [token vector][channel][16 tokens]) and hands them to write_group
+// (the attention's file: it needs AVX512-BF16).
 struct IsaKernels;
 
 struct QkvPackedOut {

@@ -62,8 +62,10 @@ bool packs_qkv(const EncoderLayerCall& c, const CallKernels& k) {
          k.linear->qkv_packed;
 }
 
-// QkvPackedOut for sequences of c.seq tokens at base, the call's first token being token0 of the chunk.
+// QkvPackedOut for sequences of c.seq tokens at base, the call's first token being token0 of the chunk. Per
+// sequence it takes width * (sp + sp2 / 2) words, within the 3 * width * seq floats of the rows from kMinPackedSeq on.
 QkvPackedOut packed_layout(const EncoderLayerCall& c, const CallKernels& k, void* base, int64_t token0) {
+  static_assert(kMinPackedSeq >= 32, "ChunkBuffers::qkv holds a packed Q/K/V only from 32 tokens on");
   QkvPackedOut p;
   p.base = static_cast<uint32_t*>(base);
   p.token0 = token0;
@@ -83,23 +85,18 @@ QkvPackedOut packed_layout(const EncoderLayerCall& c, const CallKernels& k, void
   return p;
 }
 
-// Intermediates of one chunk of up to `tokens` tokens (whole sequences). qkv holds the float32 Q/K/V rows or
-// their packed form, whichever is larger.
+// Intermediates of one chunk of up to `tokens` tokens (whole sequences). qkv holds the float32 Q/K/V rows or their
+// packed form (smaller: see packed_layout).
 struct ChunkBuffers {
   float* qkv;
   float* ctx;
   float* a;
-  static size_t qkv_bytes(const EncoderLayerCall& c, int64_t tokens) {
-    const int64_t sp = (c.seq + 15) / 16 * 16, sp2 = (c.seq + 31) / 32 * 32;
-    const int64_t packed = (tokens / std::max<int64_t>(1, c.seq)) * c.width * (sp + sp2 / 2) * 4;
-    return align64(std::max(tokens * 3 * c.width * 4, packed));
-  }
   static size_t bytes(const EncoderLayerCall& c, int64_t tokens) {
-    return qkv_bytes(c, tokens) + align64(tokens * c.width * 4) + align64(tokens * c.hidden * 4);
+    return align64(tokens * 3 * c.width * 4) + align64(tokens * c.width * 4) + align64(tokens * c.hidden * 4);
   }
   ChunkBuffers(const EncoderLayerCall& c, int64_t tokens, char* p) {
     qkv = reinterpret_cast<float*>(p);
-    p += qkv_bytes(c, tokens);
+    p += align64(tokens * 3 * c.width * 4);
     ctx = reinterpret_cast<float*>(p);
     p += align64(tokens * c.width * 4);
     a = reinterpret_cast<float*>(p);

@@ -438,7 +438,9 @@ struct Dequant {
   }
 };
 
-// Epilogue to (M, N): rows staged, 16 at a time transposed into 16 consecutive output channels per token.
+// Epilogue to (M, N): rows staged, 16 at a time transposed into 16 consecutive output channels per token; or, with
+// Output::qkv, each group of 16 staged rows handed to the bf16 attention's writer (n0 and n1 are then multiples of
+// 16: the drivers split rows so), which packs Q and K pairs without a transpose.
 template <int T>
 struct TransposedOut {
   const SparseI8& w;
@@ -460,40 +462,17 @@ struct TransposedOut {
 #pragma GCC unroll 8
       for (int t = 0; t < T; ++t) _mm512_store_ps(reinterpret_cast<float*>(st.v[t][r]), y[t]);
     }
-    if (r == 15 || n == n1 - 1) store_group<T>(st, r + 1, rows, n - r, out);
-  }
-};
-
-// Epilogue to the bf16 attention's packed Q/K/V (Output::qkv): rows staged as for TransposedOut, each group of 16
-// (n0 and n1 are multiples of 16: the drivers split rows so) handed to the attention file's writer, which packs Q
-// and K pairs without a transpose.
-template <int T>
-struct PackedQkvOut {
-  const SparseI8& w;
-  const Output& out;
-  Dequant<T> dq;
-  int rows;
-  Staging<T> st;
-  PackedQkvOut(const SparseI8& w_, const Output& out_, const float* sx, int rows_)
-      : w(w_), out(out_), dq(sx, rows_), rows(rows_) {}
-  __attribute__((always_inline)) void row(int64_t n, const __m512i* acc) {
-    const int r = static_cast<int>(n & 15);
-    __m512 y[T];
-    dq.apply(w, n, out.act, acc, y);
-#pragma GCC unroll 8
-    for (int t = 0; t < T; ++t) _mm512_store_ps(reinterpret_cast<float*>(st.v[t][r]), y[t]);
-    if (r == 15) out.qkv->write_group(*out.qkv, reinterpret_cast<const float*>(st.v), T, n - 15, out.m0, rows);
+    if (r == 15 && out.qkv) {
+      out.qkv->write_group(*out.qkv, reinterpret_cast<const float*>(st.v), T, n - 15, out.m0, rows);
+    } else if (r == 15 || n == n1 - 1) {
+      store_group<T>(st, r + 1, rows, n - r, out);
+    }
   }
 };
 
 template <int T>
 void i8_sparse_t(const SparseI8& w, const uint8_t* tile, int rows, const float* sx, int64_t n0, int64_t n1,
                  const Output& out) {
-  if (out.qkv) {
-    PackedQkvOut<T> epi(w, out, sx, rows);
-    sparse_rows<T>(w, tile, n0, n1, epi);
-    return;
-  }
   TransposedOut<T> epi(w, out, sx, rows, n0, n1);
   sparse_rows<T>(w, tile, n0, n1, epi);
   if (out.stream) _mm_sfence();  // order the non-temporal stores before the caller signals completion
