@@ -17,7 +17,6 @@
 #include <chrono>
 #include <exception>
 #include <new>
-#include <thread>
 #include <vector>
 
 #include "attention.h"
@@ -246,8 +245,7 @@ struct SequenceJob {
         if (c < 0) c = ready(0, chunks, busy);
         if (c < 0) {
           if (!busy) return;  // every chunk is through every layer
-          cpu_relax();
-          if ((spins & 255) == 0) std::this_thread::yield();
+          spin_wait(spins);
           continue;
         }
         int s = state[c].load(std::memory_order_relaxed);
@@ -293,10 +291,7 @@ struct TokenJob {
 
   template <class Ready>
   void wait(Ready ready) {
-    for (int spins = 1; !ready() && !error.any(); ++spins) {
-      cpu_relax();
-      if ((spins & 255) == 0) std::this_thread::yield();
-    }
+    for (int spins = 1; !ready() && !error.any(); ++spins) spin_wait(spins);
   }
 
   void run(int tid) {

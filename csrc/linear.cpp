@@ -7,7 +7,6 @@
 #include <new>
 #include <stdexcept>
 #include <string>
-#include <thread>
 
 #include "isa.h"
 #include "scratch.h"
@@ -85,10 +84,7 @@ class OnceFlags {
       flags_[i].store(2, std::memory_order_release);
       return;
     }
-    for (int spins = 1; flags_[i].load(std::memory_order_acquire) != 2; ++spins) {
-      cpu_relax();
-      if ((spins & 255) == 0) std::this_thread::yield();
-    }
+    for (int spins = 1; flags_[i].load(std::memory_order_acquire) != 2; ++spins) spin_wait(spins);
   }
 
  private:

@@ -28,6 +28,11 @@ void cpu_relax() {
 #endif
 }
 
+void spin_wait(int spins) {
+  cpu_relax();
+  if ((spins & 255) == 0) std::this_thread::yield();
+}
+
 namespace {
 
 using Clock = std::chrono::steady_clock;

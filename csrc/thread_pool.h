@@ -39,4 +39,8 @@ int pool_size();
 // Relax the CPU inside a spin loop.
 void cpu_relax();
 
+// Step `spins` (counted from 1) of a wait on another thread: cpu_relax, and every 256 steps yield the core (the
+// thread waited for may share it).
+void spin_wait(int spins);
+
 }  // namespace hf_sparse

@@ -54,14 +54,19 @@ def _ways_stack(model) -> tuple[dict[str, Callable[[], None]], Callable[[], None
     return ways, ways["stack"]
 
 
-def _ways_pack_qkv(model) -> tuple[dict[str, Callable[[], None]], Callable[[], None]]:
-    """ "unpacked" and "packed" Q/K/V (every fused layer's pack_qkv), and what restores the model."""
+def _fused_layers(model) -> list:
+    """The model's FusedEncoderLayers (from their FusedEncoderForward)."""
     layers = [
         vars(m)["forward"].fused for m in model.modules() if isinstance(vars(m).get("forward"), FusedEncoderForward)
     ]
     if not layers:
         raise RuntimeError("the loaded model has no fused encoder layers (FusedEncoderForward)")
+    return layers
 
+
+def _ways_pack_qkv(model) -> tuple[dict[str, Callable[[], None]], Callable[[], None]]:
+    """ "unpacked" and "packed" Q/K/V (every fused layer's pack_qkv), and what restores the model."""
+    layers = _fused_layers(model)
     before = [layer.pack_qkv for layer in layers]
 
     def use(pack: bool) -> None:
@@ -78,10 +83,7 @@ def _ways_pack_qkv(model) -> tuple[dict[str, Callable[[], None]], Callable[[], N
 
 def _check_pack_qkv(model) -> None:
     """After a forward with packing on: it must have run (else the comparison measures nothing)."""
-    layers = [
-        vars(m)["forward"].fused for m in model.modules() if isinstance(vars(m).get("forward"), FusedEncoderForward)
-    ]
-    if not all(layer.qkv_packed for layer in layers):
+    if not all(layer.qkv_packed for layer in _fused_layers(model)):
         raise RuntimeError(
             "Q/K/V were not packed for the attention (needs the AVX512-BF16 attention, sparse int8 Q/K/V, head_dim a "
             "multiple of 16 and sequences of 32 tokens or more): nothing to compare"

@@ -6,7 +6,8 @@ products) with exact sums; the kernels sum in float32. The tolerance per output 
 where p2 is the row's largest probability below the maximum, divided by the row's sum: a score that float32 rounds
 the other way can move one probability across a bfloat16 rounding boundary (one bf16 ulp, <= 2^-7 of it); the
 largest one is exp(0), which rounds to bf16 1 in every kernel, and never moves. The exp itself is checked through
-the softmax's divisor (`test_the_softmax_divisor_is_accurate_to_float32`). A wrong key, head, mask or scale moves outputs by far more.
+the softmax's divisor (`test_the_softmax_divisor_is_accurate_to_float32`). A wrong key, head, mask or scale moves
+outputs by far more.
 Shapes are odd on purpose (sequence lengths off the 16-key vectors, head dims off the 16-lane vectors and odd).
 """
 

@@ -180,9 +180,9 @@ def pack_model(model: nn.Module, workload: str | None = None) -> dict[str, int]:
     """Pack every loaded `SparseLinear` of `model` for the kernels, in place: exact GELUs after a converted Linear
     are fused into its kernel, sibling Linears are packed side by side, the rest alone, then whole FFNs become one
     kernel call where the layouts allow, whole encoder layers as one call of six kernel steps (the attention
-    kernel included), and encoders whose layers are all fused as one call for all the layers. Automatic layouts are chosen for `workload` (None: `model_workload(model)`). The dense
-    loading copies are dropped, and parameters stop requiring gradients (the kernels have no backward). Returns
-    counts of what was done."""
+    kernel included), and encoders whose layers are all fused as one call for all the layers. Automatic layouts
+    are chosen for `workload` (None: `model_workload(model)`). The dense loading copies are dropped, and parameters
+    stop requiring gradients (the kernels have no backward). Returns counts of what was done."""
     workload = model_workload(model) if workload is None else workload
     modules = dict(model.named_modules())
     counts = {"linears": 0, "groups": 0, "fused_gelu": 0, "fused_ffn": 0, "fused_layers": 0, "fused_stacks": 0}

@@ -2,9 +2,9 @@
 
 `SparseLinear` replaces an `nn.Linear` (sparse and/or int8 weight), `Int8Embedding` an `nn.Embedding` stored as int8,
 `SiblingGroup` lets Linears that read the same input (attention Q/K/V) share one packed kernel call, and
-`FusedEncoderLayer` runs a whole post-LayerNorm encoder layer in one extension call (six kernel steps), `FusedEncoderStack` several
-layers in one call. They know nothing of transformers:
-`hf_sparse.integrations` puts them into a model.
+`FusedEncoderLayer` runs a whole post-LayerNorm encoder layer in one extension call (six kernel steps),
+`FusedEncoderStack` several layers in one call. They know nothing of transformers: `hf_sparse.integrations` puts
+them into a model.
 """
 
 from .encoder_layer import FusedEncoderLayer

@@ -138,8 +138,9 @@ class FusedEncoderLayer:
         with _StepCounters() as counters:
             self._split_flags = self._plan.run(
                 x.data_ptr(), y.data_ptr(), batch, seq, kind, mk.data_ptr() if mk is not None else 0, sb, sh, sq,
-                [t.data_ptr() for t in params], self.norm1.eps, self.norm2.eps, self.chunk_tokens, self.split_sequences,
-                bool(self.pack_qkv), ext._num_threads or torch.get_num_threads(), counters.address,
+                [t.data_ptr() for t in params], self.norm1.eps, self.norm2.eps, self.chunk_tokens,
+                self.split_sequences, bool(self.pack_qkv), ext._num_threads or torch.get_num_threads(),
+                counters.address,
             )  # fmt: skip
         return y
 

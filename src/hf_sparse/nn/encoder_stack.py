@@ -55,8 +55,9 @@ class FusedEncoderStack:
         eps = [e for layer in self.layers for e in (layer.norm1.eps, layer.norm2.eps)]
         with _StepCounters() as counters:
             flags = self._plan.run(
-                x.data_ptr(), y.data_ptr(), scratch.data_ptr(), batch, seq, kind, mk.data_ptr() if mk is not None else 0,
-                sb, sh, sq, [t.data_ptr() for t in params], eps, first.chunk_tokens, first.split_sequences,
+                x.data_ptr(), y.data_ptr(), scratch.data_ptr(), batch, seq, kind,
+                mk.data_ptr() if mk is not None else 0, sb, sh, sq, [t.data_ptr() for t in params], eps,
+                first.chunk_tokens, first.split_sequences,
                 bool(first.pack_qkv), ext._num_threads or torch.get_num_threads(), counters.address,
             )  # fmt: skip
         for layer in self.layers:
