@@ -26,6 +26,7 @@
 #include "common.h"
 #include "encoder_layer.h"
 #include "isa.h"
+#include "jit_block4.h"
 #include "linear.h"
 #include "thread_pool.h"
 
@@ -35,7 +36,7 @@ using namespace nb::literals;
 namespace hf_sparse {
 namespace {
 
-constexpr int kAbiVersion = 10;
+constexpr int kAbiVersion = 11;
 
 enum Kind : int { kI8Sparse = 0, kI8Dense = 1, kF32Sparse = 2, kI8Csr = 3 };  // kI8Csr: SparseI8 with quads
 
@@ -208,6 +209,11 @@ class Packed {
                       has_bias ? as<float>(bias_) : nullptr,
                       as<int64_t>(prefix_),
                       kind == kI8Csr};
+      jit_ = JitBlock4::build(si8_);  // null where it cannot run: the loops then do
+      if (jit_) {
+        si8_.jit = jit_->groups();
+        si8_.jit_groups = jit_->count();
+      }
     } else if (kind == kI8Dense) {
       di8_ = DenseI8{n, k, kb_, panels, as<int8_t>(values_), as<int32_t>(wsum_), as<float>(scale_),
                      has_bias ? as<float>(bias_) : nullptr};
@@ -296,6 +302,7 @@ class Packed {
 
   int kind() const { return kind_; }
   int64_t nnz() const { return nnz_; }
+  int64_t jit_bytes() const { return jit_ ? static_cast<int64_t>(jit_->bytes()) : 0; }
 
  private:
   template <class T>
@@ -309,6 +316,7 @@ class Packed {
   // The kernels read ptr_kernel_, a private copy: editing the public `ptr` tensor cannot send them out of bounds.
   Owned ptr_kernel_, ptr_public_, prefix_, cols_, values_, wsum_, scale_, bias_;
   SparseI8 si8_{};
+  std::unique_ptr<JitBlock4> jit_;  // generated code for si8_ (4-block on AVX-512 VNNI), or null
   DenseI8 di8_{};
   SparseF32 sf32_{};
 };
@@ -657,6 +665,9 @@ NB_MODULE(_C, m) {
     d["avx512_vbmi"] = f.avx512_vbmi;
     return d;
   });
+  m.def("set_jit", &set_jit_enabled, "on"_a, "Use the generated 4-block code where a weight has it.");
+  m.def("jit_enabled", &jit_enabled);
+  m.def("jit_calls", &jit_calls, "Tiles run through generated 4-block code so far.");
   m.def("set_spin_us", &set_spin_us, "us"_a);
   m.def("spin_us", &spin_us);
   m.def("pool_size", &pool_size);
@@ -686,7 +697,8 @@ NB_MODULE(_C, m) {
                   "nthreads"_a)
       .def("tensors", [](nb::handle self) { return nb::cast<const Packed&>(self).tensors(self); })
       .def_prop_ro("kind", &Packed::kind)
-      .def_prop_ro("nnz", &Packed::nnz);
+      .def_prop_ro("nnz", &Packed::nnz)
+      .def_prop_ro("jit_bytes", &Packed::jit_bytes);
 
   nb::class_<EncoderLayerPlan>(m, "EncoderLayer")
       .def(nb::init<nb::object, nb::object, nb::object, nb::object, bool, int, int, int, int64_t, int64_t, double>(),

@@ -30,6 +30,19 @@ constexpr int64_t kPanel = 128;
 // packed little-endian in values[b]. With `quads` (int8 CSR, for unstructured weights) entry e holds 4 nonzeros
 // of any input features instead: codes values[e] (little-endian) for features cols[4e] .. cols[4e+3] (a padded
 // entry repeats a feature with code 0); ptr counts entries, panels still span kPanel * 4 features.
+// Code generated for one int8 4-block weight (jit_block4.cpp, AVX-512 VNNI): group g computes the raw int32 sums of
+// output rows g * kJitRows .. g * kJitRows + kJitRows - 1 (fewer in the last group) for one 64-token tile
+// ([kb][64][4] u8, quant_tile's layout), written to sums[row][4][16] (token 16 t + j at [row][t][j]); `weights` is
+// the group's block values in the order its code reads them.
+constexpr int kJitRows = 28;  // accumulators per group: 28 zmm registers, one more for the activations
+using JitGroupFn = void (*)(const uint8_t* tile, const int32_t* weights, int32_t* sums);
+struct JitGroup {
+  JitGroupFn fn;
+  const int32_t* weights;
+};
+bool jit_enabled();     // the run-time switch (set_jit); defined in jit_block4.cpp
+void count_jit_call();  // one call of the generated code per tile, for kernel_calls("jit")
+
 struct SparseI8 {
   int64_t n = 0, k = 0, kb = 0;  // out_features, in_features, ceil(k / 4)
   int64_t panels = 0;            // ceil(kb / kPanel)
@@ -41,6 +54,8 @@ struct SparseI8 {
   const float* bias = nullptr;          // (n,) or null
   const int64_t* row_prefix = nullptr;  // (n + 1,) entries before row n (all panels), or null: balances threads
   bool quads = false;                   // int8 CSR: cols has 4 input features per entry
+  const JitGroup* jit = nullptr;        // generated code (4-block only), or null
+  int64_t jit_groups = 0;               // ceil(n / kJitRows) when jit is set
 };
 
 // int8 dense weight in panels of 16 output channels: packed[p][kb][c][j] = q_w[16 p + c][4 kb + j], zero-padded

@@ -376,7 +376,7 @@ __attribute__((always_inline)) inline void any_row(const SparseI8& w, const uint
 // panels whose slice of the tile stays close, with partial sums kept per row between passes. (Measured: the flat
 // loop runs ~15% faster than the same rows through the group and pass logic.)
 template <int T, class Epi>
-void sparse_rows(const SparseI8& w, const uint8_t* tile, int64_t n0, int64_t n1, Epi& epi) {
+void sparse_rows_loops(const SparseI8& w, const uint8_t* tile, int64_t n0, int64_t n1, Epi& epi) {
   constexpr int kSets = T >= 3 ? 2 : 4;
   const int64_t per_pass = passes_of(w.kb, 64 * T, w.panels);
   __m512i zero[T];
@@ -415,6 +415,42 @@ void sparse_rows(const SparseI8& w, const uint8_t* tile, int64_t n0, int64_t n1,
       }
     }
   }
+}
+
+// Rows n0..n1-1 through the weight's generated code (jit_block4.cpp) for the groups of kJitRows rows that lie
+// inside the range, the loops above for the rows around them; epi.row sees every row in order either way.
+template <class Epi>
+void jit_rows(const SparseI8& w, const uint8_t* tile, int64_t n0, int64_t n1, Epi& epi) {
+  const int64_t g0 = (n0 + kJitRows - 1) / kJitRows;
+  const int64_t g1 = n1 == w.n ? w.jit_groups : n1 / kJitRows;  // the last group may be short
+  if (g1 <= g0) return sparse_rows_loops<4>(w, tile, n0, n1, epi);
+  const int64_t a = g0 * kJitRows, b = g1 * kJitRows < w.n ? g1 * kJitRows : w.n;
+  if (n0 < a) sparse_rows_loops<4>(w, tile, n0, a, epi);
+  alignas(64) int32_t sums[kJitRows][4][16];
+  for (int64_t g = g0; g < g1; ++g) {
+    w.jit[g].fn(tile, w.jit[g].weights, &sums[0][0][0]);
+    const int64_t r0 = g * kJitRows;
+    const int rows = static_cast<int>(w.n - r0 < kJitRows ? w.n - r0 : kJitRows);
+    for (int i = 0; i < rows; ++i) {
+      const __m512i corr = _mm512_set1_epi32(-128 * w.weight_sum[r0 + i]);
+      __m512i acc[4];
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) acc[t] = _mm512_add_epi32(_mm512_load_si512(sums[i][t]), corr);
+      epi.row(r0 + i, acc);
+    }
+  }
+  if (b < n1) sparse_rows_loops<4>(w, tile, b, n1, epi);
+  count_jit_call();
+}
+
+// Rows n0..n1-1 of the sparse product for one tile (see sparse_rows_loops): 4-block weights with generated code
+// run it on full 64-token tiles.
+template <int T, class Epi>
+void sparse_rows(const SparseI8& w, const uint8_t* tile, int64_t n0, int64_t n1, Epi& epi) {
+  if constexpr (T == 4) {
+    if (w.jit && !w.quads && jit_enabled()) return jit_rows(w, tile, n0, n1, epi);
+  }
+  sparse_rows_loops<T>(w, tile, n0, n1, epi);
 }
 
 // y = ((acc * scale_x) * scale_w) + bias, rounded in that order like the reference, then the activation.

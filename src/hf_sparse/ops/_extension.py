@@ -6,6 +6,8 @@ Environment variables (read when `hf_sparse.ops` is imported):
                         torch's own OpenMP threads when the process has libgomp loaded (torch's Linux wheels),
                         looked up at run time, never linked; else on hf_sparse's small std::thread pool.
     HF_SPARSE_SPIN_US   microseconds the pool's threads spin waiting for the next call before they sleep (50).
+    HF_SPARSE_JIT=0     do not generate machine code for int8 4-block weights at pack time (the loops run instead;
+                        docs/kernels.md, "Generated 4-block code").
     HF_SPARSE_DISABLE_EXTENSION=1   run the pure-torch reference kernels (slow; for debugging and tests).
     HF_SPARSE_DISABLE_CPU_FEATURES  e.g. avx512_vbmi,avx512_bf16: treat those CPU features as absent (tests).
     HF_SPARSE_POISON_SCRATCH=1      fill the kernels' scratch with NaN bytes at every use (tests: a kernel reading
@@ -20,7 +22,7 @@ import warnings
 import torch
 
 
-_ABI_VERSION = 10
+_ABI_VERSION = 11
 _ISA_ENV = "HF_SPARSE_ISA"
 _DISABLE_ENV = "HF_SPARSE_DISABLE_CPU_FEATURES"
 _DISABLABLE = ("avx512_vbmi", "avx512_bf16")  # what csrc/isa.cpp lets the variable switch off
@@ -127,13 +129,16 @@ def kernel_calls(kind: str = "linear") -> dict[str, int]:
 
     kind "linear": the Linear kernels (fused FFN included) per instruction set; "few_tokens": of those, the calls
     that ran the few-token (decoding) int8 4-block kernel; "attention" / "layernorm": the attention /
-    add_layernorm kernels per attention kernel name (`attention_isa()`)."""
-    if kind not in ("linear", "few_tokens", "attention", "layernorm"):
+    add_layernorm kernels per attention kernel name (`attention_isa()`); "jit": 64-token tiles multiplied by
+    generated 4-block code (`{"avx512_vnni": n}`)."""
+    if kind not in ("linear", "few_tokens", "attention", "layernorm", "jit"):
         raise ValueError(
-            f"kernel_calls(kind={kind!r}): kind must be 'linear', 'few_tokens', 'attention' or 'layernorm'"
+            f"kernel_calls(kind={kind!r}): kind must be 'linear', 'few_tokens', 'attention', 'layernorm' or 'jit'"
         )
     if _C is None:
         return {}
+    if kind == "jit":
+        return {"avx512_vnni": _C.jit_calls()}
     if kind in ("linear", "few_tokens"):
         calls = dict(_C.kernel_calls())
         if kind == "linear":
@@ -152,6 +157,21 @@ def set_threads_backend(name: str) -> None:
     if _C is None:
         raise RuntimeError(f"cannot select a threads backend: {_load_error}")
     _C.set_threads_backend(name)
+
+
+def set_jit(enabled: bool) -> None:
+    """Whether int8 4-block weights multiply through the machine code generated for them at pack time (default
+    True; weights packed with HF_SPARSE_JIT=0, or on CPUs without AVX512-VNNI, have none and always run the
+    loops). Results are identical either way: the switch exists for comparisons and debugging."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"set_jit(enabled): enabled must be a bool, got {enabled!r}")
+    if _C is not None:
+        _C.set_jit(enabled)
+
+
+def jit_enabled() -> bool:
+    """The `set_jit` switch (False without the extension)."""
+    return bool(_C is not None and _C.jit_enabled())
 
 
 def set_spin_us(us: int) -> None:

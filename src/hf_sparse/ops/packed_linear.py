@@ -204,6 +204,12 @@ class PackedLinear:
         return sum(t.numel() * t.element_size() for t in self._tensors.values())
 
     @property
+    def jit_bytes(self) -> int:
+        """Bytes of machine code (and its reordered weight values) generated for this weight at pack time: int8
+        4-block weights on CPUs with AVX512-VNNI, else 0. Not part of `nbytes` or of saved checkpoints."""
+        return self._handle.jit_bytes if self._handle is not None else 0
+
+    @property
     def runs_extension(self) -> bool:
         """Whether calls run the C++ kernels (False: the pure-torch reference, or torch itself for fp32_dense)."""
         return self._handle is not None
