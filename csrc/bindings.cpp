@@ -667,6 +667,7 @@ NB_MODULE(_C, m) {
   });
   m.def("set_jit", &set_jit_enabled, "on"_a, "Use the generated 4-block code where a weight has it.");
   m.def("jit_enabled", &jit_enabled);
+  m.def("jit_available", &jit_available, "Whether int8 4-block weights packed now get generated code.");
   m.def("jit_calls", &jit_calls, "Tiles run through generated 4-block code so far.");
   m.def("set_spin_us", &set_spin_us, "us"_a);
   m.def("spin_us", &spin_us);

@@ -103,6 +103,7 @@ void emit_group(const SparseI8& w, int64_t r0, int rows, X86Emitter& e, std::vec
 }  // namespace
 
 bool jit_enabled() { return g_jit_on.load(std::memory_order_relaxed); }
+bool jit_available() { return jit_allowed(); }
 void set_jit_enabled(bool on) { g_jit_on.store(on, std::memory_order_relaxed); }
 void count_jit_call() { g_jit_calls.fetch_add(1, std::memory_order_relaxed); }
 int64_t jit_calls() { return g_jit_calls.load(); }

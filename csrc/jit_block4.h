@@ -32,6 +32,8 @@ class JitBlock4 {
 };
 
 void set_jit_enabled(bool on);
+// Whether packing generates code here (CPU, platform, HF_SPARSE_JIT; not whether the memory will be granted).
+bool jit_available();
 int64_t jit_calls();
 
 }  // namespace hf_sparse

@@ -174,6 +174,11 @@ def jit_enabled() -> bool:
     return bool(_C is not None and _C.jit_enabled())
 
 
+def jit_available() -> bool:
+    """Whether int8 4-block weights packed now get generated code (AVX512-VNNI, x86-64 Linux, not HF_SPARSE_JIT=0)."""
+    return bool(_C is not None and _C.jit_available())
+
+
 def set_spin_us(us: int) -> None:
     """Microseconds the kernel threads keep spinning for the next call before they sleep (HF_SPARSE_SPIN_US)."""
     if isinstance(us, bool) or not isinstance(us, int) or us < 0:

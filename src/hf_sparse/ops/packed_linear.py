@@ -32,6 +32,13 @@ INT8_BLOCK4_MAX_DENSITY = 0.55
 # (benchmarks/RESULTS.md, "int8 CSR"): 1.45-1.65x a 4-block on 4-block weights at 70-90% sparsity. A weight runs
 # CSR when its entries cost less than its 4-blocks and than dense int8.
 INT8_CSR_ENTRY_COST = 1.6
+# The same two costs where 4-block weights run their generated code (AVX512-VNNI; docs/kernels.md), which makes a
+# 4-block ~2x cheaper on dense-ish weights: dense int8 then only wins from ~0.85-0.9 of the 4-blocks nonzero
+# (bench_crossover.py, one weight; ~0.87 in BERT-base at batch 16, the code streaming from memory), and a CSR entry
+# costs 2.5-3.1 4-blocks (BERT-base at 70 / 80 / 90% unstructured, batch 16: benchmarks/RESULTS.md, "Generated
+# 4-block code"). Decoding runs the few-token kernels, not the generated code: the decode rule keeps the costs above.
+INT8_BLOCK4_JIT_MAX_DENSITY = 0.85
+INT8_CSR_ENTRY_COST_JIT = 2.8
 # workload="decode" (token-by-token generation, 1-4 tokens per step): costs relative to dense int8 = 1, affine in
 # the stored 4-blocks / CSR entries per 4-block of the weight, fitted on a 12-layer Llama-shaped decoder whose
 # weights stream from memory at every step (benchmarks/speed/bench_decode.py; benchmarks/RESULTS.md, "Token-by-token
@@ -307,6 +314,9 @@ def _auto_int8(codes: torch.Tensor, workload: str) -> Layout:
     if csr:
         costs[Layout.INT8_CSR] = INT8_CSR_ENTRY_COST * entries
     if workload != "decode":
+        if csr and ext.jit_available() and ext.jit_enabled():
+            costs[Layout.INT8_DENSE] = INT8_BLOCK4_JIT_MAX_DENSITY
+            costs[Layout.INT8_CSR] = INT8_CSR_ENTRY_COST_JIT * entries
         return min(costs, key=costs.get)
     # decode: the sparse layout the kernels' relative costs prefer (the same at few tokens: a CSR entry costs about
     # 1.6 4-blocks there too), kept when it beats dense int8 at 1-4 tokens per step
@@ -431,8 +441,10 @@ def pack_linear(
         layout: force a `Layout`; None chooses from the zeros. int8: the cheapest of INT8_BLOCK4 (cost: the
             fraction of 4-blocks holding a nonzero), INT8_DENSE (cost INT8_BLOCK4_MAX_DENSITY) and, when the
             AVX-512 VNNI kernels run, INT8_CSR (INT8_CSR_ENTRY_COST per entry of 4 nonzeros): 4-block patterns
-            run INT8_BLOCK4, unstructured ones INT8_CSR. fp32: FP32_CSR when at most FP32_CSR_MAX_DENSITY of the
-            weights are nonzero, else FP32_DENSE.
+            run INT8_BLOCK4, unstructured ones INT8_CSR. Where 4-block weights get generated code
+            (`jit_available()`), INT8_BLOCK4_JIT_MAX_DENSITY and INT8_CSR_ENTRY_COST_JIT replace those two
+            constants. fp32: FP32_CSR when at most FP32_CSR_MAX_DENSITY of the weights are nonzero, else
+            FP32_DENSE.
         activation: "none" or "gelu" (exact erf GELU fused into the kernel's epilogue).
         workload: what the automatic int8 layout is chosen for: "batch" (encoder batches, the rule above) or
             "decode" (token-by-token generation, 1-4 tokens per step: the few-token kernels against dense int8
@@ -457,8 +469,10 @@ def _describe(t) -> str:
 
 __all__ = [
     "FP32_CSR_MAX_DENSITY",
+    "INT8_BLOCK4_JIT_MAX_DENSITY",
     "INT8_BLOCK4_MAX_DENSITY",
     "INT8_CSR_ENTRY_COST",
+    "INT8_CSR_ENTRY_COST_JIT",
     "INT8_DECODE_BLOCK4_COST",
     "INT8_DECODE_CSR_COST",
     "INT8_DECODE_CSR_COST_NO_VBMI",
