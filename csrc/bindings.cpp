@@ -210,10 +210,7 @@ class Packed {
                       as<int64_t>(prefix_),
                       kind == kI8Csr};
       jit_ = JitBlock4::build(si8_);  // null where it cannot run: the loops then do
-      if (jit_) {
-        si8_.jit = jit_->groups();
-        si8_.jit_groups = jit_->count();
-      }
+      if (jit_) si8_.jit = jit_->groups();
     } else if (kind == kI8Dense) {
       di8_ = DenseI8{n, k, kb_, panels, as<int8_t>(values_), as<int32_t>(wsum_), as<float>(scale_),
                      has_bias ? as<float>(bias_) : nullptr};

@@ -26,10 +26,6 @@ constexpr int64_t kMaxInFeatures = 65536;
 // for a group of rows while that panel's slice of the activation tile stays in L1.
 constexpr int64_t kPanel = 128;
 
-// int8 4-block sparse weight: block b covers input features 4*cols[b] .. 4*cols[b]+3 and holds 4 int8 codes
-// packed little-endian in values[b]. With `quads` (int8 CSR, for unstructured weights) entry e holds 4 nonzeros
-// of any input features instead: codes values[e] (little-endian) for features cols[4e] .. cols[4e+3] (a padded
-// entry repeats a feature with code 0); ptr counts entries, panels still span kPanel * 4 features.
 // Code generated for one int8 4-block weight (jit_block4.cpp, AVX-512 VNNI): group g computes the raw int32 sums of
 // output rows g * kJitRows .. g * kJitRows + kJitRows - 1 (fewer in the last group) for one 64-token tile
 // ([kb][64][4] u8, quant_tile's layout), written to sums[row][4][16] (token 16 t + j at [row][t][j]); `weights` is
@@ -43,6 +39,10 @@ struct JitGroup {
 bool jit_enabled();     // the run-time switch (set_jit); defined in jit_block4.cpp
 void count_jit_call();  // one call of the generated code per tile, for kernel_calls("jit")
 
+// int8 4-block sparse weight: block b covers input features 4*cols[b] .. 4*cols[b]+3 and holds 4 int8 codes
+// packed little-endian in values[b]. With `quads` (int8 CSR, for unstructured weights) entry e holds 4 nonzeros
+// of any input features instead: codes values[e] (little-endian) for features cols[4e] .. cols[4e+3] (a padded
+// entry repeats a feature with code 0); ptr counts entries, panels still span kPanel * 4 features.
 struct SparseI8 {
   int64_t n = 0, k = 0, kb = 0;  // out_features, in_features, ceil(k / 4)
   int64_t panels = 0;            // ceil(kb / kPanel)
@@ -54,8 +54,7 @@ struct SparseI8 {
   const float* bias = nullptr;          // (n,) or null
   const int64_t* row_prefix = nullptr;  // (n + 1,) entries before row n (all panels), or null: balances threads
   bool quads = false;                   // int8 CSR: cols has 4 input features per entry
-  const JitGroup* jit = nullptr;        // generated code (4-block only), or null
-  int64_t jit_groups = 0;               // ceil(n / kJitRows) when jit is set
+  const JitGroup* jit = nullptr;        // generated code, ceil(n / kJitRows) groups (4-block only), or null
 };
 
 // int8 dense weight in panels of 16 output channels: packed[p][kb][c][j] = q_w[16 p + c][4 kb + j], zero-padded

@@ -12,15 +12,14 @@ namespace hf_sparse {
 
 class JitBlock4 {
  public:
-  // Generated code for w (4-block, not quads), or null where this platform cannot run it (not x86-64 Linux or
-  // macOS, no AVX-512 VNNI, HF_SPARSE_JIT=0, executable memory refused): the loops in kernels_avx512.cpp then run.
+  // Generated code for w (4-block, not quads), or null where it cannot run (not x86-64 Linux, no AVX-512 VNNI,
+  // HF_SPARSE_JIT=0, executable memory refused): the loops in kernels_avx512.cpp then run.
   static std::unique_ptr<JitBlock4> build(const SparseI8& w);
   ~JitBlock4();
   JitBlock4(const JitBlock4&) = delete;
   JitBlock4& operator=(const JitBlock4&) = delete;
 
   const JitGroup* groups() const { return groups_.data(); }
-  int64_t count() const { return static_cast<int64_t>(groups_.size()); }
   size_t bytes() const { return code_bytes_ + weights_.size() * sizeof(int32_t); }  // code + reordered values
 
  private:

@@ -422,7 +422,7 @@ void sparse_rows_loops(const SparseI8& w, const uint8_t* tile, int64_t n0, int64
 template <class Epi>
 void jit_rows(const SparseI8& w, const uint8_t* tile, int64_t n0, int64_t n1, Epi& epi) {
   const int64_t g0 = (n0 + kJitRows - 1) / kJitRows;
-  const int64_t g1 = n1 == w.n ? w.jit_groups : n1 / kJitRows;  // the last group may be short
+  const int64_t g1 = n1 == w.n ? (n1 + kJitRows - 1) / kJitRows : n1 / kJitRows;  // the last group may be short
   if (g1 <= g0) return sparse_rows_loops<4>(w, tile, n0, n1, epi);
   const int64_t a = g0 * kJitRows, b = g1 * kJitRows < w.n ? g1 * kJitRows : w.n;
   if (n0 < a) sparse_rows_loops<4>(w, tile, n0, a, epi);
