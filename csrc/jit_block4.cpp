@@ -97,7 +97,7 @@ void emit_group(const SparseI8& w, int64_t r0, int rows, X86Emitter& e, std::vec
 }  // namespace
 
 bool jit_available() {
-  const char* env = std::getenv("HF_SPARSE_JIT");
+  const char* env = std::getenv("HF_SPARSE_JIT");  // hf_sparse.ops checked it at import: unset, "0" or "1"
   if (env && std::strcmp(env, "0") == 0) return false;
   const CpuFeatures f = cpu_features();
   return HF_SPARSE_JIT_SUPPORTED && f.avx512f && f.avx512bw && f.avx512_vnni;

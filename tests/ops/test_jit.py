@@ -131,6 +131,16 @@ def test_env_switch_packs_without_code():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root, timeout=300)
 
 
+def test_env_switch_rejects_other_values():
+    env = dict(os.environ, HF_SPARSE_JIT="false")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, "-c", "import hf_sparse.ops"], env=env, cwd=root, timeout=300, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "HF_SPARSE_JIT='false': use 0" in proc.stderr
+
+
 def test_set_jit_rejects_non_bools():
     with pytest.raises(ValueError, match="enabled must be a bool"):
         ops.set_jit(1)

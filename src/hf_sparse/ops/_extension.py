@@ -58,6 +58,11 @@ def _load():
             f"{_DISABLE_ENV}={os.environ[_DISABLE_ENV]!r}: unknown feature(s) {unknown}; it takes a comma-separated "
             f"list of {', '.join(_DISABLABLE)}"
         )
+    jit = os.environ.get("HF_SPARSE_JIT", "").strip()
+    if jit not in ("", "0", "1"):
+        raise ValueError(
+            f"HF_SPARSE_JIT={jit!r}: use 0 (no generated code for int8 4-block weights) or 1 / unset (the default)"
+        )
     threads = os.environ.get("HF_SPARSE_THREADS", "auto").strip() or "auto"
     try:
         ext.set_threads_backend(threads)
