@@ -1,12 +1,13 @@
 """Writes csrc/gelu_table.h: the piecewise polynomials the vector kernels evaluate for the exact (erf) GELU.
 
-    gelu(v) = v / 2 + |v| g(|v|),   g(a) = erf(a / sqrt 2) / 2
-
-g is tabulated on [0, 6] in segments of equal width, a polynomial in t = u - round(u), u = a / width - 0.5 (t in
-[-0.5, 0.5]), fitted on Chebyshev nodes in double precision and rounded to float32. Beyond 6, g(6) rounds to 0.5f,
-so gelu(v) = v for v > 6 and 0 for v < -6 (the true values differ by less than 6e-9 |v|). One permute per
-coefficient picks each lane's segment: 16 segments of degree 4 for AVX-512 (`vpermps zmm`), 8 of degree 5 for AVX2
-(`vpermps ymm`). Run: python csrc/gen_gelu_table.py
+AVX-512: gelu(v) = v Phi(v) with Phi(v) = (1 + erf(v / sqrt 2)) / 2 tabulated on [-6, 6] in 32 segments of degree 4:
+v is clamped to [-6, 6] (one vrangeps), u = v / width + 15.5 (a little less, so that u < 31.5), the segment is
+round(u) and the polynomial's variable t = u - round(u) (one vreduceps); one vpermt2ps (two 16-entry halves) per
+coefficient picks each lane's segment. The end segments are exactly 0 and 1 (|Phi - 0 or 1| < 1e-8 there), so
+gelu(v) = v above 5.625, 0 below -5.625, inf at inf and NaN at -inf as in torch.
+AVX2: gelu(v) = v / 2 + |v| g(|v|) with g(a) = erf(a / sqrt 2) / 2 on [0, 6] in 8 segments of degree 5, u = a / width
+- 0.5 (`vpermps ymm`); beyond 6, g(6) rounds to 0.5f.
+Fitted on Chebyshev nodes in double precision and rounded to float32. Run: python csrc/gen_gelu_table.py
 """
 
 from __future__ import annotations
@@ -18,22 +19,37 @@ import numpy as np
 
 
 RANGE = 6.0
-TABLES = {"kGelu16": (16, 4), "kGelu8": (8, 5)}  # name: (segments, degree)
+PHI_SEGMENTS, PHI_DEGREE = 32, 4
+# u = clamp(v) * PHI_SCALE + 16 stays in (0.5, 31.5), so round(u) is a segment 1 .. 31 (segment 0 is unused) and
+# t = u - round(u) is in [-0.5, 0.5]
+PHI_SCALE = np.float32(15.5 / RANGE * (1 - 2.0**-12))
+G_TABLES = {"kGelu8": (8, 5)}  # name: (segments, degree)
 
 
 def g(a: float) -> float:
     return 0.5 * math.erf(a / math.sqrt(2.0))
 
 
-def fit(segments: int, degree: int) -> tuple[np.ndarray, float]:
+def phi(v: float) -> float:
+    return 0.5 * (1.0 + math.erf(v / math.sqrt(2.0)))
+
+
+NODES = 0.5 * np.cos(np.pi * (np.arange(64) + 0.5) / 64)  # t in [-0.5, 0.5]
+
+
+def cheb_poly(f, degree: int) -> np.ndarray:
+    """Float32 coefficients (t^0 first) of f(t) on [-0.5, 0.5]."""
+    cheb = np.polynomial.chebyshev.chebfit(2 * NODES, [f(t) for t in NODES], degree)
+    return (np.polynomial.chebyshev.cheb2poly(cheb) * 2.0 ** np.arange(degree + 1)).astype(np.float32)
+
+
+def fit_g(segments: int, degree: int) -> tuple[np.ndarray, float]:
     width = RANGE / segments
     coefs, worst = [], 0.0
-    nodes = 0.5 * np.cos(np.pi * (np.arange(64) + 0.5) / 64)  # t in [-0.5, 0.5]
     check = np.linspace(-0.5, 0.5, 2001)
     for s in range(segments):
         a0 = (s + 0.5) * width  # segment centre
-        cheb = np.polynomial.chebyshev.chebfit(2 * nodes, [g(a0 + t * width) for t in nodes], degree)
-        poly = (np.polynomial.chebyshev.cheb2poly(cheb) * 2.0 ** np.arange(degree + 1)).astype(np.float32)
+        poly = cheb_poly(lambda t, a0=a0: g(a0 + t * width), degree)
         approx = np.polyval(poly[::-1].astype(np.float64), check)
         exact = np.array([g(a0 + t * width) for t in check])
         worst = max(worst, float(np.max(np.abs(approx - exact) * (a0 + check * width))))  # error of |v| g
@@ -41,10 +57,30 @@ def fit(segments: int, degree: int) -> tuple[np.ndarray, float]:
     return np.array(coefs), worst
 
 
-def table(name: str, segments: int, degree: int) -> list[str]:
-    coefs, worst = fit(segments, degree)
+def fit_phi() -> tuple[np.ndarray, float]:
+    """Segment s covers u in [s - 0.5, s + 0.5], v = (u - 16) / PHI_SCALE; the end segments are constants."""
+    scale = float(PHI_SCALE)
+    coefs = np.zeros((PHI_SEGMENTS, PHI_DEGREE + 1), np.float32)
+    for s in range(2, PHI_SEGMENTS - 1):
+        coefs[s] = cheb_poly(lambda t, s=s: phi((s + t - 16) / scale), PHI_DEGREE)
+    coefs[-1, 0] = 1.0
+    # the kernel's arithmetic in float32 over a fine grid (and past the clamp), against double precision
+    v = np.linspace(-7.0, 7.0, 1_400_001, dtype=np.float32)
+    u = np.clip(v, -RANGE, RANGE).astype(np.float64) * float(PHI_SCALE) + 16.0  # exact, as inside the FMAs
+    k = np.rint(u)  # the FMA's rounding at 1.5 * 2^23 (float32 spacing 1, ties to even)
+    t, idx = (u - k).astype(np.float32), k.astype(np.int64)
+    p = coefs[idx, PHI_DEGREE]
+    for j in range(PHI_DEGREE - 1, -1, -1):
+        p = (p * t + coefs[idx, j]).astype(np.float32)
+    exact = np.array([x * phi(x) for x in v.astype(np.float64)])
+    worst = float(np.max(np.abs((v * p).astype(np.float64) - exact) / np.maximum(np.abs(v), 1.0)))
+    return coefs, worst
+
+
+def emit(name: str, coefs: np.ndarray, comment: str) -> list[str]:
+    segments, degree = coefs.shape[0], coefs.shape[1] - 1
     lines = [
-        f"// {segments} segments of width {RANGE / segments:g}, degree {degree}; largest error of |v| g(|v|): {worst:.2e}.",
+        comment,
         f"// {name}[j][s]: coefficient of t^j in segment s.",
         f"constexpr int {name}Degree = {degree};",
         f"alignas(64) static const float {name}[{degree + 1}][{segments}] = {{",
@@ -59,7 +95,6 @@ def table(name: str, segments: int, degree: int) -> list[str]:
 def main() -> None:
     lines = [
         "// Generated by csrc/gen_gelu_table.py; do not edit.",
-        "// g(a) = erf(a / sqrt 2) / 2 on [0, kGeluRange] in segments: u = a / width - 0.5, t = u - round(u).",
         "#pragma once",
         "",
         "namespace hf_sparse {",
@@ -67,8 +102,25 @@ def main() -> None:
         f"constexpr float kGeluRange = {RANGE:.1f}f;",
         "",
     ]
-    for name, (segments, degree) in TABLES.items():
-        lines += table(name, segments, degree)
+    coefs, worst = fit_phi()
+    lines += [
+        "// Phi(v) = (1 + erf(v / sqrt 2)) / 2 on [-kGeluRange, kGeluRange]: u = clamp(v) * kPhiScale + 16 in",
+        "// (0.5, 31.5), t = u - round(u), segment round(u) (1 .. 31).",
+        f"constexpr float kPhiScale = {float(PHI_SCALE):.9e}f;",
+    ]
+    comment = (
+        f"// {PHI_SEGMENTS} segments, degree {PHI_DEGREE}; largest error of v Phi(v) in float32 (kernel arithmetic): "
+        f"{worst:.2e} max(|v|, 1)."
+    )
+    lines += emit("kPhi32", coefs, comment)
+    lines += ["// g(a) = erf(a / sqrt 2) / 2 on [0, kGeluRange]: u = a / width - 0.5, t = u - round(u).", ""]
+    for name, (segments, degree) in G_TABLES.items():
+        coefs, worst = fit_g(segments, degree)
+        comment = (
+            f"// {segments} segments of width {RANGE / segments:g}, degree {degree}; "
+            f"largest error of |v| g(|v|): {worst:.2e}."
+        )
+        lines += emit(name, coefs, comment)
     lines += ["}  // namespace hf_sparse", ""]
     Path(__file__).with_name("gelu_table.h").write_text("\n".join(lines))
     print("wrote gelu_table.h")

@@ -96,6 +96,26 @@ def test_fused_gelu(i, m, n, k, sparsity, pattern):
             assert_close(y, expected, f"GELU {layout.value} on {isa}", rtol=2e-6, atol=2e-6)
 
 
+def test_gelu_over_every_table_segment_and_special_values():
+    """The GELU alone (an identity fp32 weight: each output is its input, exactly) on a grid through every segment
+    of the kernels' tables and past their ends, against float64 torch; inf, -inf and NaN as float64 torch gives
+    them (inf, NaN, NaN)."""
+    n = 64
+    grid = torch.linspace(-8.0, 8.0, 4096 * n)
+    edges = torch.tensor([6.0, -6.0, 5.625, -5.625, 5.63, -5.63, 0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30])
+    special = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    v = torch.cat([grid, edges, special, torch.zeros(n - (len(edges) + len(special)) % n)])
+    identity = ops.pack_linear(torch.eye(n), scheme="fp32", layout=Layout.FP32_CSR, activation="gelu")
+    expected = F.gelu(v.double(), approximate="none")
+    for isa in ISAS:
+        with using_isa(isa):
+            y = identity(v.reshape(-1, n)).reshape(-1)
+        finite = torch.isfinite(v)
+        assert_close(y[finite], expected[finite].float(), f"GELU grid on {isa}", rtol=1e-6, atol=1e-6)
+        tail = y[len(grid) + len(edges) : len(grid) + len(edges) + 3]
+        assert tail[0].item() == float("inf") and tail[1:].isnan().all(), f"GELU of inf, -inf, NaN on {isa}: {tail}"
+
+
 def test_sparsity_sweep_on_a_bert_shape():
     """One realistic shape (K = 768 spans two column panels) over sparsities 0 .. 99%."""
     gen = torch.Generator().manual_seed(7)
