@@ -1,10 +1,10 @@
 """Writes csrc/gelu_table.h: the piecewise polynomials the vector kernels evaluate for the exact (erf) GELU.
 
 AVX-512: gelu(v) = v Phi(v) with Phi(v) = (1 + erf(v / sqrt 2)) / 2 tabulated on [-6, 6] in 32 segments of degree 4:
-v is clamped to [-6, 6] (one vrangeps), u = v / width + 15.5 (a little less, so that u < 31.5), the segment is
-round(u) and the polynomial's variable t = u - round(u) (one vreduceps); one vpermt2ps (two 16-entry halves) per
-coefficient picks each lane's segment. The end segments are exactly 0 and 1 (|Phi - 0 or 1| < 1e-8 there), so
-gelu(v) = v above 5.625, 0 below -5.625, inf at inf and NaN at -inf as in torch.
+v is clamped to [-6, 6] (one vrangeps), u = v * PHI_SCALE + 16 lies in (0.5, 31.5), the segment is round(u) (1 .. 31)
+and the polynomial's variable t = u - round(u) (both from FMAs around 1.5 * 2^23); one vpermt2ps (two 16-entry
+halves) per coefficient picks each lane's segment. The end segments are exactly 0 and 1 (|Phi - 0 or 1| < 1e-8
+there), so gelu(v) = v above ~5.61, 0 below ~-5.61, inf at inf and NaN at -inf (as torch's float64 GELU).
 AVX2: gelu(v) = v / 2 + |v| g(|v|) with g(a) = erf(a / sqrt 2) / 2 on [0, 6] in 8 segments of degree 5, u = a / width
 - 0.5 (`vpermps ymm`); beyond 6, g(6) rounds to 0.5f.
 Fitted on Chebyshev nodes in double precision and rounded to float32. Run: python csrc/gen_gelu_table.py
