@@ -420,7 +420,26 @@ void item(const AttnItem& a, void* scratch) {
   }
 }
 
-// y = (v - mean) * rstd * gamma + beta with v = x + res: three passes over a row held in L1.
+// The sum of v's 16 lanes in a fixed tree (halves, then quarters, ...), written out so that layernorm_fm can add
+// 16 tokens' lanes in the same order (_mm512_reduce_add_ps's order is the compiler's).
+inline float sum16(__m512 v) {
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+}
+
+// The same tree over 16 vectors: lane r of the result is sum16 of (l[0][r], ..., l[15][r]). l is overwritten.
+inline __m512 sum16_lanes(__m512* l) {
+  for (int w = 8; w >= 1; w /= 2) {
+    for (int j = 0; j < w; ++j) l[j] = _mm512_add_ps(l[j], l[j + w]);
+  }
+  return l[0];
+}
+
+// y = (v - mean) * rstd * gamma + beta with v = x + res: three passes over a row held in L1. Each sum runs in two
+// lane-wise accumulators (vectors 0, 2, 4, .. of each 32 features, and 1, 3, 5, ..; a vector past the last whole 32
+// goes to the first), added lane by lane, then over the lanes by sum16: layernorm_fm repeats exactly this order.
 void add_layernorm(const float* x, int64_t ldx, const float* res, int64_t ldr, int64_t rows, int64_t n,
                    const float* gamma, const float* beta, float eps, float* y, int64_t ldy) {
   const float inv_n = 1.0f / static_cast<float>(n);
@@ -448,7 +467,7 @@ void add_layernorm(const float* x, int64_t ldx, const float* res, int64_t ldr, i
       _mm512_mask_storeu_ps(yr + i, m, a);
       s0 = _mm512_add_ps(s0, a);
     }
-    const float mean = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) * inv_n;
+    const float mean = sum16(_mm512_add_ps(s0, s1)) * inv_n;
     const __m512 vmean = _mm512_set1_ps(mean);
     __m512 q0 = _mm512_setzero_ps(), q1 = _mm512_setzero_ps();
     for (i = 0; i + 2 * kVec <= n; i += 2 * kVec) {
@@ -461,7 +480,7 @@ void add_layernorm(const float* x, int64_t ldx, const float* res, int64_t ldr, i
       const __m512 a = _mm512_maskz_sub_ps(mask16(n - i), _mm512_maskz_loadu_ps(mask16(n - i), yr + i), vmean);
       q0 = _mm512_fmadd_ps(a, a, q0);
     }
-    const float var = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1)) * inv_n;
+    const float var = sum16(_mm512_add_ps(q0, q1)) * inv_n;
     const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(var + eps));
     for (i = 0; i < n; i += kVec) {
       const __mmask16 m = mask16(n - i);
@@ -472,7 +491,90 @@ void add_layernorm(const float* x, int64_t ldx, const float* res, int64_t ldr, i
   }
 }
 
-const AttnKernels kTable = {"avx512_bf16", scratch_bytes, item, add_layernorm, write_qkv_group};
+// add_layernorm on a feature-major tile ([n][mtp], n a multiple of 16): lanes are 16 tokens, and each token's sums
+// take add_layernorm's order term for term. Lane j of add_layernorm's accumulator set s (0 or 1) holds the features
+// 16 v + j of the vectors v in set s; here acc[s][j][t] holds them for the tokens of vector t, added per j over the
+// two sets, then over j by sum16_lanes (sum16's tree). Each pass runs through the tile row after row (whole 64-byte
+// lines in address order: a tile of 64 tokens is 3 KB per feature, far more than L1, and streams from L2); the
+// accumulators (2 x 16 x 4 vectors) stay in L1.
+template <int T>
+void layernorm_fm_t(float* x, const float* res, int64_t n, const float* gamma, const float* beta, float eps, float* y,
+                    bool stream) {
+  constexpr int kMtp = kVec * T;
+  const int64_t pairs = n / (2 * kVec);
+  const auto set_of = [&](int64_t f) { return f >= 2 * pairs * kVec ? 0 : static_cast<int>((f / kVec) & 1); };
+  alignas(64) __m512 acc[2][kVec][T];
+  __m512 mean[T], rstd[T];
+  const auto zero = [&] {
+    for (int s = 0; s < 2; ++s)
+      for (int j = 0; j < kVec; ++j)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; ++t) acc[s][j][t] = _mm512_setzero_ps();
+  };
+  // lane r of out[t]: sum16 over j of (acc[0][j][t] + acc[1][j][t]), times 1 / n
+  const auto reduce = [&](__m512* out) {
+    const __m512 inv_n = _mm512_set1_ps(1.0f / static_cast<float>(n));
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) {
+      __m512 l[kVec];
+#pragma GCC unroll 16
+      for (int j = 0; j < kVec; ++j) l[j] = _mm512_add_ps(acc[0][j][t], acc[1][j][t]);
+      out[t] = _mm512_mul_ps(sum16_lanes(l), inv_n);
+    }
+  };
+  zero();
+  for (int64_t f = 0; f < n; ++f) {
+    __m512* a = acc[set_of(f)][f % kVec];
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) {
+      __m512 v = _mm512_load_ps(x + f * kMtp + t * kVec);
+      if (res) v = _mm512_add_ps(v, _mm512_load_ps(res + f * kMtp + t * kVec));
+      _mm512_store_ps(x + f * kMtp + t * kVec, v);
+      a[t] = _mm512_add_ps(a[t], v);
+    }
+  }
+  reduce(mean);
+  zero();
+  for (int64_t f = 0; f < n; ++f) {
+    __m512* a = acc[set_of(f)][f % kVec];
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) {
+      const __m512 d = _mm512_sub_ps(_mm512_load_ps(x + f * kMtp + t * kVec), mean[t]);
+      a[t] = _mm512_fmadd_ps(d, d, a[t]);
+    }
+  }
+  reduce(rstd);  // (the variance, so far)
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t) {
+    rstd[t] = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_sqrt_ps(_mm512_add_ps(rstd[t], _mm512_set1_ps(eps))));
+  }
+  for (int64_t f = 0; f < n; ++f) {
+    const __m512 g = _mm512_set1_ps(gamma[f]), b = _mm512_set1_ps(beta[f]);
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) {
+      const int64_t at = f * kMtp + t * kVec;
+      const __m512 o = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(x + at), mean[t]), rstd[t]), g, b);
+      if (stream) {
+        _mm512_stream_ps(y + at, o);
+      } else {
+        _mm512_store_ps(y + at, o);
+      }
+    }
+  }
+  if (stream) _mm_sfence();
+}
+
+void layernorm_fm(float* x, const float* res, int64_t n, int mtp, const float* gamma, const float* beta, float eps,
+                  float* y, bool stream) {
+  switch (mtp / kVec) {
+    case 1: return layernorm_fm_t<1>(x, res, n, gamma, beta, eps, y, stream);
+    case 2: return layernorm_fm_t<2>(x, res, n, gamma, beta, eps, y, stream);
+    case 3: return layernorm_fm_t<3>(x, res, n, gamma, beta, eps, y, stream);
+    default: return layernorm_fm_t<4>(x, res, n, gamma, beta, eps, y, stream);
+  }
+}
+
+const AttnKernels kTable = {"avx512_bf16", scratch_bytes, item, add_layernorm, write_qkv_group, layernorm_fm};
 
 }  // namespace
 

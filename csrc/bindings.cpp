@@ -377,6 +377,16 @@ class EncoderLayerPlan {
         p2->forward(h, m, out, nt);
       };
     }
+    if (ffn_fused && q.kind() == kI8Sparse && o.kind() == kI8Sparse && f1.kind() == kI8Sparse &&
+        f2.kind() == kI8Sparse) {  // (int8 4-block: the feature-major path)
+      call_.w_qkv = &q.sparse_i8();
+      call_.w_out = &o.sparse_i8();
+      call_.w_ffn1 = &f1.sparse_i8();
+      call_.w_ffn2 = &f2.sparse_i8();
+      call_.act_out = act_out;
+      call_.act1 = act1;
+      call_.act2 = act2;
+    }
     call_.hidden = hidden;
     call_.width = width;
     call_.heads = heads;
@@ -390,7 +400,8 @@ class EncoderLayerPlan {
   // beta2 (float32, hidden each).
   EncoderLayerCall call(uintptr_t x, uintptr_t y, int64_t batch, int64_t seq, int mask_kind, uintptr_t mask,
                         int64_t mask_sb, int64_t mask_sh, int64_t mask_sq, const uintptr_t* norms, double eps1,
-                        double eps2, int64_t chunk_tokens, bool split_sequences, bool pack_qkv) const {
+                        double eps2, int64_t chunk_tokens, bool split_sequences, bool pack_qkv,
+                        bool feature_major) const {
     if (batch < 0 || seq < 0) throw nb::value_error("encoder layer: batch and seq must be >= 0");
     check_mask_kind(mask_kind, "encoder layer");
     EncoderLayerCall c = call_;
@@ -412,6 +423,7 @@ class EncoderLayerPlan {
     c.chunk_tokens = std::max<int64_t>(1, chunk_tokens);
     c.split_sequences = split_sequences;
     c.pack_qkv = pack_qkv;
+    c.feature_major = feature_major;
     return c;
   }
 
@@ -419,10 +431,11 @@ class EncoderLayerPlan {
   // LayerParallelism flags.
   int run(uintptr_t x, uintptr_t y, int64_t batch, int64_t seq, int mask_kind, uintptr_t mask, int64_t mask_sb,
           int64_t mask_sh, int64_t mask_sq, const std::vector<uintptr_t>& norms, double eps1, double eps2,
-          int64_t chunk_tokens, bool split_sequences, bool pack_qkv, int nthreads, uintptr_t profile) const {
+          int64_t chunk_tokens, bool split_sequences, bool pack_qkv, bool feature_major, int nthreads,
+          uintptr_t profile) const {
     if (norms.size() != 4) throw nb::value_error("encoder layer: 4 LayerNorm parameter addresses expected");
     const EncoderLayerCall c = call(x, y, batch, seq, mask_kind, mask, mask_sb, mask_sh, mask_sq, norms.data(), eps1,
-                                    eps2, chunk_tokens, split_sequences, pack_qkv);
+                                    eps2, chunk_tokens, split_sequences, pack_qkv, feature_major);
     nb::gil_scoped_release release;
     return encoder_layer(c, clamp_threads(nthreads), reinterpret_cast<int64_t*>(profile));
   }
@@ -459,8 +472,8 @@ class EncoderStackPlan {
   // norms: 4 LayerNorm parameter addresses per layer (as EncoderLayer.run), eps: eps1, eps2 per layer.
   int run(uintptr_t x, uintptr_t y, uintptr_t scratch, int64_t batch, int64_t seq, int mask_kind, uintptr_t mask,
           int64_t mask_sb, int64_t mask_sh, int64_t mask_sq, const std::vector<uintptr_t>& norms,
-          const std::vector<double>& eps, int64_t chunk_tokens, bool split_sequences, bool pack_qkv, int nthreads,
-          uintptr_t profile) const {
+          const std::vector<double>& eps, int64_t chunk_tokens, bool split_sequences, bool pack_qkv,
+          bool feature_major, int nthreads, uintptr_t profile) const {
     const size_t n = plans_.size();
     if (norms.size() != 4 * n || eps.size() != 2 * n) {
       throw nb::value_error(("encoder stack: " + str(static_cast<int64_t>(4 * n)) + " LayerNorm addresses and " +
@@ -474,7 +487,7 @@ class EncoderStackPlan {
       const uintptr_t out = (n - 1 - l) % 2 == 0 ? y : scratch;
       calls.push_back(plans_[l]->call(in, out, batch, seq, mask_kind, mask, mask_sb, mask_sh, mask_sq,
                                       norms.data() + 4 * l, eps[2 * l], eps[2 * l + 1], chunk_tokens,
-                                      split_sequences, pack_qkv));
+                                      split_sequences, pack_qkv, feature_major));
       in = out;
     }
     nb::gil_scoped_release release;
@@ -704,17 +717,18 @@ NB_MODULE(_C, m) {
            "head_dim"_a, "scale"_a)
       .def("run", &EncoderLayerPlan::run, "x"_a, "y"_a, "batch"_a, "seq"_a, "mask_kind"_a, "mask"_a, "mask_sb"_a,
            "mask_sh"_a, "mask_sq"_a, "norms"_a, "eps1"_a, "eps2"_a, "chunk_tokens"_a, "split_sequences"_a,
-           "pack_qkv"_a, "nthreads"_a, "profile"_a);
+           "pack_qkv"_a, "feature_major"_a, "nthreads"_a, "profile"_a);
   nb::class_<EncoderStackPlan>(m, "EncoderStack")
       .def(nb::init<const std::vector<nb::object>&>(), "layers"_a)
       .def("run", &EncoderStackPlan::run, "x"_a, "y"_a, "scratch"_a, "batch"_a, "seq"_a, "mask_kind"_a, "mask"_a,
            "mask_sb"_a, "mask_sh"_a, "mask_sq"_a, "norms"_a, "eps"_a, "chunk_tokens"_a, "split_sequences"_a,
-           "pack_qkv"_a, "nthreads"_a, "profile"_a);
+           "pack_qkv"_a, "feature_major"_a, "nthreads"_a, "profile"_a);
   m.attr("LAYER_STEPS") = nb::make_tuple("qkv", "attention", "out", "norm1", "ffn", "norm2");
   m.attr("LAYER_PARALLELISM") = nb::make_tuple(nb::make_tuple("sequences", static_cast<int>(kSequenceParallel)),
                                                nb::make_tuple("tokens", static_cast<int>(kTokenParallel)),
                                                nb::make_tuple("steps", static_cast<int>(kStepParallel)));
   m.attr("LAYER_PACKED_QKV") = static_cast<int>(kPackedQkv);
+  m.attr("LAYER_FEATURE_MAJOR") = static_cast<int>(kFeatureMajor);
   m.attr("PACKED_QKV_MIN_SEQ") = kMinPackedSeq;
 
   m.def("i8_sparse_raw", &i8_sparse_raw);

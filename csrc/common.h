@@ -115,6 +115,9 @@ struct Output {
   bool stream = false;
   // Q/K/V for the bf16 attention instead of y (only kernels with IsaKernels::qkv_packed, sparse int8 tiles).
   const QkvPackedOut* qkv = nullptr;
+  // Feature-major y (only kernels with IsaKernels::quant_fm, sparse int8 tiles without padding tokens): output
+  // channel n of tile token r at y[n * ldy + r]; m0 is ignored (y is the tile's own).
+  bool feature_major = false;
 };
 
 // Few-token kernels (decoding): rows n0..n1-1 of a sparse int8 product for tokens 0..rows-1 of row-major quantized
@@ -164,6 +167,13 @@ struct IsaKernels {
   FewKernel quads_few;
   // i8_sparse writes Output::qkv (output channels in whole groups of 16).
   bool qkv_packed = false;
+  // Feature-major tiles, optional (null: i8_sparse ignores Output::feature_major; the encoder layer then keeps its
+  // activations token-major). An fm tile of `mtp` tokens is [k][mtp] floats, token r in column r (f32_tile's
+  // layout); mtp a multiple of tile_tokens, at most max_tile, with no padding tokens.
+  // quant_fm: quant_tile from an fm tile, the same codes and scales bit for bit.
+  void (*quant_fm)(const float* x, int64_t k, int mtp, void* tile, float* sx) = nullptr;
+  // f32_untile: y[r][i] = tile[i][r] for r < mtp, i < k (row stride ldy): an fm tile back to token rows.
+  void (*f32_untile)(const float* tile, int mtp, int64_t k, float* y, int64_t ldy) = nullptr;
 };
 
 // Tokens per tile (mtp) for `rows` tokens of a quads weight on `isa`: the vector kernel takes one vector or a full

@@ -21,6 +21,7 @@
 
 #include "attention.h"
 #include "isa.h"
+#include "linear.h"
 #include "scratch.h"
 #include "thread_pool.h"
 
@@ -160,18 +161,141 @@ void finish_rows(const EncoderLayerCall& c, const float* ctx, const float* x, fl
   timer.done(kStepNorm2);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Feature-major tiles. With every weight int8 4-block and kernels that have fm tiles (IsaKernels::quant_fm,
+// AttnKernels::layernorm_fm), a chunk or token block of a multiple of 16 tokens runs its Linear steps on the calling
+// thread, tile by tile (up to max_tile tokens), on feature-major tiles ([features][tokens]): the sparse kernels'
+// accumulators are one output channel x 16 tokens already, so the out and FFN products store them as they are (no
+// 16x16 transposes), the LayerNorms run with tokens in the lanes, and the next product's quantization interleaves 4
+// channels where quant_tile transposes token rows. Only the attention's input (Q/K/V) and output (ctx) stay as
+// before. In a stack, a chunk's rows of the intermediate outputs hold its tiles in this layout (the tile of tokens
+// t0 .. t0 + r - 1 of a chunk or block as [hidden][r] in the floats those r rows would take); the first layer
+// reads token rows, the last writes them. Results are the token-major steps' bit for bit: the same codes and
+// scales, the same epilogue, and the same LayerNorm order (attention_avx512_bf16.cpp).
+
+bool fm_capable(const EncoderLayerCall& c, const CallKernels& k) {
+  return c.feature_major && c.w_qkv && c.w_out && c.w_ffn1 && c.w_ffn2 && !c.w_qkv->quads && !c.w_out->quads &&
+         !c.w_ffn1->quads && !c.w_ffn2->quads && c.hidden % 16 == 0 && k.linear->quant_fm && k.linear->f32_untile &&
+         k.linear->i8_ffn_hidden && k.attn->layernorm_fm;
+}
+
+// Whether a layer's input and output are fm tiles (chunks of tokens, always the same ones, running every layer).
+struct FmLayer {
+  bool on = false, in = false, out = false;
+};
+
+FmLayer fm_layer(bool on, int l, int layers) { return FmLayer{on, on && l > 0, on && l + 1 < layers}; }
+
+thread_local ScratchBuffer t_fm;
+
+// One thread's scratch for tiles of up to mt tokens of layer c.
+struct FmScratch {
+  uint8_t *tile1, *tile2;
+  float *sx1, *sx2, *h, *a, *f;
+  FmScratch(const EncoderLayerCall& c, int64_t mt) {
+    const size_t q1 = align64(static_cast<size_t>((std::max(c.hidden, c.width) + 3) / 4 * 4 * mt));
+    const size_t q2 = align64(static_cast<size_t>((c.w_ffn1->n + 3) / 4 * 4 * mt));
+    const size_t s = align64(static_cast<size_t>(mt) * 4), h_bytes = static_cast<size_t>(c.w_ffn1->n * mt) * 4;
+    const size_t rows = static_cast<size_t>(c.hidden * mt) * 4;
+    char* p = t_fm.get(q1 + q2 + 2 * s + h_bytes + 2 * rows);
+    tile1 = reinterpret_cast<uint8_t*>(p);
+    tile2 = tile1 + q1;
+    sx1 = reinterpret_cast<float*>(p + q1 + q2);
+    sx2 = reinterpret_cast<float*>(p + q1 + q2 + s);
+    h = reinterpret_cast<float*>(p + q1 + q2 + 2 * s);
+    a = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes);
+    f = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes + rows);
+  }
+};
+
+// Q/K/V of m tokens at x (fm tiles or token rows) into the packed layout (tokens of the call from 0) or into float
+// rows at qkv (3 * width per token).
+void fm_qkv(const EncoderLayerCall& c, const CallKernels& k, bool fm_in, const float* x, int64_t m,
+            const QkvPackedOut* packed, float* qkv) {
+  const IsaKernels& isa = *k.linear;
+  const int64_t mt = isa.max_tile;
+  FmScratch s(c, mt);
+  for (int64_t t0 = 0; t0 < m; t0 += mt) {
+    const int rows = static_cast<int>(std::min(mt, m - t0));
+    if (fm_in) {
+      isa.quant_fm(x + t0 * c.hidden, c.hidden, rows, s.tile1, s.sx1);
+    } else {
+      isa.quant_tile(x + t0 * c.hidden, c.hidden, rows, c.hidden, rows, s.tile1, s.sx1);
+    }
+    Output o;
+    if (packed) {
+      o.qkv = packed;
+    } else {
+      o.y = qkv;
+      o.ldy = 3 * c.width;
+    }
+    o.m0 = t0;
+    isa.i8_sparse(*c.w_qkv, s.tile1, rows, rows, s.sx1, 0, c.w_qkv->n, o);
+  }
+  count_kernel_call(isa);
+}
+
+// The steps after the attention for m tokens (ctx rows; x and y fm tiles or token rows), tile by tile.
+void fm_finish(const EncoderLayerCall& c, const CallKernels& k, const float* ctx, FmLayer fm, const float* x,
+               float* y, int64_t m, StepTimer& timer) {
+  const IsaKernels& isa = *k.linear;
+  const int64_t mt = isa.max_tile, hidden = c.hidden;
+  FmScratch s(c, mt);
+  for (int64_t t0 = 0; t0 < m; t0 += mt) {
+    const int rows = static_cast<int>(std::min(mt, m - t0));
+    isa.quant_tile(ctx + t0 * c.width, c.width, rows, c.width, rows, s.tile1, s.sx1);
+    Output o;
+    o.y = s.a;
+    o.ldy = rows;
+    o.feature_major = true;
+    o.act = c.act_out;
+    isa.i8_sparse(*c.w_out, s.tile1, rows, rows, s.sx1, 0, hidden, o);
+    timer.done(kStepOut);
+    const float* res = x + t0 * hidden;
+    if (!fm.in) {
+      isa.f32_tile(res, hidden, rows, hidden, rows, s.f);
+      res = s.f;
+    }
+    add_layernorm_fm(*k.attn, s.a, res, hidden, rows, c.gamma1, c.beta1, c.eps1, s.a, false);
+    timer.done(kStepNorm1);
+    isa.quant_fm(s.a, hidden, rows, s.tile1, s.sx1);
+    isa.i8_ffn_hidden(*c.w_ffn1, s.tile1, rows, rows, s.sx1, c.act1, s.h, s.tile2, s.sx2);
+    o.y = s.f;
+    o.act = c.act2;
+    isa.i8_sparse(*c.w_ffn2, s.tile2, rows, rows, s.sx2, 0, hidden, o);
+    timer.done(kStepFfn);
+    // (an fm output is read again only once the thread's other chunks are through this layer: no need to cache it)
+    add_layernorm_fm(*k.attn, s.f, s.a, hidden, rows, c.gamma2, c.beta2, c.eps2, fm.out ? y + t0 * hidden : s.f,
+                     fm.out);
+    if (!fm.out) isa.f32_untile(s.f, rows, hidden, y + t0 * hidden, hidden);
+    timer.done(kStepNorm2);
+  }
+  count_kernel_call(isa);  // out
+  count_kernel_call(isa);  // FFN
+}
+
 // Sequences b0 .. b0 + nb - 1 through the layer, each step on up to nt threads (packed: packs_qkv(c, k)).
 void run_chunk(const EncoderLayerCall& c, int64_t b0, int64_t nb, int nt, const ChunkBuffers& buf, bool packed,
-               const CallKernels& k, int64_t* prof) {
+               const CallKernels& k, int64_t* prof, FmLayer fm = FmLayer{}) {
   const int64_t m = nb * c.seq;
   const float* x = c.x + b0 * c.seq * c.hidden;
   StepTimer timer(prof);
   AttnCall at = attention_call(c, buf.qkv, buf.ctx, b0, nb);
   const QkvPackedOut layout = packed_layout(c, k, buf.qkv, 0);
   if (packed) {
-    c.qkv_packed(x, m, layout, nt);
     at.packed = &layout;
     at.kernels = k.attn;
+  }
+  if (fm.on) {  // (on one thread)
+    fm_qkv(c, k, fm.in, x, m, packed ? &layout : nullptr, buf.qkv);
+    timer.done(kStepQkv);
+    attention(at, 1);
+    timer.done(kStepAttention);
+    fm_finish(c, k, buf.ctx, fm, x, c.y + b0 * c.seq * c.hidden, m, timer);
+    return;
+  }
+  if (packed) {
+    c.qkv_packed(x, m, layout, nt);
   } else {
     c.qkv(x, m, buf.qkv, nt);
   }
@@ -212,6 +336,7 @@ struct SequenceJob {
   std::atomic<int>* state;
   const char* packed;  // per layer: packs_qkv
   CallKernels kernels;
+  bool fm;  // feature-major tiles (every layer)
   bool profile;
   FirstError error;
 
@@ -255,7 +380,7 @@ struct SequenceJob {
         if (prof) prof[kJoined] = 1;  // (a thread that ran nothing stays out of the profile's mean)
         const EncoderLayerCall& call = calls[s / 2];
         run_chunk(call, c * unit, unit, 1, ChunkBuffers(call, unit * call.seq, mine), packed[s / 2] != 0, kernels,
-                  prof);
+                  prof, fm_layer(fm, s / 2, layers));
         state[c].store(s + 2, std::memory_order_release);
       }
     } catch (...) {
@@ -282,6 +407,7 @@ struct TokenJob {
   int threads;
   const char* packed;  // per layer: packs_qkv
   CallKernels kernels;
+  bool fm;  // feature-major tiles (every layer; block_rows a multiple of 16)
   char* bufs[2];  // whole-sequence buffers (ChunkBuffers) of even and odd layers; each block writes its own rows
   int64_t* prof;  // threads x kProfileRow counters, or null
   // per layer: blocks whose phase A was taken / is done, whose phase B was taken; per layer x block: phase B done
@@ -301,6 +427,7 @@ struct TokenJob {
       const EncoderLayerCall& c = calls[l];
       const ChunkBuffers buf(c, c.seq, bufs[l & 1]);
       const int64_t w = c.width, hidden = c.hidden, row0 = b * c.seq;
+      const FmLayer fml = fm_layer(fm, l, layers);
       for (;;) {
         const int64_t i = next_a[l].fetch_add(1, std::memory_order_relaxed);
         if (i >= blocks) break;
@@ -309,6 +436,10 @@ struct TokenJob {
         const int64_t r0 = i * block_rows, rows = std::min(block_rows, c.seq - r0);
         try {
           if (error.any()) {
+          } else if (fml.on) {
+            const QkvPackedOut layout = packed_layout(c, kernels, buf.qkv, r0);
+            fm_qkv(c, kernels, fml.in, c.x + (row0 + r0) * hidden, rows, packed[l] ? &layout : nullptr,
+                   buf.qkv + r0 * 3 * w);
           } else if (packed[l]) {
             c.qkv_packed(c.x + (row0 + r0) * hidden, rows, packed_layout(c, kernels, buf.qkv, r0), 1);
           } else {
@@ -337,8 +468,13 @@ struct TokenJob {
             at.q_end = r0 + rows;
             attention(at, 1);
             timer.done(kStepAttention);
-            finish_rows(c, buf.ctx + r0 * w, c.x + (row0 + r0) * hidden, buf.a + r0 * hidden,
-                        c.y + (row0 + r0) * hidden, rows, 1, timer);
+            if (fml.on) {
+              fm_finish(c, kernels, buf.ctx + r0 * w, fml, c.x + (row0 + r0) * hidden, c.y + (row0 + r0) * hidden,
+                        rows, timer);
+            } else {
+              finish_rows(c, buf.ctx + r0 * w, c.x + (row0 + r0) * hidden, buf.a + r0 * hidden,
+                          c.y + (row0 + r0) * hidden, rows, 1, timer);
+            }
           }
         } catch (...) {
           error.capture();
@@ -353,19 +489,21 @@ void token_job_fn(void* ctx, int tid, int) { static_cast<TokenJob*>(ctx)->run(ti
 
 // Sequence b alone through every layer on `threads` threads, token parallel (see TokenJob).
 void run_sequence_tokens(const EncoderLayerCall* calls, int layers, const char* packed, const CallKernels& kernels,
-                         int64_t b, int threads, int64_t* profile_ns) {
+                         bool fm, int64_t b, int threads, int64_t* profile_ns) {
   const EncoderLayerCall& c = calls[0];
   TokenJob job;
   job.calls = calls;
   job.layers = layers;
   job.packed = packed;
   job.kernels = kernels;
+  job.fm = fm;
   job.b = b;
   job.threads = threads;
   // threads x k blocks of nearly equal size, k the fewest that keeps a block within chunk_tokens
   const int64_t per_thread = (c.seq + threads - 1) / threads;
   const int64_t k = (per_thread + c.chunk_tokens - 1) / std::max<int64_t>(1, c.chunk_tokens);
   job.block_rows = (c.seq + threads * k - 1) / (threads * k);
+  if (fm) job.block_rows = (job.block_rows + 15) / 16 * 16;  // (seq is a multiple of 16)
   job.blocks = (c.seq + job.block_rows - 1) / job.block_rows;
   size_t buf_bytes = 0;  // the widest layer's
   for (int l = 0; l < layers; ++l) buf_bytes = std::max(buf_bytes, align64(ChunkBuffers::bytes(calls[l], c.seq)));
@@ -407,6 +545,13 @@ int encoder_stack(const EncoderLayerCall* calls, int layers, int nthreads, int64
     packed[l] = packs_qkv(calls[l], kernels);
     if (packed[l]) used |= kPackedQkv;
   }
+  // Feature-major tiles for whole chunks and token blocks (not for steps split over threads): every chunk and block
+  // a multiple of 16 tokens, the intermediate outputs 64-byte aligned (fm tiles are read with aligned loads).
+  bool fm = c.seq % 16 == 0;
+  for (int l = 0; l < layers; ++l) {
+    const bool aligned = l + 1 == layers || reinterpret_cast<uintptr_t>(calls[l].y) % 64 == 0;
+    fm = fm && aligned && fm_capable(calls[l], kernels);
+  }
   const int64_t per = std::max<int64_t>(1, std::min<int64_t>(c.batch, c.chunk_tokens / c.seq));
   size_t chunk_bytes = 0;  // the buffers of a chunk of `per` sequences, the widest layer's
   for (int l = 0; l < layers; ++l) chunk_bytes = std::max(chunk_bytes, ChunkBuffers::bytes(calls[l], per * c.seq));
@@ -422,6 +567,7 @@ int encoder_stack(const EncoderLayerCall* calls, int layers, int nthreads, int64
     job.layers = layers;
     job.packed = packed.data();
     job.kernels = kernels;
+    job.fm = fm;
     job.unit = unit;
     job.chunks = split / unit;
     job.threads = nt;
@@ -437,24 +583,27 @@ int encoder_stack(const EncoderLayerCall* calls, int layers, int nthreads, int64
     job.error.rethrow();
     // the threads ran side by side: each step's share of the wall time is its mean over them
     if (profile_ns) add_mean(profile_ns, job.threads, [&](int t) { return job.counters(t); });
-    used |= kSequenceParallel;
+    used |= kSequenceParallel | (fm ? kFeatureMajor : 0);
   }
   if (split == c.batch) return used;
   // The rest: one sequence at a time through every layer with its tokens split over the threads, or, for short
   // sequences (or split_sequences off), layer after layer in chunks with every step split over the threads.
   if (c.split_sequences && nt > 1 && c.seq / nt >= kMinTokensPerThread) {
     for (int64_t b = split; b < c.batch; ++b) {
-      run_sequence_tokens(calls, layers, packed.data(), kernels, b, nt, profile_ns);
+      run_sequence_tokens(calls, layers, packed.data(), kernels, fm, b, nt, profile_ns);
     }
-    return used | kTokenParallel;
+    return used | kTokenParallel | (fm ? kFeatureMajor : 0);
   }
+  // (fm tiles on one thread only: the chunks are the same in every layer, so their tiles are too)
+  const bool fm_steps = fm && nt == 1;
   for (int l = 0; l < layers; ++l) {
     const ChunkBuffers buf(calls[l], per * c.seq, t_layer.get(chunk_bytes));
     for (int64_t b0 = split; b0 < c.batch; b0 += per) {
-      run_chunk(calls[l], b0, std::min(per, c.batch - b0), nt, buf, packed[l] != 0, kernels, profile_ns);
+      run_chunk(calls[l], b0, std::min(per, c.batch - b0), nt, buf, packed[l] != 0, kernels, profile_ns,
+                fm_layer(fm_steps, l, layers));
     }
   }
-  return used | kStepParallel;
+  return used | kStepParallel | (fm_steps ? kFeatureMajor : 0);
 }
 
 }  // namespace hf_sparse

@@ -1,7 +1,7 @@
 // A whole post-LayerNorm encoder layer (BERT family) on the kernels, and how its work is split over threads.
 //
-// Plain declarations only (see common.h). The Linear steps come in as callables, so this file knows nothing of
-// packed weights or of Python.
+// Plain declarations only (see common.h). The Linear steps come in as callables, and as plain weight views
+// (common.h) for the feature-major path, so this file knows nothing of how weights are packed or of Python.
 #pragma once
 
 #include <cstdint>
@@ -35,6 +35,12 @@ struct EncoderLayerCall {
   // exist as float32 rows, and the attention packs nothing.
   QkvPackedStep qkv_packed;
   bool pack_qkv = true;
+  // The four weights when all are int8 4-block and the FFN is fused (else null), with the activations of out, the
+  // FFN's first and its second weight: whole chunks and token blocks then run on feature-major tiles where the
+  // kernels have them (encoder_layer.cpp, "Feature-major tiles"), unless feature_major is off.
+  const SparseI8 *w_qkv = nullptr, *w_out = nullptr, *w_ffn1 = nullptr, *w_ffn2 = nullptr;
+  int act_out = 0, act1 = 0, act2 = 0;
+  bool feature_major = true;
   int64_t hidden = 0, width = 0, heads = 0, head_dim = 0;
   float scale = 1.0f;
   int mask_kind = 0;              // MaskKind (attention.h)
@@ -55,6 +61,7 @@ enum LayerParallelism : int {
   kTokenParallel = 2,     // one sequence at a time, its tokens in blocks per thread (only K/V rows are shared)
   kStepParallel = 4,      // each step split over the threads (also: one thread)
   kPackedQkv = 8,         // (not a split) Q/K/V went straight into the attention's packed layout (qkv_packed)
+  kFeatureMajor = 16,     // (not a split) the steps ran on feature-major tiles
 };
 
 // Runs the layer and returns the LayerParallelism flags it used. With profile_ns (kLayerSteps counters) each

@@ -476,7 +476,8 @@ struct Dequant {
 
 // Epilogue to (M, N): rows staged, 16 at a time transposed into 16 consecutive output channels per token; or, with
 // Output::qkv, each group of 16 staged rows handed to the bf16 attention's writer (n0 and n1 are then multiples of
-// 16: the drivers split rows so), which packs Q and K pairs without a transpose.
+// 16: the drivers split rows so), which packs Q and K pairs without a transpose; or, with Output::feature_major,
+// each row stored as it is.
 template <int T>
 struct TransposedOut {
   const SparseI8& w;
@@ -492,6 +493,12 @@ struct TransposedOut {
     if (out.yi) {
 #pragma GCC unroll 8
       for (int t = 0; t < T; ++t) _mm512_store_si512(st.v[t][r], acc[t]);
+    } else if (out.feature_major) {  // no staging: the row is already 16 T tokens of one channel
+      __m512 y[T];
+      dq.apply(w, n, out.act, acc, y);
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) _mm512_store_ps(out.y + n * out.ldy + t * kVec, y[t]);
+      return;
     } else {
       __m512 y[T];
       dq.apply(w, n, out.act, acc, y);
@@ -566,18 +573,16 @@ inline __m512i interleave_codes(__m512i c0, __m512i c1, __m512i c2, __m512i c3) 
   return _mm512_shuffle_epi8(b, to_tokens);
 }
 
+// The second half of quant_tile for an fm tile of 16 T tokens ([n][16 T] floats) whose per-token max of |h|'s bits
+// is amax_bits: per-token parameters exactly as token_params (inv = (1 / amax) * 127, scale = amax / 127; NaN scale,
+// inv 0 for a token holding inf or NaN), codes as quant64, interleaved into quant_tile's [n/4][16 T][4] layout.
 template <int T>
-void ffn_hidden_t(const SparseI8& w1, const uint8_t* tile1, int rows, const float* sx1, int act, float* h,
-                  uint8_t* tile2, float* sx2) {
-  HiddenOut<T> epi(w1, sx1, rows, act, h);
-  sparse_rows<T>(w1, tile1, 0, w1.n, epi);
-  // Per-token parameters exactly as token_params: inv = (1 / amax) * 127, scale = amax / 127; NaN scale (inv 0)
-  // for a token holding inf or NaN.
+void fm_codes(const float* h, int64_t n, const __m512i* amax_bits, uint8_t* tile2, float* sx2) {
   __m512 inv[T];
   bool any_inf = false;
 #pragma GCC unroll 8
   for (int t = 0; t < T; ++t) {
-    const __m512i bits = epi.amax_bits[t];
+    const __m512i bits = amax_bits[t];
     const __mmask16 bad = _mm512_cmpge_epu32_mask(bits, _mm512_set1_epi32(0x7f800000));
     const __m512 amax = _mm512_castsi512_ps(bits);
     const __mmask16 pos = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ) & ~bad;
@@ -588,7 +593,7 @@ void ffn_hidden_t(const SparseI8& w1, const uint8_t* tile1, int rows, const floa
     _mm512_storeu_ps(sx2 + t * kVec, _mm512_mask_mov_ps(scale, bad, nan));
     any_inf |= _mm512_cmp_ps_mask(inv[t], _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ) != 0;
   }
-  const int64_t n = w1.n, kb2 = (n + 3) / 4;
+  const int64_t kb2 = (n + 3) / 4;
   for (int64_t b = 0; b < kb2; ++b) {
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {
@@ -613,6 +618,14 @@ void ffn_hidden_t(const SparseI8& w1, const uint8_t* tile1, int rows, const floa
   }
 }
 
+template <int T>
+void ffn_hidden_t(const SparseI8& w1, const uint8_t* tile1, int rows, const float* sx1, int act, float* h,
+                  uint8_t* tile2, float* sx2) {
+  HiddenOut<T> epi(w1, sx1, rows, act, h);
+  sparse_rows<T>(w1, tile1, 0, w1.n, epi);
+  fm_codes<T>(h, w1.n, epi.amax_bits, tile2, sx2);
+}
+
 void i8_ffn_hidden(const SparseI8& w1, const void* tile1, int mtp, int rows, const float* sx1, int act, float* h,
                    void* tile2, float* sx2) {
   const uint8_t* t1 = static_cast<const uint8_t*>(tile1);
@@ -622,6 +635,49 @@ void i8_ffn_hidden(const SparseI8& w1, const void* tile1, int mtp, int rows, con
     case 2: return ffn_hidden_t<2>(w1, t1, rows, sx1, act, h, t2, sx2);
     case 3: return ffn_hidden_t<3>(w1, t1, rows, sx1, act, h, t2, sx2);
     default: return ffn_hidden_t<4>(w1, t1, rows, sx1, act, h, t2, sx2);
+  }
+}
+
+template <int T>
+void quant_fm_t(const float* x, int64_t k, uint8_t* tile, float* sx) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512i amax[T];
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) amax[t] = _mm512_setzero_si512();
+  for (int64_t i = 0; i < k; ++i) {
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      const __m512i v = _mm512_load_si512(x + (i * T + t) * kVec);
+      amax[t] = _mm512_max_epu32(amax[t], _mm512_and_si512(v, abs_mask));
+    }
+  }
+  fm_codes<T>(x, k, amax, tile, sx);
+}
+
+void quant_fm(const float* x, int64_t k, int mtp, void* tile_, float* sx) {
+  uint8_t* tile = static_cast<uint8_t*>(tile_);
+  switch (mtp / kVec) {
+    case 1: return quant_fm_t<1>(x, k, tile, sx);
+    case 2: return quant_fm_t<2>(x, k, tile, sx);
+    case 3: return quant_fm_t<3>(x, k, tile, sx);
+    default: return quant_fm_t<4>(x, k, tile, sx);
+  }
+}
+
+void f32_untile(const float* tile, int mtp, int64_t k, float* y, int64_t ldy) {
+  for (int t = 0; t < mtp; t += kVec) {
+    for (int64_t k0 = 0; k0 < k; k0 += 16) {
+      const int kn = k - k0 < 16 ? static_cast<int>(k - k0) : 16;
+      __m512i v[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        v[i] = i < kn ? _mm512_load_si512(tile + (k0 + i) * mtp + t) : _mm512_setzero_si512();
+      }
+      transpose16(v);
+      const __mmask16 km = mask16(kn);
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) _mm512_mask_storeu_epi32(y + (t + r) * ldy + k0, km, v[r]);
+    }
   }
 }
 
@@ -934,6 +990,7 @@ void f32_sparse(const SparseF32& w, const float* tile, int mtp, int rows, int64_
 const IsaKernels kTable = {
     "avx512_vnni", kVec, kVec * kMaxT, 1, 128, quant_tile, quant_rows, i8_sparse, i8_dense, kFewRows,
     i8_sparse_few, f32_tile, f32_sparse, i8_ffn_hidden, quads_tile, kQuadsFewRowsWords, quads_few, true,
+    quant_fm, f32_untile,
 };
 
 }  // namespace

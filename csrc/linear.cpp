@@ -474,6 +474,8 @@ void linear_i8_dense(const DenseI8& w, const float* x, int64_t ldx, int64_t m_ro
   parallel_run(nt, dense_job_fn, &job);
 }
 
+void count_kernel_call(const IsaKernels& isa) { count_call(isa); }
+
 std::vector<std::pair<std::string, int64_t>> kernel_calls() {
   std::vector<std::pair<std::string, int64_t>> out;
   for (int i = 0; i < 4; ++i) out.emplace_back(kCallNames[i], g_calls[i].load());

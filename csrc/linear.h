@@ -26,6 +26,9 @@ void linear_f32_sparse(const SparseF32& w, const float* x, int64_t ldx, int64_t 
 // assert that the fast path ran).
 std::vector<std::pair<std::string, int64_t>> kernel_calls();
 
+// Counts one call of isa's kernels (kernel_calls) made outside these drivers (the encoder's feature-major tiles).
+void count_kernel_call(const IsaKernels& isa);
+
 // Quantize x per token like the kernels do (codes as int8, scales as fp32): a debug entry for the tests.
 void quantize_rows_i8(const float* x, int64_t ldx, int64_t m_rows, int64_t k, int8_t* q, float* scale);
 

@@ -3,12 +3,15 @@
     python benchmarks/speed/bench_encoder_stack.py                       # BERT-base 90% int8, both patterns
     python benchmarks/speed/bench_encoder_stack.py --pattern 4-block --batch 1 --rounds 20
     python benchmarks/speed/bench_encoder_stack.py --compare pack_qkv    # Q/K/V packed for the attention or not
+    python benchmarks/speed/bench_encoder_stack.py --compare feature_major --pattern 4-block
 
 --compare stack (default): the whole encoder in one call (`FusedEncoderStackForward`) against its layers called
 one by one (the encoder's one-call forward taken off the instance: the class's forward, every layer still fused,
 called from Python one after the other).
 --compare pack_qkv: the Q/K/V product writing bf16 straight into the attention's packed layout
 (`FusedEncoderLayer.pack_qkv`, the default) against float32 Q/K/V rows that the attention packs itself.
+--compare feature_major: the steps on feature-major tiles (`FusedEncoderLayer.feature_major`, the default; int8
+4-block weights only) against token rows.
 
 The model is the speed benchmark's (random BERT-base weights, magnitude-pruned, `save_sparse` + `from_pretrained`).
 Each round times `--iters` forwards one way, then the other (which one first alternates), so both see the same
@@ -64,21 +67,20 @@ def _fused_layers(model) -> list:
     return layers
 
 
-def _ways_pack_qkv(model) -> tuple[dict[str, Callable[[], None]], Callable[[], None]]:
-    """ "unpacked" and "packed" Q/K/V (every fused layer's pack_qkv), and what restores the model."""
+def _ways_flag(model, attr: str, names: tuple[str, str]) -> tuple[dict[str, Callable[[], None]], Callable[[], None]]:
+    """names[0] with every fused layer's `attr` off, names[1] with it on, and what restores the model."""
     layers = _fused_layers(model)
-    before = [layer.pack_qkv for layer in layers]
+    before = [getattr(layer, attr) for layer in layers]
 
-    def use(pack: bool) -> None:
+    def use(value: bool) -> None:
         for layer in layers:
-            layer.pack_qkv = pack
+            setattr(layer, attr, value)
 
     def restore() -> None:
-        for layer, pack in zip(layers, before):
-            layer.pack_qkv = pack
+        for layer, value in zip(layers, before):
+            setattr(layer, attr, value)
 
-    ways = {"unpacked": lambda: use(False), "packed": lambda: use(True)}
-    return ways, restore
+    return {names[0]: lambda: use(False), names[1]: lambda: use(True)}, restore
 
 
 def _check_pack_qkv(model) -> None:
@@ -90,7 +92,26 @@ def _check_pack_qkv(model) -> None:
         )
 
 
-COMPARISONS = {"stack": _ways_stack, "pack_qkv": _ways_pack_qkv}
+def _check_feature_major(model) -> None:
+    """After a forward with feature-major tiles on: they must have been used."""
+    if not all(layer.ran_feature_major for layer in _fused_layers(model)):
+        raise RuntimeError(
+            "the layers did not run on feature-major tiles (needs the AVX-512 kernels, int8 4-block weights, a hidden "
+            "size and sequence length that are multiples of 16): nothing to compare"
+        )
+
+
+COMPARISONS = {
+    "stack": _ways_stack,
+    "pack_qkv": lambda model: _ways_flag(model, "pack_qkv", ("unpacked", "packed")),
+    "feature_major": lambda model: _ways_flag(model, "feature_major", ("token-major", "feature-major")),
+}
+CHECKS = {"pack_qkv": _check_pack_qkv, "feature_major": _check_feature_major}
+LABELS = {
+    "stack": ("layers one by one", "one call"),
+    "pack_qkv": ("float32 Q/K/V", "packed Q/K/V"),
+    "feature_major": ("token rows", "feature-major tiles"),
+}
 
 
 def compare(model, inputs, rounds: int, iters: int, what: str = "stack") -> dict[str, float]:
@@ -103,8 +124,8 @@ def compare(model, inputs, rounds: int, iters: int, what: str = "stack") -> dict
             for name, use in ways.items():
                 use()
                 outputs[name] = model(**inputs).logits
-            if what == "pack_qkv":
-                _check_pack_qkv(model)
+            if what in CHECKS:
+                CHECKS[what](model)
             first, second = outputs.values()
             if not torch.equal(first, second):
                 raise RuntimeError(f"{' and '.join(ways)} gave different logits")
@@ -134,9 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare", choices=sorted(COMPARISONS), default="stack", help="which two ways (see above)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    base, new = {"stack": ("layers one by one", "one call"), "pack_qkv": ("float32 Q/K/V", "packed Q/K/V")}[
-        args.compare
-    ]
+    base, new = LABELS[args.compare]
     print(f"| pattern | batch | {base} (ms) | {new} (ms) | speed-up |")
     print("|---|---:|---:|---:|---:|")
     for pattern in args.pattern:

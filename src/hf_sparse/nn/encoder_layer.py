@@ -80,6 +80,11 @@ class FusedEncoderLayer:
     reads (`layer.qkv_packed` says whether the last call did): no float32 Q/K/V rows, no packing in the attention,
     the same results bit for bit (both round to bfloat16 the same way). `layer.pack_qkv = False` turns it off.
 
+    With int8 4-block weights (FFN fused), the AVX-512 kernels and hidden size and sequence length multiples of 16,
+    the chunks and token blocks a thread runs alone go through the steps after the attention on feature-major tiles
+    (no transposes between the products and the LayerNorms; docs/kernels.md): the same results bit for bit
+    (`layer.ran_feature_major` says whether the last call did; `layer.feature_major = False` turns it off).
+
     `FusedEncoderLayer.step_times`, None normally, may be set by a profiler (benchmarks/speed) to a dict: every
     fast-path call then adds each step's share of its wall time, in seconds, under the step's name ("qkv",
     "attention", "out", "norm1", "ffn", "norm2"): the fast path has no modules for forward hooks to time.
@@ -112,6 +117,7 @@ class FusedEncoderLayer:
         self.chunk_tokens = CHUNK_TOKENS
         self.split_sequences = True
         self.pack_qkv = True
+        self.feature_major = True
         self._split_flags = 0  # how the last fast-path call split its work (`parallelism`)
         self.heads, self.head_dim, self.scale = int(heads), width // heads, float(scale)
         self.width, self.hidden = width, hidden
@@ -139,7 +145,8 @@ class FusedEncoderLayer:
             self._split_flags = self._plan.run(
                 x.data_ptr(), y.data_ptr(), batch, seq, kind, mk.data_ptr() if mk is not None else 0, sb, sh, sq,
                 [t.data_ptr() for t in params], self.norm1.eps, self.norm2.eps, self.chunk_tokens,
-                self.split_sequences, bool(self.pack_qkv), ext._num_threads or torch.get_num_threads(),
+                self.split_sequences, bool(self.pack_qkv), bool(self.feature_major),
+                ext._num_threads or torch.get_num_threads(),
                 counters.address,
             )  # fmt: skip
         return y
@@ -161,6 +168,12 @@ class FusedEncoderLayer:
         """Whether the last fast-path call wrote Q/K/V straight into the attention's packed layout (see above; after
         a FusedEncoderStack call: whether it did for any of the stack's layers)."""
         return bool(self._split_flags & ext._C.LAYER_PACKED_QKV)
+
+    @property
+    def ran_feature_major(self) -> bool:
+        """Whether the last fast-path call ran its steps on feature-major tiles (see above; after a FusedEncoderStack
+        call: whether it did for the stack)."""
+        return bool(self._split_flags & ext._C.LAYER_FEATURE_MAJOR)
 
     def norm_params(self) -> list[torch.Tensor | None]:
         """gamma1, beta1, gamma2, beta2 as they are now (the kernels read them at every call; a model cast to another

@@ -25,7 +25,7 @@ class FusedEncoderStack:
     Call: `x` (batch, seq, hidden) float32, `mask` None or as `hf_sparse.ops.attention` takes it (the same for every
     layer) -> float32 (batch, seq, hidden). The one-call path needs what each layer's fast path needs (see
     FusedEncoderLayer); otherwise the layers are called one by one. Each layer's `chunk_tokens`,
-    `split_sequences` and `pack_qkv` are the first layer's here."""
+    `split_sequences`, `pack_qkv` and `feature_major` are the first layer's here."""
 
     def __init__(self, layers: Sequence[FusedEncoderLayer]):
         layers = list(layers)
@@ -58,7 +58,7 @@ class FusedEncoderStack:
                 x.data_ptr(), y.data_ptr(), scratch.data_ptr(), batch, seq, kind,
                 mk.data_ptr() if mk is not None else 0, sb, sh, sq, [t.data_ptr() for t in params], eps,
                 first.chunk_tokens, first.split_sequences,
-                bool(first.pack_qkv), ext._num_threads or torch.get_num_threads(), counters.address,
+                bool(first.pack_qkv), bool(first.feature_major), ext._num_threads or torch.get_num_threads(), counters.address,
             )  # fmt: skip
         for layer in self.layers:
             layer._split_flags = flags
