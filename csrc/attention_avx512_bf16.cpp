@@ -493,17 +493,17 @@ void add_layernorm(const float* x, int64_t ldx, const float* res, int64_t ldr, i
 
 // add_layernorm on a feature-major tile ([n][mtp], n a multiple of 16): lanes are 16 tokens, and each token's sums
 // take add_layernorm's order term for term. Lane j of add_layernorm's accumulator set s (0 or 1) holds the features
-// 16 v + j of the vectors v in set s; here acc[s][j][t] holds them for the tokens of vector t, added per j over the
-// two sets, then over j by sum16_lanes (sum16's tree). Each pass runs through the tile row after row (whole 64-byte
-// lines in address order: a tile of 64 tokens is 3 KB per feature, far more than L1, and streams from L2); the
-// accumulators (2 x 16 x 4 vectors) stay in L1.
+// 16 v + j of the vectors v in set s; here acc[s][j][t] holds them for the tokens of vector t (kFmSums' layout,
+// common.h), added per j over the two sets, then over j by sum16_lanes (sum16's tree). Each pass runs through the
+// tile row after row (whole 64-byte lines in address order: a tile of 64 tokens is 3 KB per feature, far more than
+// L1, and streams from L2); the accumulators stay in L1. sums: the first pass's, done by a product's epilogue.
 template <int T>
-void layernorm_fm_t(float* x, const float* res, int64_t n, const float* gamma, const float* beta, float eps, float* y,
-                    bool stream) {
+void layernorm_fm_t(float* x, const float* res, const float* sums, int64_t n, const float* gamma, const float* beta,
+                    float eps, float* y, bool stream) {
   constexpr int kMtp = kVec * T;
   const int64_t pairs = n / (2 * kVec);
   const auto set_of = [&](int64_t f) { return f >= 2 * pairs * kVec ? 0 : static_cast<int>((f / kVec) & 1); };
-  alignas(64) __m512 acc[2][kVec][T];
+  alignas(64) __m512 acc[2][kVec][4];
   __m512 mean[T], rstd[T];
   const auto zero = [&] {
     for (int s = 0; s < 2; ++s)
@@ -511,29 +511,33 @@ void layernorm_fm_t(float* x, const float* res, int64_t n, const float* gamma, c
 #pragma GCC unroll 4
         for (int t = 0; t < T; ++t) acc[s][j][t] = _mm512_setzero_ps();
   };
-  // lane r of out[t]: sum16 over j of (acc[0][j][t] + acc[1][j][t]), times 1 / n
-  const auto reduce = [&](__m512* out) {
+  // lane r of out[t]: sum16 over j of (a[0][j][t] + a[1][j][t]), times 1 / n
+  const auto reduce = [&](const __m512 (*a)[kVec][4], __m512* out) {
     const __m512 inv_n = _mm512_set1_ps(1.0f / static_cast<float>(n));
 #pragma GCC unroll 4
     for (int t = 0; t < T; ++t) {
       __m512 l[kVec];
 #pragma GCC unroll 16
-      for (int j = 0; j < kVec; ++j) l[j] = _mm512_add_ps(acc[0][j][t], acc[1][j][t]);
+      for (int j = 0; j < kVec; ++j) l[j] = _mm512_add_ps(a[0][j][t], a[1][j][t]);
       out[t] = _mm512_mul_ps(sum16_lanes(l), inv_n);
     }
   };
-  zero();
-  for (int64_t f = 0; f < n; ++f) {
-    __m512* a = acc[set_of(f)][f % kVec];
+  if (sums) {
+    reduce(reinterpret_cast<const __m512(*)[kVec][4]>(sums), mean);
+  } else {
+    zero();
+    for (int64_t f = 0; f < n; ++f) {
+      __m512* a = acc[set_of(f)][f % kVec];
 #pragma GCC unroll 4
-    for (int t = 0; t < T; ++t) {
-      __m512 v = _mm512_load_ps(x + f * kMtp + t * kVec);
-      if (res) v = _mm512_add_ps(v, _mm512_load_ps(res + f * kMtp + t * kVec));
-      _mm512_store_ps(x + f * kMtp + t * kVec, v);
-      a[t] = _mm512_add_ps(a[t], v);
+      for (int t = 0; t < T; ++t) {
+        __m512 v = _mm512_load_ps(x + f * kMtp + t * kVec);
+        if (res) v = _mm512_add_ps(v, _mm512_load_ps(res + f * kMtp + t * kVec));
+        _mm512_store_ps(x + f * kMtp + t * kVec, v);
+        a[t] = _mm512_add_ps(a[t], v);
+      }
     }
+    reduce(acc, mean);
   }
-  reduce(mean);
   zero();
   for (int64_t f = 0; f < n; ++f) {
     __m512* a = acc[set_of(f)][f % kVec];
@@ -543,7 +547,7 @@ void layernorm_fm_t(float* x, const float* res, int64_t n, const float* gamma, c
       a[t] = _mm512_fmadd_ps(d, d, a[t]);
     }
   }
-  reduce(rstd);  // (the variance, so far)
+  reduce(acc, rstd);  // (the variance, so far)
 #pragma GCC unroll 4
   for (int t = 0; t < T; ++t) {
     rstd[t] = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_sqrt_ps(_mm512_add_ps(rstd[t], _mm512_set1_ps(eps))));
@@ -564,13 +568,13 @@ void layernorm_fm_t(float* x, const float* res, int64_t n, const float* gamma, c
   if (stream) _mm_sfence();
 }
 
-void layernorm_fm(float* x, const float* res, int64_t n, int mtp, const float* gamma, const float* beta, float eps,
-                  float* y, bool stream) {
+void layernorm_fm(float* x, const float* res, const float* sums, int64_t n, int mtp, const float* gamma,
+                  const float* beta, float eps, float* y, bool stream) {
   switch (mtp / kVec) {
-    case 1: return layernorm_fm_t<1>(x, res, n, gamma, beta, eps, y, stream);
-    case 2: return layernorm_fm_t<2>(x, res, n, gamma, beta, eps, y, stream);
-    case 3: return layernorm_fm_t<3>(x, res, n, gamma, beta, eps, y, stream);
-    default: return layernorm_fm_t<4>(x, res, n, gamma, beta, eps, y, stream);
+    case 1: return layernorm_fm_t<1>(x, res, sums, n, gamma, beta, eps, y, stream);
+    case 2: return layernorm_fm_t<2>(x, res, sums, n, gamma, beta, eps, y, stream);
+    case 3: return layernorm_fm_t<3>(x, res, sums, n, gamma, beta, eps, y, stream);
+    default: return layernorm_fm_t<4>(x, res, sums, n, gamma, beta, eps, y, stream);
   }
 }
 

@@ -20,6 +20,12 @@ enum Activation : int {
 // column-block indices are uint16.
 constexpr int64_t kMaxInFeatures = 65536;
 
+// The first pass of a feature-major LayerNorm over n features (Output::fm_sums, AttnKernels::layernorm_fm) sums
+// feature f of token 16 t + r into float [((s * 16 + f % 16) * 4 + t) * 16 + r] in the order of f, where the set s
+// is 0 for f >= 32 * (n / 32) and (f / 16) % 2 below (the token-row LayerNorm's two accumulators; each ISA file
+// writes this out itself, see above on inline code).
+constexpr int kFmSums = 2 * 16 * 4 * 16;
+
 // Sparse layouts are CSR over column panels of kPanel columns (a column is a 4-block for int8, an input feature
 // for fp32): panel c holds columns kPanel*c .. kPanel*c + kPanel-1, and the entries of row n inside panel c are
 // ptr[c*N + n] .. ptr[c*N + n + 1] - 1 (panel-major). A kernel can then stream through one panel of the weight
@@ -118,6 +124,11 @@ struct Output {
   // Feature-major y (only kernels with IsaKernels::quant_fm, sparse int8 tiles without padding tokens): output
   // channel n of tile token r at y[n * ldy + r]; m0 is ignored (y is the tile's own).
   bool feature_major = false;
+  // With feature_major, optional (all rows of the weight in one call): y = the output + fm_res (same layout), and
+  // the first pass of AttnKernels::layernorm_fm over y done on the way, its sums added to fm_sums (kFmSums floats,
+  // zeroed by the caller).
+  const float* fm_res = nullptr;
+  float* fm_sums = nullptr;
 };
 
 // Few-token kernels (decoding): rows n0..n1-1 of a sparse int8 product for tokens 0..rows-1 of row-major quantized

@@ -191,13 +191,13 @@ thread_local ScratchBuffer t_fm;
 // One thread's scratch for tiles of up to mt tokens of layer c.
 struct FmScratch {
   uint8_t *tile1, *tile2;
-  float *sx1, *sx2, *h, *a, *f;
+  float *sx1, *sx2, *h, *a, *f, *sums;
   FmScratch(const EncoderLayerCall& c, int64_t mt) {
     const size_t q1 = align64(static_cast<size_t>((std::max(c.hidden, c.width) + 3) / 4 * 4 * mt));
     const size_t q2 = align64(static_cast<size_t>((c.w_ffn1->n + 3) / 4 * 4 * mt));
     const size_t s = align64(static_cast<size_t>(mt) * 4), h_bytes = static_cast<size_t>(c.w_ffn1->n * mt) * 4;
     const size_t rows = static_cast<size_t>(c.hidden * mt) * 4;
-    char* p = t_fm.get(q1 + q2 + 2 * s + h_bytes + 2 * rows);
+    char* p = t_fm.get(q1 + q2 + 2 * s + h_bytes + 2 * rows + kFmSums * 4);
     tile1 = reinterpret_cast<uint8_t*>(p);
     tile2 = tile1 + q1;
     sx1 = reinterpret_cast<float*>(p + q1 + q2);
@@ -205,6 +205,7 @@ struct FmScratch {
     h = reinterpret_cast<float*>(p + q1 + q2 + 2 * s);
     a = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes);
     f = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes + rows);
+    sums = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes + 2 * rows);
   }
 };
 
@@ -243,30 +244,36 @@ void fm_finish(const EncoderLayerCall& c, const CallKernels& k, const float* ctx
   FmScratch s(c, mt);
   for (int64_t t0 = 0; t0 < m; t0 += mt) {
     const int rows = static_cast<int>(std::min(mt, m - t0));
-    isa.quant_tile(ctx + t0 * c.width, c.width, rows, c.width, rows, s.tile1, s.sx1);
-    Output o;
-    o.y = s.a;
-    o.ldy = rows;
-    o.feature_major = true;
-    o.act = c.act_out;
-    isa.i8_sparse(*c.w_out, s.tile1, rows, rows, s.sx1, 0, hidden, o);
-    timer.done(kStepOut);
     const float* res = x + t0 * hidden;
     if (!fm.in) {
       isa.f32_tile(res, hidden, rows, hidden, rows, s.f);
       res = s.f;
     }
-    add_layernorm_fm(*k.attn, s.a, res, hidden, rows, c.gamma1, c.beta1, c.eps1, s.a, false);
+    isa.quant_tile(ctx + t0 * c.width, c.width, rows, c.width, rows, s.tile1, s.sx1);
+    // Both products add the residual in their epilogue and sum for the LayerNorm after them (Output::fm_res).
+    Output o;
+    o.y = s.a;
+    o.ldy = rows;
+    o.feature_major = true;
+    o.act = c.act_out;
+    o.fm_res = res;
+    o.fm_sums = s.sums;
+    std::fill_n(s.sums, kFmSums, 0.0f);
+    isa.i8_sparse(*c.w_out, s.tile1, rows, rows, s.sx1, 0, hidden, o);
+    timer.done(kStepOut);
+    add_layernorm_fm(*k.attn, s.a, nullptr, s.sums, hidden, rows, c.gamma1, c.beta1, c.eps1, s.a, false);
     timer.done(kStepNorm1);
     isa.quant_fm(s.a, hidden, rows, s.tile1, s.sx1);
     isa.i8_ffn_hidden(*c.w_ffn1, s.tile1, rows, rows, s.sx1, c.act1, s.h, s.tile2, s.sx2);
     o.y = s.f;
     o.act = c.act2;
+    o.fm_res = s.a;
+    std::fill_n(s.sums, kFmSums, 0.0f);
     isa.i8_sparse(*c.w_ffn2, s.tile2, rows, rows, s.sx2, 0, hidden, o);
     timer.done(kStepFfn);
     // (an fm output is read again only once the thread's other chunks are through this layer: no need to cache it)
-    add_layernorm_fm(*k.attn, s.f, s.a, hidden, rows, c.gamma2, c.beta2, c.eps2, fm.out ? y + t0 * hidden : s.f,
-                     fm.out);
+    add_layernorm_fm(*k.attn, s.f, nullptr, s.sums, hidden, rows, c.gamma2, c.beta2, c.eps2,
+                     fm.out ? y + t0 * hidden : s.f, fm.out);
     if (!fm.out) isa.f32_untile(s.f, rows, hidden, y + t0 * hidden, hidden);
     timer.done(kStepNorm2);
   }

@@ -496,8 +496,18 @@ struct TransposedOut {
     } else if (out.feature_major) {  // no staging: the row is already 16 T tokens of one channel
       __m512 y[T];
       dq.apply(w, n, out.act, acc, y);
+      float* dst = out.y + n * out.ldy;
+      if (out.fm_res) {  // + the residual, and the LayerNorm's first pass (kFmSums' layout, common.h)
+        const int set = n >= w.n / 32 * 32 ? 0 : static_cast<int>((n / 16) & 1);
+        float* sums = out.fm_sums + (set * 16 + n % 16) * 4 * kVec;
 #pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) _mm512_store_ps(out.y + n * out.ldy + t * kVec, y[t]);
+        for (int t = 0; t < T; ++t) {
+          y[t] = _mm512_add_ps(y[t], _mm512_load_ps(out.fm_res + n * out.ldy + t * kVec));
+          _mm512_store_ps(sums + t * kVec, _mm512_add_ps(_mm512_load_ps(sums + t * kVec), y[t]));
+        }
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) _mm512_store_ps(dst + t * kVec, y[t]);
       return;
     } else {
       __m512 y[T];
