@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from hf_sparse import ops
 
 
 HIDDEN, HEADS, FFN = 48, 4, 96
@@ -67,3 +74,23 @@ def assert_matches_reference(layer, got, x, mask):
     off = (err.flatten(0, -2).amax(-1) > 1e-5 * scale).float().mean().item()
     assert off <= 0.03, f"{off:.2%} of the tokens have outputs beyond 1e-5 of the reference's scale {scale:.3g}"
     assert err.max().item() <= 1e-2 * scale, f"max |fused - reference| = {err.max().item():.3g} (scale {scale:.3g})"
+
+
+def output_on_isa(layer, x: torch.Tensor, isa: str) -> torch.Tensor:
+    """layer(x) on the kernels of `isa` (ops.set_isa; "auto" again afterwards)."""
+    ops.set_isa(isa)
+    try:
+        return layer(x)
+    finally:
+        ops.set_isa("auto")
+
+
+def run_with_poisoned_scratch(script: str) -> None:
+    """Runs `script` in a fresh interpreter with every scratch buffer filled with NaN bytes first
+    (HF_SPARSE_POISON_SCRATCH=1, read once per process); it must print "ok" last and exit 0."""
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "HF_SPARSE_POISON_SCRATCH": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=repo, env=env
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -9,18 +9,18 @@ FFN, hidden and sequence length multiples of 16, chunks or token blocks run by o
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from hf_sparse import ops
 from hf_sparse.nn import FusedEncoderStack
 from hf_sparse.nn.encoder_layer import CHUNK_TOKENS
-from tests.nn.encoder_layers import assert_matches_reference, make_encoder_layer
+from tests.nn.encoder_layers import (
+    assert_matches_reference,
+    make_encoder_layer,
+    output_on_isa,
+    run_with_poisoned_scratch,
+)
 
 
 pytestmark = pytest.mark.skipif(not ops.extension_available(), reason="the fast path runs on the C++ kernels")
@@ -125,23 +125,12 @@ def test_fm_only_where_it_can(threads):
     assert_matches_reference(layer, expected, x, None)
     layer(torch.randn(2, 63, 64))  # not a multiple of 16 tokens
     assert not layer.ran_feature_major
+    for isa in ("avx2", "scalar") if FM_KERNELS else ():  # (fm tiles: the AVX-512 kernels only)
+        got = output_on_isa(layer, x, isa)
+        assert not layer.ran_feature_major, isa
+        assert_matches_reference(layer, got, x, None)
     layer.feature_major = False
     assert torch.equal(layer(x), expected) and not layer.ran_feature_major
-
-
-@pytest.mark.skipif(not FM_KERNELS, reason="feature-major tiles are in the AVX-512 kernels only")
-@pytest.mark.parametrize("isa", ["avx2", "scalar"])
-def test_lower_instruction_sets_keep_token_rows(threads, isa):
-    layer = make_encoder_layer(0, 64, 2, 96)
-    x = torch.randn(2, 64, 64)
-    threads(2)
-    ops.set_isa(isa)
-    try:
-        got = layer(x)
-        assert not layer.ran_feature_major
-    finally:
-        ops.set_isa("auto")
-    assert_matches_reference(layer, got, x, None)
 
 
 _POISONED = """
@@ -170,9 +159,4 @@ print("ok")
 @pytest.mark.skipif(not FM_KERNELS, reason="feature-major tiles are in the AVX-512 kernels only")
 def test_fm_reads_no_scratch_it_did_not_write():
     """With every scratch buffer filled with NaN bytes first, the fm path still gives the token-row output."""
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "HF_SPARSE_POISON_SCRATCH": "1", "PYTHONPATH": str(repo)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _POISONED], capture_output=True, text=True, timeout=600, cwd=repo, env=env
-    )
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    run_with_poisoned_scratch(_POISONED)

@@ -9,11 +9,6 @@ head_dim a multiple of 16, sequences of PACKED_QKV_MIN_SEQ tokens or more).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,7 +16,12 @@ from hf_sparse import ops
 from hf_sparse.nn import FusedEncoderStack
 from hf_sparse.nn.encoder_layer import CHUNK_TOKENS
 from hf_sparse.ops import _extension as ext
-from tests.nn.encoder_layers import assert_matches_reference, make_encoder_layer
+from tests.nn.encoder_layers import (
+    assert_matches_reference,
+    make_encoder_layer,
+    output_on_isa,
+    run_with_poisoned_scratch,
+)
 
 
 pytestmark = pytest.mark.skipif(not ops.extension_available(), reason="the fast path runs on the C++ kernels")
@@ -134,12 +134,8 @@ def test_lower_instruction_sets_do_not_pack(threads, isa):
     layer = make_encoder_layer(0, 64, 2, 96)
     x = torch.randn(2, 40, 64)
     ops.set_num_threads(1)
-    ops.set_isa(isa)
-    try:
-        got = layer(x)
-        assert not layer.qkv_packed
-    finally:
-        ops.set_isa("auto")
+    got = output_on_isa(layer, x, isa)
+    assert not layer.qkv_packed
     assert_matches_reference(layer, got, x, None)
 
 
@@ -170,9 +166,4 @@ print("ok")
 def test_packed_reads_no_scratch_it_did_not_write():
     """With every scratch buffer filled with NaN bytes first, odd sequences (whose V pads the last pair with a 0
     token) and every split still give the unpacked output: the attention reads no padding the writer left as is."""
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "HF_SPARSE_POISON_SCRATCH": "1", "PYTHONPATH": str(repo)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _POISONED], capture_output=True, text=True, timeout=300, cwd=repo, env=env
-    )
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    run_with_poisoned_scratch(_POISONED)
