@@ -171,10 +171,10 @@ void add_layernorm(const float* x, int64_t ldx, const float* res, int64_t ldr, i
   parallel_run(nt, ln_job_fn, &job);
 }
 
-void add_layernorm_fm(const AttnKernels& kernels, float* x, const float* res, const float* sums, int64_t n, int mtp,
+void add_layernorm_fm(const AttnKernels& kernels, const float* x, const float* sums, int64_t n, int mtp,
                       const float* gamma, const float* beta, float eps, float* y, bool stream) {
   count(g_ln_calls, kernels);
-  kernels.layernorm_fm(x, res, sums, n, mtp, gamma, beta, eps, y, stream);
+  kernels.layernorm_fm(x, sums, n, mtp, gamma, beta, eps, y, stream);
 }
 
 std::vector<std::pair<std::string, int64_t>> attention_calls(bool layernorm) {

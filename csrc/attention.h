@@ -54,11 +54,11 @@ struct AttnKernels {
   // Optional (null: the kernel packs Q, K and V itself): the writer of QkvPackedOut, whose layout item then reads.
   void (*write_qkv_group)(const QkvPackedOut& p, const float* staged, int T, int64_t n, int64_t m0, int rows);
   // Optional: add_layernorm over feature-major tiles ([n][mtp] floats, token r in column r; n a multiple of 16),
-  // giving add_layernorm's results bit for bit. x is overwritten with x + res; y may alias x or res, or (stream)
-  // be written with non-temporal stores (64-byte aligned). With sums (kFmSums floats: the first pass done already
-  // by a product's epilogue, Output::fm_res), x holds x + res already and res is not read.
-  void (*layernorm_fm)(float* x, const float* res, const float* sums, int64_t n, int mtp, const float* gamma,
-                       const float* beta, float eps, float* y, bool stream) = nullptr;
+  // giving add_layernorm's results bit for bit: x holds x + res already and sums the first pass's per-token sums
+  // (kFmSums floats, both from a product's epilogue: Output::fm_res). y may alias x, or (stream) be written with
+  // non-temporal stores (64-byte aligned).
+  void (*layernorm_fm)(const float* x, const float* sums, int64_t n, int mtp, const float* gamma, const float* beta,
+                       float eps, float* y, bool stream) = nullptr;
 };
 
 const AttnKernels* attn_scalar_kernels();
@@ -101,7 +101,7 @@ void add_layernorm(const float* x, int64_t ldx, const float* res, int64_t ldr, i
                    const float* gamma, const float* beta, float eps, float* y, int64_t ldy, int nthreads);
 
 // The same on one feature-major tile with kernels' layernorm_fm, on the calling thread (counted with add_layernorm).
-void add_layernorm_fm(const AttnKernels& kernels, float* x, const float* res, const float* sums, int64_t n, int mtp,
+void add_layernorm_fm(const AttnKernels& kernels, const float* x, const float* sums, int64_t n, int mtp,
                       const float* gamma, const float* beta, float eps, float* y, bool stream);
 
 // Calls so far per attention kernel name (of attention, or of add_layernorm).

@@ -494,12 +494,13 @@ void add_layernorm(const float* x, int64_t ldx, const float* res, int64_t ldr, i
 // add_layernorm on a feature-major tile ([n][mtp], n a multiple of 16): lanes are 16 tokens, and each token's sums
 // take add_layernorm's order term for term. Lane j of add_layernorm's accumulator set s (0 or 1) holds the features
 // 16 v + j of the vectors v in set s; here acc[s][j][t] holds them for the tokens of vector t (kFmSums' layout,
-// common.h), added per j over the two sets, then over j by sum16_lanes (sum16's tree). Each pass runs through the
-// tile row after row (whole 64-byte lines in address order: a tile of 64 tokens is 3 KB per feature, far more than
-// L1, and streams from L2); the accumulators stay in L1. sums: the first pass's, done by a product's epilogue.
+// common.h), added per j over the two sets, then over j by sum16_lanes (sum16's tree). The first pass (x + res and
+// its sums) is the epilogue's of the product before (kernels_avx512.cpp, Output::fm_res); the other two run through
+// the tile row after row (whole 64-byte lines in address order: a tile of 64 tokens is 3 KB per feature, far more
+// than L1, and streams from L2), with the accumulators in L1.
 template <int T>
-void layernorm_fm_t(float* x, const float* res, const float* sums, int64_t n, const float* gamma, const float* beta,
-                    float eps, float* y, bool stream) {
+void layernorm_fm_t(const float* x, const float* sums, int64_t n, const float* gamma, const float* beta, float eps,
+                    float* y, bool stream) {
   constexpr int kMtp = kVec * T;
   const int64_t pairs = n / (2 * kVec);
   const auto set_of = [&](int64_t f) { return f >= 2 * pairs * kVec ? 0 : static_cast<int>((f / kVec) & 1); };
@@ -522,22 +523,7 @@ void layernorm_fm_t(float* x, const float* res, const float* sums, int64_t n, co
       out[t] = _mm512_mul_ps(sum16_lanes(l), inv_n);
     }
   };
-  if (sums) {
-    reduce(reinterpret_cast<const __m512(*)[kVec][4]>(sums), mean);
-  } else {
-    zero();
-    for (int64_t f = 0; f < n; ++f) {
-      __m512* a = acc[set_of(f)][f % kVec];
-#pragma GCC unroll 4
-      for (int t = 0; t < T; ++t) {
-        __m512 v = _mm512_load_ps(x + f * kMtp + t * kVec);
-        if (res) v = _mm512_add_ps(v, _mm512_load_ps(res + f * kMtp + t * kVec));
-        _mm512_store_ps(x + f * kMtp + t * kVec, v);
-        a[t] = _mm512_add_ps(a[t], v);
-      }
-    }
-    reduce(acc, mean);
-  }
+  reduce(reinterpret_cast<const __m512(*)[kVec][4]>(sums), mean);
   zero();
   for (int64_t f = 0; f < n; ++f) {
     __m512* a = acc[set_of(f)][f % kVec];
@@ -568,13 +554,13 @@ void layernorm_fm_t(float* x, const float* res, const float* sums, int64_t n, co
   if (stream) _mm_sfence();
 }
 
-void layernorm_fm(float* x, const float* res, const float* sums, int64_t n, int mtp, const float* gamma,
-                  const float* beta, float eps, float* y, bool stream) {
+void layernorm_fm(const float* x, const float* sums, int64_t n, int mtp, const float* gamma, const float* beta,
+                  float eps, float* y, bool stream) {
   switch (mtp / kVec) {
-    case 1: return layernorm_fm_t<1>(x, res, sums, n, gamma, beta, eps, y, stream);
-    case 2: return layernorm_fm_t<2>(x, res, sums, n, gamma, beta, eps, y, stream);
-    case 3: return layernorm_fm_t<3>(x, res, sums, n, gamma, beta, eps, y, stream);
-    default: return layernorm_fm_t<4>(x, res, sums, n, gamma, beta, eps, y, stream);
+    case 1: return layernorm_fm_t<1>(x, sums, n, gamma, beta, eps, y, stream);
+    case 2: return layernorm_fm_t<2>(x, sums, n, gamma, beta, eps, y, stream);
+    case 3: return layernorm_fm_t<3>(x, sums, n, gamma, beta, eps, y, stream);
+    default: return layernorm_fm_t<4>(x, sums, n, gamma, beta, eps, y, stream);
   }
 }
 

@@ -261,7 +261,7 @@ void fm_finish(const EncoderLayerCall& c, const CallKernels& k, const float* ctx
     std::fill_n(s.sums, kFmSums, 0.0f);
     isa.i8_sparse(*c.w_out, s.tile1, rows, rows, s.sx1, 0, hidden, o);
     timer.done(kStepOut);
-    add_layernorm_fm(*k.attn, s.a, nullptr, s.sums, hidden, rows, c.gamma1, c.beta1, c.eps1, s.a, false);
+    add_layernorm_fm(*k.attn, s.a, s.sums, hidden, rows, c.gamma1, c.beta1, c.eps1, s.a, false);
     timer.done(kStepNorm1);
     isa.quant_fm(s.a, hidden, rows, s.tile1, s.sx1);
     isa.i8_ffn_hidden(*c.w_ffn1, s.tile1, rows, rows, s.sx1, c.act1, s.h, s.tile2, s.sx2);
@@ -272,8 +272,8 @@ void fm_finish(const EncoderLayerCall& c, const CallKernels& k, const float* ctx
     isa.i8_sparse(*c.w_ffn2, s.tile2, rows, rows, s.sx2, 0, hidden, o);
     timer.done(kStepFfn);
     // (an fm output is read again only once the thread's other chunks are through this layer: no need to cache it)
-    add_layernorm_fm(*k.attn, s.f, nullptr, s.sums, hidden, rows, c.gamma2, c.beta2, c.eps2,
-                     fm.out ? y + t0 * hidden : s.f, fm.out);
+    add_layernorm_fm(*k.attn, s.f, s.sums, hidden, rows, c.gamma2, c.beta2, c.eps2, fm.out ? y + t0 * hidden : s.f,
+                     fm.out);
     if (!fm.out) isa.f32_untile(s.f, rows, hidden, y + t0 * hidden, hidden);
     timer.done(kStepNorm2);
   }
