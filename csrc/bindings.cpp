@@ -24,6 +24,7 @@
 #include "scratch.h"
 #include "attention.h"
 #include "common.h"
+#include "embeddings.h"
 #include "encoder_layer.h"
 #include "isa.h"
 #include "jit_block4.h"
@@ -36,7 +37,7 @@ using namespace nb::literals;
 namespace hf_sparse {
 namespace {
 
-constexpr int kAbiVersion = 11;
+constexpr int kAbiVersion = 12;
 
 enum Kind : int { kI8Sparse = 0, kI8Dense = 1, kF32Sparse = 2, kI8Csr = 3 };  // kI8Csr: SparseI8 with quads
 
@@ -630,6 +631,64 @@ void add_layernorm_raw(uintptr_t x, int64_t ldx, uintptr_t res, int64_t ldr, int
                 reinterpret_cast<float*>(y), ldy, clamp_threads(nthreads));
 }
 
+EmbedTable embed_table(int64_t rows, uintptr_t f32, uintptr_t codes, uintptr_t scale, const char* name) {
+  if (rows < 1 || (f32 == 0) == (codes == 0) || (codes != 0 && scale == 0)) {
+    throw nb::value_error((std::string("embed_layernorm: the ") + name +
+                           " table needs rows >= 1 and either float32 rows or int8 codes with scales").c_str());
+  }
+  return EmbedTable{rows, reinterpret_cast<const float*>(f32), reinterpret_cast<const int8_t*>(codes),
+                    reinterpret_cast<const float*>(scale)};
+}
+
+// Tables as (rows, float32 address, int8 codes address, scales address), unused addresses 0; type rows 0: no
+// token types. Returns None, or (tensor name, b, s, value, limit) for the first index outside its table.
+nb::object embed_layernorm_raw(int64_t batch, int64_t seq, int64_t n, uintptr_t ids, int64_t ids_sb, int64_t ids_ss,
+                               int64_t vocab, uintptr_t word, uintptr_t word_codes, uintptr_t word_scale,
+                               int64_t positions, uintptr_t position, uintptr_t position_codes,
+                               uintptr_t position_scale, uintptr_t pos_ids, int64_t pos_sb, int64_t pos_ss,
+                               int64_t padding_idx, int64_t past, int64_t types, uintptr_t type, uintptr_t type_codes,
+                               uintptr_t type_scale, uintptr_t type_ids, int64_t type_sb, int64_t type_ss,
+                               int64_t type_ids_len, bool type_by_position, uintptr_t gamma, uintptr_t beta,
+                               double eps, uintptr_t y, int nthreads) {
+  if (batch < 0 || seq < 0 || n < 1 || ids == 0 || gamma == 0 || beta == 0 || y == 0) {
+    throw nb::value_error("embed_layernorm: batch and seq must be >= 0, n >= 1, with ids, LayerNorm and output");
+  }
+  EmbedCall c;
+  c.batch = batch;
+  c.seq = seq;
+  c.n = n;
+  c.ids = reinterpret_cast<const int64_t*>(ids);
+  c.ids_sb = ids_sb;
+  c.ids_ss = ids_ss;
+  c.word = embed_table(vocab, word, word_codes, word_scale, "word");
+  c.position = embed_table(positions, position, position_codes, position_scale, "position");
+  if (types > 0) {
+    c.type = embed_table(types, type, type_codes, type_scale, "token type");
+    if (type_ids == 0) throw nb::value_error("embed_layernorm: a token type table without token type ids");
+  }
+  c.pos_ids = reinterpret_cast<const int64_t*>(pos_ids);
+  c.pos_sb = pos_sb;
+  c.pos_ss = pos_ss;
+  c.padding_idx = padding_idx;
+  c.past = past;
+  c.type_ids = reinterpret_cast<const int64_t*>(type_ids);
+  c.type_sb = type_sb;
+  c.type_ss = type_ss;
+  c.type_ids_len = type_ids_len;
+  c.type_by_position = type_by_position;
+  c.gamma = reinterpret_cast<const float*>(gamma);
+  c.beta = reinterpret_cast<const float*>(beta);
+  c.eps = static_cast<float>(eps);
+  c.y = reinterpret_cast<float*>(y);
+  EmbedError err;
+  {
+    nb::gil_scoped_release release;
+    err = embed_layernorm(c, clamp_threads(nthreads));
+  }
+  if (err.tensor == nullptr) return nb::none();
+  return nb::make_tuple(err.tensor, err.b, err.s, err.value, err.limit);
+}
+
 void quantize_raw(uintptr_t x, int64_t m, int64_t k, uintptr_t q, uintptr_t scale) {
   check_dims(0, k);
   nb::gil_scoped_release release;
@@ -738,6 +797,8 @@ NB_MODULE(_C, m) {
   m.def("quantize_raw", &quantize_raw);
   m.def("attention_raw", &attention_raw);
   m.def("add_layernorm_raw", &add_layernorm_raw);
+  m.def("embed_layernorm_raw", &embed_layernorm_raw);
+  m.def("embed_calls", &embed_calls, "Fused embeddings calls so far.");
   m.attr("MASK_NONE") = static_cast<int>(kMaskNone);
   m.attr("MASK_ADD") = static_cast<int>(kMaskAdd);
   m.attr("MASK_KEEP") = static_cast<int>(kMaskKeep);

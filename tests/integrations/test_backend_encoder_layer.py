@@ -27,6 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from hf_sparse import ops
+from hf_sparse.integrations.embeddings import FusedEmbeddingsForward
 from hf_sparse.integrations.encoder_layer import FusedEncoderForward
 from hf_sparse.nn import FusedEncoderLayer
 from hf_sparse.ops import attention_reference
@@ -56,11 +57,13 @@ def _load(tmp_path, model, pattern="4-block", **options):
     return AutoModelForSequenceClassification.from_pretrained(folder), folder
 
 
-def _unfused(model):
-    """The same loaded model with every layer's own forward (the module path): a deep copy without the fusion."""
+def _unfused(model, embeddings: bool = False):
+    """The same loaded model with every layer's own forward (the module path): a deep copy without the layer and
+    encoder fusions; the fused embeddings stay (they are not what these tests are about) unless `embeddings`."""
     plain = copy.deepcopy(model)
     for m in plain.modules():
-        m.__dict__.pop("forward", None)
+        if embeddings or not isinstance(vars(m).get("forward"), FusedEmbeddingsForward):
+            m.__dict__.pop("forward", None)
     return plain
 
 
@@ -168,7 +171,7 @@ def _attention_calls() -> int:
 def test_fp32_attention_switch_runs_the_module_path(bert, monkeypatch):
     model, folder = bert
     layer, x = _layers(model)[0], torch.randn(2, 5, 36)
-    expected = logits(_unfused(model))
+    expected = logits(_unfused(model, embeddings=True))  # fp32 also keeps the embeddings on the model's code
     reference = logits(int8_reference(folder, BertForSequenceClassification))  # torch's fp32 SDPA
     ops.set_attention_precision(None)
     try:
@@ -248,8 +251,8 @@ def test_global_hooks_fall_back(bert):
         out = logits(model)
     finally:
         handle.remove()
-    assert "BertSelfAttention" in seen
-    assert torch.equal(out, logits(_unfused(model)))
+    assert "BertSelfAttention" in seen and "Embedding" in seen  # the embeddings' parts ran too
+    assert torch.equal(out, logits(_unfused(model, embeddings=True)))
 
 
 def test_output_attentions_and_hidden_states(bert):

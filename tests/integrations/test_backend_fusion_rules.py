@@ -11,6 +11,7 @@ import torch
 
 from hf_sparse.integrations.fusion_rules import (
     RULES,
+    EmbeddingsFusion,
     EncoderLayerFusion,
     EncoderStackFusion,
     FFNFusion,
@@ -50,6 +51,8 @@ def test_rule_matches_the_class(key, rule):
         _check_encoder_layer(key, rule)
     elif isinstance(rule, EncoderStackFusion):
         _check_encoder_stack(key, rule)
+    elif isinstance(rule, EmbeddingsFusion):
+        _check_embeddings(key, rule)
     else:
         assert isinstance(rule, FFNFusion)
         lines = _lines(getattr(cls, rule.method))
@@ -185,3 +188,65 @@ def _check_encoder_stack(key: str, rule: EncoderStackFusion) -> None:
     out = rule.output(h)  # the class's return value without a cache
     assert type(out).__name__ == ("BaseModelOutput" if distilbert else "BaseModelOutputWithPastAndCrossAttentions")
     assert out.last_hidden_state is h and getattr(out, "past_key_values", None) is None
+
+
+# What FusedEmbeddingsForward computes for these forwards (eval mode, ids given):
+#   LN(word(ids) + type(types) + position(positions)), positions and default types as below
+_TYPES = [
+    "if token_type_ids is None:", 'if hasattr(self, "token_type_ids"):', "{buffer}",
+    "buffered_token_type_ids = torch.gather(buffered_token_type_ids, dim=1, index=position_ids)",
+    "token_type_ids = buffered_token_type_ids.expand(batch_size, seq_length)", "else:",
+    "token_type_ids = torch.zeros(input_shape, dtype=torch.long, device=self.position_ids.device)",
+    "if inputs_embeds is None:", "inputs_embeds = self.word_embeddings(input_ids)",
+    "token_type_embeddings = self.token_type_embeddings(token_type_ids)",
+    "embeddings = inputs_embeds + token_type_embeddings",
+    "position_embeddings = self.position_embeddings(position_ids)", "embeddings = embeddings + position_embeddings",
+    "embeddings = self.LayerNorm(embeddings)", "embeddings = self.dropout(embeddings)", "return embeddings",
+]  # fmt: skip
+_SHAPE = [
+    "if input_ids is not None:", "input_shape = input_ids.size()", "else:", "input_shape = inputs_embeds.size()[:-1]",
+    "batch_size, seq_length = input_shape",
+]  # fmt: skip
+_BERT_EMBEDDINGS = [
+    *_SHAPE, "if position_ids is None:",
+    "position_ids = self.position_ids[:, past_key_values_length : seq_length + past_key_values_length]",
+    *(line.format(buffer="buffered_token_type_ids = self.token_type_ids.expand(position_ids.shape[0], -1)")
+      for line in _TYPES),
+]  # fmt: skip
+_ROBERTA_EMBEDDINGS = [
+    "if position_ids is None:", "if input_ids is not None:", "position_ids = self.create_position_ids_from_input_ids(",
+    "input_ids, self.padding_idx, past_key_values_length", ")", "else:",
+    "position_ids = self.create_position_ids_from_inputs_embeds(inputs_embeds, self.padding_idx)", *_SHAPE,
+    *(line.format(buffer="buffered_token_type_ids = "
+                  "self.token_type_ids.to(position_ids.device).expand(position_ids.shape[0], -1)") for line in _TYPES),
+]  # fmt: skip
+_ROBERTA_POSITIONS = [  # what the kernel computes from the ids (hf_sparse.ops.embeddings.roberta_positions)
+    "mask = input_ids.ne(padding_idx).int()",
+    "incremental_indices = (torch.cumsum(mask, dim=1).type_as(mask) + past_key_values_length) * mask",
+    "return incremental_indices.long() + padding_idx",
+]
+_DISTILBERT_EMBEDDINGS = [
+    "if input_ids is not None:", "inputs_embeds = self.word_embeddings(input_ids)  # (bs, max_seq_length, dim)",
+    "seq_length = inputs_embeds.size(1)", "if position_ids is None:", 'if hasattr(self, "position_ids"):',
+    "position_ids = self.position_ids[:, :seq_length]", "else:",
+    "position_ids = torch.arange(seq_length, dtype=torch.long, device=input_ids.device)  # (max_seq_length)",
+    "position_ids = position_ids.unsqueeze(0).expand_as(input_ids)  # (bs, max_seq_length)",
+    "position_embeddings = self.position_embeddings(position_ids)  # (bs, max_seq_length, dim)",
+    "embeddings = inputs_embeds + position_embeddings  # (bs, max_seq_length, dim)",
+    "embeddings = self.LayerNorm(embeddings)  # (bs, max_seq_length, dim)",
+    "embeddings = self.dropout(embeddings)  # (bs, max_seq_length, dim)", "return embeddings",
+]  # fmt: skip
+
+
+def _check_embeddings(key: str, rule: EmbeddingsFusion) -> None:
+    cls = _class(key)
+    assert tuple(inspect.signature(cls.forward).parameters)[1:] == rule.params, f"{key}: parameters changed"
+    if rule.token_type is None:
+        expected = _DISTILBERT_EMBEDDINGS
+    elif rule.positions == "padding":
+        expected = _ROBERTA_EMBEDDINGS
+        body = _lines(cls.create_position_ids_from_input_ids)  # (after a docstring _lines keeps)
+        assert body[-3:] == _ROBERTA_POSITIONS and "return" not in "".join(body[:-3]), f"{key}: positions changed"
+    else:
+        expected = _BERT_EMBEDDINGS
+    assert _lines(cls.forward) == expected, f"{key}: not the embeddings the fused kernel computes"

@@ -82,6 +82,18 @@ class FusedEncoderForward:
 
     def why_not(self, x, mask, args: tuple = (), kwargs: dict | None = None) -> str | None:
         """None when the fast path may run for this call, else the reason it may not."""
+        reason = self.call_problem(x, mask, args, kwargs)
+        if reason is not None:
+            return reason
+        if self.layer.training or any(m.training for m in self.inner):
+            return "training mode"
+        if any(m._forward_hooks or m._forward_pre_hooks for m in self.inner) and not self._only_idle_capture_hooks():
+            return "forward hooks inside the layer"
+        return self._implementation_problem()
+
+    def call_problem(self, x, mask, args: tuple = (), kwargs: dict | None = None) -> str | None:
+        """What in the call itself (precision, tracing, input, arguments, mask, global hooks, causal attention)
+        keeps it off the fast path; None if nothing. The layer's modules are not looked at."""
         if attention_precision() != "bf16":
             return "attention precision fp32 (HF_SPARSE_ATTENTION / set_attention_precision): the model's attention"
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
@@ -97,15 +109,11 @@ class FusedEncoderForward:
                 return f"argument {key}={type(value).__name__}"
         if mask is not None and not self._mask_ok(mask, x):
             return f"attention mask: {mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}"
-        if self.layer.training or any(m.training for m in self.inner):
-            return "training mode"
         if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
             return "global forward hooks"
-        if any(m._forward_hooks or m._forward_pre_hooks for m in self.inner) and not self._only_idle_capture_hooks():
-            return "forward hooks inside the layer"
         if getattr(self.attention, "is_causal", False):
             return "causal attention"
-        return self._implementation_problem()
+        return None
 
     def _mask_ok(self, mask, x) -> bool:
         if type(mask) is not torch.Tensor or mask.dtype not in (torch.bool, torch.float32) or mask.dim() != 4:

@@ -16,12 +16,15 @@ from operator import attrgetter
 import torch
 from torch import nn
 
-from ..nn import FusedEncoderStack
+from ..nn import FusedEncoderStack, SparseLinear
 from .encoder_layer import _CAPTURE_MODULE, FusedEncoderForward
 from .fusion_rules import EncoderStackFusion
 
 
 _training = attrgetter("training")
+# Module classes (exactly these, not subclasses) whose forward never reads `training` (and module_swap's
+# FusedActivation)
+_TRAINING_FREE = (nn.Linear, nn.LayerNorm, nn.Identity, nn.ModuleList, SparseLinear)
 
 
 class FusedEncoderStackForward:
@@ -33,6 +36,11 @@ class FusedEncoderStackForward:
         self.modules = [m for layer in layers for m in layer.modules()]  # the layers and everything in them
         # (the hook dicts are filled in place by register_*_hook, never replaced)
         self.hook_dicts = [d for m in self.modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+        # the modules whose forward may read `training` (checked at every call: each costs a cache miss or two)
+        from .module_swap import FusedActivation  # (module_swap imports this module)
+
+        free = {*_TRAINING_FREE, FusedActivation}
+        self.train_sensitive = [m for m in self.modules if type(m) not in free]
         self.stack = FusedEncoderStack([f.fused for f in self.forwards])
 
     def __deepcopy__(self, memo):
@@ -58,17 +66,22 @@ class FusedEncoderStackForward:
         for layer, forward in zip(self.layers, self.forwards):
             if layer.__dict__.get("forward") is not forward:
                 return "a layer's forward was replaced"
-        # the first layer checks the call (precision, input, arguments, mask, global hooks) and itself
-        reason = self.forwards[0].why_not(x, mask, args, kwargs)
+        # the first layer checks the call (precision, input, arguments, mask, global hooks); the modules of all
+        # the layers are checked here
+        first = self.forwards[0]
+        reason = first.call_problem(x, mask, args, kwargs)
         if reason is not None:
             return reason
         # the layers' own __call__ is skipped, so no hook at all but transformers' capturing ones while they capture
         # nothing
         if any(self.hook_dicts) and not self._idle_capture_hooks():
             return "hooks on a layer or inside one"
-        if any(map(_training, self.modules)):
+        if any(map(_training, self.train_sensitive)):
             return "training mode"
-        config = getattr(self.forwards[0].attention, "config", None)
+        reason = first._implementation_problem()
+        if reason is not None:
+            return reason
+        config = getattr(first.attention, "config", None)
         for forward in self.forwards[1:]:
             if getattr(forward.attention, "is_causal", False):
                 return "causal attention"

@@ -1,6 +1,6 @@
 """Which transformers modules let the backend fuse work, keyed by their exact class (never guessed from names).
 
-Five kinds of rule, each checked against the class's source when it was added (and by the tests):
+Six kinds of rule, each checked against the class's source when it was added (and by the tests):
 
 - `GeluFusion`: the module computes `act(linear(x))` with nothing in between, and `act` is the exact (erf) GELU.
   The Linear is packed with `activation="gelu"` (the kernel's epilogue computes it) and `act` becomes Identity.
@@ -20,6 +20,11 @@ Five kinds of rule, each checked against the class's source when it was added (a
   `forward` is replaced on the instance by a `hf_sparse.integrations.encoder_stack.FusedEncoderStackForward`: all
   the layers in one kernel call (`hf_sparse.nn.FusedEncoderStack`) when every layer's fast path would run, the
   class's forward (the layers one by one) otherwise.
+
+- `EmbeddingsFusion`: the module's eval forward is `dropout(norm(word(ids) + type(types) + position(positions)))`
+  with positions and default token types from its buffers. Its `forward` is replaced on the instance by a
+  `hf_sparse.integrations.embeddings.FusedEmbeddingsForward`: one kernel call (`hf_sparse.ops.embed_layernorm`)
+  when the call is one it computes (ids given, eval mode, no hooks inside), the class's forward otherwise.
 
 A class is named by `module.qualname` so that no modeling file is imported to build the table, and subclasses (which
 may override `forward`) never match. New architectures are one line each.
@@ -136,6 +141,28 @@ class EncoderStackFusion:
     output: Callable[[torch.Tensor], object]
 
 
+@dataclass(frozen=True)
+class EmbeddingsFusion:
+    """An embedding module: `dropout(norm(word(input_ids) + token_type(token_type_ids) + position(position_ids)))`.
+
+    params: the forward's parameters in order (positional arguments are matched to them); word / position /
+    token_type (None: no token types) / norm / dropout: child module names. positions: where position ids come
+    from when the call gives none: "buffer" (the `position_ids` buffer from `past_key_values_length` on, BERT) or
+    "padding" (RoBERTa's count of non-padding ids from `padding_idx`). Token types the call does not give come
+    from the `token_type_ids` buffer at each token's position."""
+
+    params: tuple[str, ...]
+    positions: str = "buffer"
+    word: str = "word_embeddings"
+    position: str = "position_embeddings"
+    token_type: str | None = "token_type_embeddings"
+    norm: str = "LayerNorm"
+    dropout: str = "dropout"
+
+
+_BERT_EMBEDDINGS_PARAMS = ("input_ids", "token_type_ids", "position_ids", "inputs_embeds", "past_key_values_length")
+
+
 def _encoder_output(h: torch.Tensor):
     # BertEncoder.forward's return value when no cache is used (past_key_values=None)
     from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
@@ -149,7 +176,7 @@ def _distilbert_output(h: torch.Tensor):
     return BaseModelOutput(last_hidden_state=h)
 
 
-Rule = GeluFusion | Siblings | FFNFusion | EncoderLayerFusion | EncoderStackFusion
+Rule = GeluFusion | Siblings | FFNFusion | EncoderLayerFusion | EncoderStackFusion | EmbeddingsFusion
 #: exact class -> rules
 RULES: dict[str, tuple[Rule, ...]] = {}
 
@@ -171,6 +198,8 @@ for _family, _prefix in [
     register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}Intermediate", _INTERMEDIATE)
     _module = f"{_TF}.{_family}.modeling_{_family}"
     register_rules(f"{_module}.{_prefix}Encoder", EncoderStackFusion("layer", _encoder_output))
+    _positions = "buffer" if _family in ("bert", "electra") else "padding"
+    register_rules(f"{_module}.{_prefix}Embeddings", EmbeddingsFusion(_BERT_EMBEDDINGS_PARAMS, _positions))
     register_rules(
         f"{_module}.{_prefix}Layer",
         _BERT_FFN,
@@ -208,6 +237,10 @@ register_rules(
     ),  # fmt: skip
 )
 register_rules(f"{_TF}.distilbert.modeling_distilbert.Transformer", EncoderStackFusion("layer", _distilbert_output))
+register_rules(
+    f"{_TF}.distilbert.modeling_distilbert.Embeddings",
+    EmbeddingsFusion(("input_ids", "inputs_embeds", "position_ids"), token_type=None),
+)
 for _family, _prefix in [("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2")]:
     register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}Attention", _PROJ_QKV)
     register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}MLP", _GATE_UP)

@@ -22,9 +22,11 @@ from ..export.formats import FORMATS, WeightFormat
 from ..nn import Int8Embedding, SparseLinear, pack_siblings
 from ..ops import WORKLOADS, fuse_ffn
 from ..sparsity.patterns import get_pattern
+from .embeddings import FusedEmbeddingsForward, fuse_embeddings
 from .encoder_layer import FusedEncoderForward, fuse_encoder_layer
 from .encoder_stack import FusedEncoderStackForward, fuse_encoder_stack
 from .fusion_rules import (
+    EmbeddingsFusion,
     EncoderLayerFusion,
     EncoderStackFusion,
     FFNFusion,
@@ -180,12 +182,21 @@ def pack_model(model: nn.Module, workload: str | None = None) -> dict[str, int]:
     """Pack every loaded `SparseLinear` of `model` for the kernels, in place: exact GELUs after a converted Linear
     are fused into its kernel, sibling Linears are packed side by side, the rest alone, then whole FFNs become one
     kernel call where the layouts allow, whole encoder layers as one call of six kernel steps (the attention
-    kernel included), and encoders whose layers are all fused as one call for all the layers. Automatic layouts
+    kernel included), encoders whose layers are all fused as one call for all the layers, and embedding modules
+    as one call (lookups, sums and LayerNorm). Automatic layouts
     are chosen for `workload` (None: `model_workload(model)`). The dense loading copies are dropped, and parameters
     stop requiring gradients (the kernels have no backward). Returns counts of what was done."""
     workload = model_workload(model) if workload is None else workload
     modules = dict(model.named_modules())
-    counts = {"linears": 0, "groups": 0, "fused_gelu": 0, "fused_ffn": 0, "fused_layers": 0, "fused_stacks": 0}
+    counts = {
+        "linears": 0,
+        "groups": 0,
+        "fused_gelu": 0,
+        "fused_ffn": 0,
+        "fused_layers": 0,
+        "fused_stacks": 0,
+        "fused_embeddings": 0,
+    }
     for module in modules.values():  # before packing: the activation is part of the packed kernel
         for rule in rules_for(module):
             if isinstance(rule, GeluFusion):
@@ -222,6 +233,10 @@ def pack_model(model: nn.Module, workload: str | None = None) -> dict[str, int]:
         for rule in rules_for(module):
             if isinstance(rule, EncoderStackFusion) and fuse_encoder_stack(module, rule):
                 counts["fused_stacks"] += 1
+    for module in modules.values():
+        for rule in rules_for(module):
+            if isinstance(rule, EmbeddingsFusion) and fuse_embeddings(module, rule):
+                counts["fused_embeddings"] += 1
     model.requires_grad_(False)
     return counts
 
@@ -265,7 +280,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
         for key in [
             k
             for k, v in vars(module).items()
-            if isinstance(v, (FusedFeedForward, FusedEncoderForward, FusedEncoderStackForward))
+            if isinstance(v, (FusedFeedForward, FusedEncoderForward, FusedEncoderStackForward, FusedEmbeddingsForward))
         ]:
             del module.__dict__[key]  # the class's own method again
     for name, module in list(model.named_modules()):

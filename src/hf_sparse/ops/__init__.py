@@ -7,8 +7,9 @@
 `pack_linears([q, k, v])` packs weights that read the same input side by side (one activation quantization,
 outputs returned split); `activation="gelu"` fuses BERT's exact GELU into the kernel; `fuse_ffn(first, second)`
 runs a whole FFN (Linear, activation, Linear) as one call; `attention(qkv, heads=...)` runs multi-head
-self-attention straight from the packed Q/K/V output (bf16 products, fp32 softmax) and `add_layernorm` a residual
-add + LayerNorm (`set_attention_precision("fp32")` / HF_SPARSE_ATTENTION=fp32 keeps models on float32 attention).
+self-attention straight from the packed Q/K/V output (bf16 products, fp32 softmax), `add_layernorm` a residual
+add + LayerNorm (`set_attention_precision("fp32")` / HF_SPARSE_ATTENTION=fp32 keeps models on float32 attention)
+and `embed_layernorm` a BERT-family embedding module (three lookups, their sum and the LayerNorm).
 docs/kernels.md has the numerics, the packed layouts, the dispatch rules, the threads and the environment variables.
 """
 
@@ -34,6 +35,7 @@ from .attention import (
     attention_reference,
     set_attention_precision,
 )
+from .embeddings import embed_layernorm, embed_layernorm_reference
 from .fused_ffn import FusedFFN, fuse_ffn
 from .layernorm import add_layernorm, add_layernorm_reference
 from .layouts import ACTIVATIONS, LAYOUTS, MAX_IN_FEATURES, Layout, block4_density, get_handler, quad_count
@@ -78,6 +80,8 @@ __all__ = [
     "attention_reference",
     "available_isas",
     "block4_density",
+    "embed_layernorm",
+    "embed_layernorm_reference",
     "extension_available",
     "fuse_ffn",
     "get_handler",
