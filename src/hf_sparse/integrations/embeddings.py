@@ -119,10 +119,10 @@ class FusedEmbeddingsForward:
 
         position_ids = call.get("position_ids")
         if position_ids is not None:
-            strides = _index_strides(position_ids, batch, seq)
-            if strides is None:
+            pos = _index_args(position_ids, batch, seq)
+            if pos is None:
                 return "position_ids: not int64 (1 or batch, seq)"
-            pos_ptr, (pos_sb, pos_ss) = position_ids.data_ptr(), strides
+            pos_ptr, pos_sb, pos_ss = pos
         elif rule.positions == "buffer":
             buffer = module._buffers.get("position_ids")
             if buffer is None or buffer.dtype is not torch.int64 or buffer.dim() != 2 or buffer.shape[1] < past + seq:
@@ -136,10 +136,10 @@ class FusedEmbeddingsForward:
         if rule.token_type is not None:
             type_ids = call.get("token_type_ids")
             if type_ids is not None:
-                strides = _index_strides(type_ids, batch, seq)
-                if strides is None:
+                types = _index_args(type_ids, batch, seq)
+                if types is None:
                     return "token_type_ids: not int64 (1 or batch, seq)"
-                type_ptr, (type_sb, type_ss) = type_ids.data_ptr(), strides
+                type_ptr, type_sb, type_ss = types
             else:  # the class gathers its buffer at the positions
                 buffer = module._buffers.get("token_type_ids")
                 if buffer is None or buffer.dtype is not torch.int64 or buffer.dim() != 2 or buffer.stride(1) != 1:
@@ -182,14 +182,15 @@ def _table_args(table: nn.Module, n: int) -> tuple | str:
     return (rows[0], *address)
 
 
-def _index_strides(t, batch: int, seq: int) -> tuple[int, int] | None:
-    """Element strides reading an int64 (1 or batch, seq) CPU tensor at (b, s); None for anything else."""
+def _index_args(t, batch: int, seq: int) -> tuple[int, int, int] | None:
+    """(address, element strides reading it at (b, s)) for an int64 (1 or batch, seq) CPU tensor; None for anything
+    else."""
     if not (
         type(t) is torch.Tensor and t.dtype is torch.int64 and t.is_cpu and t.dim() == 2
         and t.shape[0] in (1, batch) and t.shape[1] == seq
     ):  # fmt: skip
         return None
-    return (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1)
+    return t.data_ptr(), (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1)
 
 
 def fuse_embeddings(module: nn.Module, rule: EmbeddingsFusion) -> bool:
