@@ -3,7 +3,7 @@
 `pack_model` replaces the `forward` of each eligible embedding module instance (BertEmbeddings, RobertaEmbeddings,
 DistilBERT's Embeddings...) by a `FusedEmbeddingsForward`: one `hf_sparse.ops.embed_layernorm` call for the
 lookups, their sum and the LayerNorm, instead of seven torch ops that each cost their dispatch and a pass over
-the activations (at batch 1 the module took ~0.3-0.6 ms of a ~9 ms BERT-base forward). It runs when it computes
+the activations (at batch 1 the module took ~0.3 ms of a ~9 ms BERT-base forward). It runs when it computes
 what the class's forward would (up to the LayerNorm's last bits): ids given, not embeddings; eval mode (or no
 dropout); no hook inside the module; float32 tables (or `Int8Embedding`s); not `HF_SPARSE_ATTENTION=fp32`,
 which keeps every LayerNorm on the model's own code. Otherwise the class's forward runs.
@@ -20,7 +20,7 @@ from torch.nn.modules import module as _torch_module
 from ..nn import Int8Embedding
 from ..ops import _extension as ext
 from ..ops import attention_precision, extension_available
-from ..ops.embeddings import raise_index_error
+from ..ops.embeddings import index_args, raise_index_error, table_args
 from ..ops.packed_linear import can_call_directly
 from .fusion_rules import EmbeddingsFusion
 
@@ -34,8 +34,8 @@ class FusedEmbeddingsForward:
 
     def __init__(self, module: nn.Module, rule: EmbeddingsFusion):
         self.module, self.rule = module, rule
-        self.names = tuple(n for n in (rule.word, rule.position, rule.token_type, rule.norm, rule.dropout) if n)
-        self.parts = tuple(module._modules[n] for n in self.names)
+        names = (rule.word, rule.position, rule.token_type, rule.norm, rule.dropout)
+        self.parts = {n: module._modules[n] for n in names if n}  # checked to be still the module's at each call
         self.params = frozenset(rule.params)
         self.calls = 0
 
@@ -43,7 +43,7 @@ class FusedEmbeddingsForward:
         # the copied module (it may be half-built here: no lookups in it) and its parts
         new = copy.copy(self)
         new.module = copy.deepcopy(self.module, memo)
-        new.parts = tuple(copy.deepcopy(p, memo) for p in self.parts)
+        new.parts = {n: copy.deepcopy(p, memo) for n, p in self.parts.items()}
         return new
 
     def __call__(self, *args, **kwargs):
@@ -52,8 +52,9 @@ class FusedEmbeddingsForward:
         if type(raw) is not tuple:
             return type(self.module).forward(self.module, *args, **kwargs)
         self.calls += 1
-        args, y = raw
-        err = ext._C.embed_layernorm_raw(*args)
+        args, shape = raw
+        y = torch.empty(shape, dtype=torch.float32)
+        err = ext._C.embed_layernorm_raw(*args, y.data_ptr(), ext.get_num_threads())
         if err is not None:
             raise_index_error(err)
         return y
@@ -78,7 +79,8 @@ class FusedEmbeddingsForward:
         return None if type(raw) is tuple else raw
 
     def _prepare(self, call: dict) -> tuple | str:
-        """(the kernel's arguments, the output tensor they write), or the reason the fused path may not run."""
+        """(the kernel's arguments but the output and threads, the output's shape), or the reason the fused path
+        may not run."""
         if attention_precision() != "bf16":  # the fp32 switch keeps every LayerNorm on the model's own code
             return "attention precision fp32 (HF_SPARSE_ATTENTION / set_attention_precision): the module's forward"
         ids = call.get("input_ids")
@@ -93,15 +95,15 @@ class FusedEmbeddingsForward:
         if type(past) is not int or past < 0:
             return "past_key_values_length: not an int >= 0"
         module, rule = self.module, self.rule
-        if any(module._modules.get(n) is not p for n, p in zip(self.names, self.parts)):
+        parts = self.parts
+        if any(module._modules.get(n) is not p for n, p in parts.items()):
             return "a submodule was replaced"
-        parts = dict(zip(self.names, self.parts))
         dropout = parts[rule.dropout]
         if dropout.training and dropout.p > 0:
             return "training mode (dropout)"
         if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
             return "global forward hooks"
-        if any(p._forward_hooks or p._forward_pre_hooks for p in self.parts):
+        if any(p._forward_hooks or p._forward_pre_hooks for p in parts.values()):
             return "forward hooks inside the module"
         norm = parts[rule.norm]
         gamma, beta = norm._parameters.get("weight"), norm._parameters.get("bias")
@@ -114,12 +116,12 @@ class FusedEmbeddingsForward:
             if type(table) is str:
                 return f"{name}: {table}"
             tables.append(table)
-        if torch.is_grad_enabled() and any(p.requires_grad for part in self.parts for p in part.parameters()):
+        if torch.is_grad_enabled() and any(p.requires_grad for part in parts.values() for p in part.parameters()):
             return "autograd: the kernel has no backward"
 
         position_ids = call.get("position_ids")
         if position_ids is not None:
-            pos = _index_args(position_ids, batch, seq)
+            pos = index_args(position_ids, batch, seq)
             if pos is None:
                 return "position_ids: not int64 (1 or batch, seq)"
             pos_ptr, pos_sb, pos_ss = pos
@@ -136,7 +138,7 @@ class FusedEmbeddingsForward:
         if rule.token_type is not None:
             type_ids = call.get("token_type_ids")
             if type_ids is not None:
-                types = _index_args(type_ids, batch, seq)
+                types = index_args(type_ids, batch, seq)
                 if types is None:
                     return "token_type_ids: not int64 (1 or batch, seq)"
                 type_ptr, type_sb, type_ss = types
@@ -146,13 +148,12 @@ class FusedEmbeddingsForward:
                     return "no token_type_ids buffer"
                 type_ptr, type_len, by_position = buffer.data_ptr(), buffer.shape[1], True
         ids_sb, ids_ss = ids.stride()
-        y = torch.empty((batch, seq, n), dtype=torch.float32)
         args = (
             batch, seq, n, ids.data_ptr(), ids_sb, ids_ss, *tables[0], *tables[1], pos_ptr, pos_sb, pos_ss,
             getattr(module, "padding_idx", 0) or 0, past, *tables[2], type_ptr, type_sb, type_ss, type_len,
-            by_position, gamma.data_ptr(), beta.data_ptr(), float(norm.eps), y.data_ptr(), ext.get_num_threads(),
+            by_position, gamma.data_ptr(), beta.data_ptr(), float(norm.eps),
         )  # fmt: skip
-        return args, y
+        return args, (batch, seq, n)
 
     def __repr__(self) -> str:
         return f"FusedEmbeddingsForward({type(self.module).__name__})"
@@ -163,34 +164,12 @@ def _float32(t) -> bool:
 
 
 def _table_args(table: nn.Module, n: int) -> tuple | str:
-    """The kernel's (rows, float32 address, int8 codes address, scales address) for an embedding table of rows of
-    n, or what is wrong with it."""
+    """`table_args` for an `nn.Embedding` or an `Int8Embedding` (returning float32) with rows of n."""
     if isinstance(table, Int8Embedding):
-        codes, scale = table._parameters.get("weight"), table._parameters.get("weight_scale")
-        if table.output_dtype is not torch.float32 or codes is None or codes.dtype is not torch.int8:
-            return "not int8 codes returning float32"
-        if not (codes.is_cpu and codes.is_contiguous() and _float32(scale) and scale.numel() == codes.shape[0]):
-            return "int8 codes and scales not contiguous on the CPU"
-        rows, address = codes.shape, (0, codes.data_ptr(), scale.data_ptr())
-    else:
-        weight = table._parameters.get("weight")
-        if not _float32(weight):
-            return "not a contiguous float32 CPU table"
-        rows, address = weight.shape, (weight.data_ptr(), 0, 0)
-    if len(rows) != 2 or rows[1] != n:
-        return f"rows of {tuple(rows)[1:]}, the LayerNorm's ({n},)"
-    return (rows[0], *address)
-
-
-def _index_args(t, batch: int, seq: int) -> tuple[int, int, int] | None:
-    """(address, element strides reading it at (b, s)) for an int64 (1 or batch, seq) CPU tensor; None for anything
-    else."""
-    if not (
-        type(t) is torch.Tensor and t.dtype is torch.int64 and t.is_cpu and t.dim() == 2
-        and t.shape[0] in (1, batch) and t.shape[1] == seq
-    ):  # fmt: skip
-        return None
-    return t.data_ptr(), (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1)
+        if table.output_dtype is not torch.float32:
+            return "int8 codes returning another dtype than float32"
+        return table_args(table._parameters.get("weight"), table._parameters.get("weight_scale"), n)
+    return table_args(table._parameters.get("weight"), None, n)
 
 
 def fuse_embeddings(module: nn.Module, rule: EmbeddingsFusion) -> bool:

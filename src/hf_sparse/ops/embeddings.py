@@ -32,19 +32,46 @@ _lib.define(
 _WHERE = "hf_sparse.ops.embed_layernorm"
 
 
+def index_args(t, batch: int, seq: int) -> tuple[int, int, int] | None:
+    """The kernel's (address, element strides reading it at (b, s)) for an int64 (1 or batch, seq) CPU tensor (a
+    dimension of 1 broadcasts); None for anything else."""
+    if not (
+        type(t) is torch.Tensor and t.dtype is torch.int64 and t.is_cpu and t.dim() == 2
+        and t.shape[0] in (1, batch) and t.shape[1] == seq
+    ):  # fmt: skip
+        return None
+    return t.data_ptr(), (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1)
+
+
+def table_args(t: torch.Tensor, scale: torch.Tensor | None, n: int) -> tuple | str:
+    """The kernel's (rows, float32 address, int8 codes address, scales address) for a contiguous CPU table of rows
+    of n: float32, or (with `scale`, one float32 per row) int8 codes; or what is wrong with it."""
+    dtype = torch.float32 if scale is None else torch.int8
+    if t is None or t.dtype is not dtype or not t.is_cpu or not t.is_contiguous() or t.dim() != 2:
+        return f"not a contiguous 2-D {dtype} CPU table"
+    if t.shape[1] != n:
+        return f"rows of {t.shape[1]}, not {n}"
+    if scale is None:
+        return t.shape[0], t.data_ptr(), 0, 0
+    if not (scale.dtype is torch.float32 and scale.is_cpu and scale.is_contiguous() and scale.numel() == t.shape[0]):
+        return f"scales not one contiguous float32 CPU value per row ({t.shape[0]})"
+    return t.shape[0], 0, t.data_ptr(), scale.data_ptr()
+
+
 def _index_strides(ids, name: str, batch: int, seq: int) -> tuple[int, int]:
-    """Element strides reading `ids` at (b, s) for a (batch, seq) call; a dimension of 1 broadcasts."""
+    """`index_args`' strides, or the error naming what is wrong with `ids`."""
+    args = index_args(ids, batch, seq)
+    if args is not None:
+        return args[1:]
     if not isinstance(ids, torch.Tensor) or ids.dtype is not torch.int64 or ids.device.type != "cpu":
         got = f"{ids.dtype} on {ids.device}" if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise TypeError(f"{_WHERE}: {name} must be an int64 CPU tensor, got {got}")
-    if ids.dim() != 2 or ids.shape[0] not in (1, batch) or ids.shape[1] != seq:
-        raise ValueError(f"{_WHERE}: {name} has shape {tuple(ids.shape)}; expected (1 or {batch}, {seq})")
-    return (ids.stride(0) if ids.shape[0] > 1 else 0), ids.stride(1)
+    raise ValueError(f"{_WHERE}: {name} has shape {tuple(ids.shape)}; expected (1 or {batch}, {seq})")
 
 
 def _table(t, scale, name: str, n: int | None) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
-    """(table, scales, the kernel's (rows, float32 address, codes address, scales address)) for a float32 table,
-    or int8 codes with one float32 scale per row."""
+    """(table, scales, `table_args`) for a float32 table, or int8 codes with one float32 scale per row (made
+    contiguous); raises naming what is wrong."""
     dtype = torch.float32 if scale is None else torch.int8
     if not isinstance(t, torch.Tensor) or t.dtype is not dtype or t.device.type != "cpu" or t.dim() != 2:
         got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
@@ -52,12 +79,11 @@ def _table(t, scale, name: str, n: int | None) -> tuple[torch.Tensor, torch.Tens
     if n is not None and t.shape[1] != n:
         raise ValueError(f"{_WHERE}: {name} has rows of {t.shape[1]}, the word embeddings of {n}")
     t = t.detach().contiguous()
-    if scale is None:
-        return t, None, (t.shape[0], t.data_ptr(), 0, 0)
-    if not isinstance(scale, torch.Tensor) or scale.numel() != t.shape[0]:
-        raise ValueError(f"{_WHERE}: {name}_scale must hold one float32 scale per row ({t.shape[0]})")
-    scale = scale.detach().float().contiguous()
-    return t, scale, (t.shape[0], 0, t.data_ptr(), scale.data_ptr())
+    if scale is not None:
+        if not isinstance(scale, torch.Tensor) or scale.numel() != t.shape[0]:
+            raise ValueError(f"{_WHERE}: {name}_scale must hold one float32 scale per row ({t.shape[0]})")
+        scale = scale.detach().float().contiguous()
+    return t, scale, table_args(t, scale, t.shape[1])
 
 
 def _run(input_ids, word, word_scale, position, position_scale, position_ids, padding_idx, past_length, token_type,
