@@ -145,7 +145,10 @@ def test_bad_ids_raise_index_error(bert):
 def test_copies_and_dequantize(bert):
     clone = copy.deepcopy(bert)
     fused = _fused(clone.bert.embeddings)
-    assert fused.module is clone.bert.embeddings and fused.parts["word_embeddings"] is clone.bert.embeddings.word_embeddings
+    assert (
+        fused.module is clone.bert.embeddings
+        and fused.parts["word_embeddings"] is clone.bert.embeddings.word_embeddings
+    )
     _check(clone.bert.embeddings, input_ids=IDS)
     clone.dequantize()
     assert "forward" not in vars(clone.bert.embeddings)
