@@ -59,14 +59,24 @@ struct AttnKernels {
   // non-temporal stores (64-byte aligned).
   void (*layernorm_fm)(const float* x, const float* sums, int64_t n, int mtp, const float* gamma, const float* beta,
                        float eps, float* y, bool stream) = nullptr;
+  // int8 attention (docs/kernels.md, "int8 attention"): item only (the LayerNorm entries are null; the encoder
+  // layer takes them from the float table of the same instruction set), Q, K and V read as float32 rows.
+  bool int8 = false;
 };
 
 const AttnKernels* attn_scalar_kernels();
 const AttnKernels* attn_avx2_kernels();
 const AttnKernels* attn_avx512_bf16_kernels();  // null when not built
+const AttnKernels* attn_int8_scalar_kernels();
+const AttnKernels* attn_avx2_int8_kernels();    // null when not built
+const AttnKernels* attn_avx512_int8_kernels();  // null when not built
 
-// The attention kernels for the active instruction set (csrc/isa.cpp decides).
+// The attention kernels for the active instruction set (csrc/isa.cpp decides), and the int8 ones.
 const AttnKernels& active_attn_kernels();
+const AttnKernels& active_attn_int8_kernels();
+
+// Keys and head features an int8 attention sums exactly in int32 (255 x 127 x 65536 < 2^31).
+constexpr int64_t kInt8AttnMax = 65536;
 
 // Multi-head self-attention over `batch` sequences of `seq` tokens: q, k, v are (batch * seq, heads * d) row-major
 // views (row strides ldq, ldk, ldv); out (batch * seq, heads * d), row stride ldo, head h in columns h*d..h*d+d-1.

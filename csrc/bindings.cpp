@@ -37,7 +37,7 @@ using namespace nb::literals;
 namespace hf_sparse {
 namespace {
 
-constexpr int kAbiVersion = 12;
+constexpr int kAbiVersion = 13;
 
 enum Kind : int { kI8Sparse = 0, kI8Dense = 1, kF32Sparse = 2, kI8Csr = 3 };  // kI8Csr: SparseI8 with quads
 
@@ -402,7 +402,7 @@ class EncoderLayerPlan {
   EncoderLayerCall call(uintptr_t x, uintptr_t y, int64_t batch, int64_t seq, int mask_kind, uintptr_t mask,
                         int64_t mask_sb, int64_t mask_sh, int64_t mask_sq, const uintptr_t* norms, double eps1,
                         double eps2, int64_t chunk_tokens, bool split_sequences, bool pack_qkv,
-                        bool feature_major) const {
+                        bool feature_major, bool attention_int8) const {
     if (batch < 0 || seq < 0) throw nb::value_error("encoder layer: batch and seq must be >= 0");
     check_mask_kind(mask_kind, "encoder layer");
     EncoderLayerCall c = call_;
@@ -425,6 +425,7 @@ class EncoderLayerPlan {
     c.split_sequences = split_sequences;
     c.pack_qkv = pack_qkv;
     c.feature_major = feature_major;
+    c.attention_int8 = attention_int8;
     return c;
   }
 
@@ -432,11 +433,11 @@ class EncoderLayerPlan {
   // LayerParallelism flags.
   int run(uintptr_t x, uintptr_t y, int64_t batch, int64_t seq, int mask_kind, uintptr_t mask, int64_t mask_sb,
           int64_t mask_sh, int64_t mask_sq, const std::vector<uintptr_t>& norms, double eps1, double eps2,
-          int64_t chunk_tokens, bool split_sequences, bool pack_qkv, bool feature_major, int nthreads,
-          uintptr_t profile) const {
+          int64_t chunk_tokens, bool split_sequences, bool pack_qkv, bool feature_major, bool attention_int8,
+          int nthreads, uintptr_t profile) const {
     if (norms.size() != 4) throw nb::value_error("encoder layer: 4 LayerNorm parameter addresses expected");
     const EncoderLayerCall c = call(x, y, batch, seq, mask_kind, mask, mask_sb, mask_sh, mask_sq, norms.data(), eps1,
-                                    eps2, chunk_tokens, split_sequences, pack_qkv, feature_major);
+                                    eps2, chunk_tokens, split_sequences, pack_qkv, feature_major, attention_int8);
     nb::gil_scoped_release release;
     return encoder_layer(c, clamp_threads(nthreads), reinterpret_cast<int64_t*>(profile));
   }
@@ -474,7 +475,7 @@ class EncoderStackPlan {
   int run(uintptr_t x, uintptr_t y, uintptr_t scratch, int64_t batch, int64_t seq, int mask_kind, uintptr_t mask,
           int64_t mask_sb, int64_t mask_sh, int64_t mask_sq, const std::vector<uintptr_t>& norms,
           const std::vector<double>& eps, int64_t chunk_tokens, bool split_sequences, bool pack_qkv,
-          bool feature_major, int nthreads, uintptr_t profile) const {
+          bool feature_major, bool attention_int8, int nthreads, uintptr_t profile) const {
     const size_t n = plans_.size();
     if (norms.size() != 4 * n || eps.size() != 2 * n) {
       throw nb::value_error(("encoder stack: " + str(static_cast<int64_t>(4 * n)) + " LayerNorm addresses and " +
@@ -488,7 +489,7 @@ class EncoderStackPlan {
       const uintptr_t out = (n - 1 - l) % 2 == 0 ? y : scratch;
       calls.push_back(plans_[l]->call(in, out, batch, seq, mask_kind, mask, mask_sb, mask_sh, mask_sq,
                                       norms.data() + 4 * l, eps[2 * l], eps[2 * l + 1], chunk_tokens,
-                                      split_sequences, pack_qkv, feature_major));
+                                      split_sequences, pack_qkv, feature_major, attention_int8));
       in = out;
     }
     nb::gil_scoped_release release;
@@ -595,7 +596,8 @@ void f32_sparse_raw(uintptr_t x, int64_t m, uintptr_t ptr, uintptr_t cols, uintp
 // Multi-head self-attention; hf_sparse.ops.attention checks shapes, strides and dtypes first.
 void attention_raw(uintptr_t q, uintptr_t k, uintptr_t v, int64_t ldq, int64_t ldk, int64_t ldv, uintptr_t out,
                    int64_t ldo, int64_t batch, int64_t seq, int64_t heads, int64_t d, double scale, bool causal,
-                   int mask_kind, uintptr_t mask, int64_t mask_sb, int64_t mask_sh, int64_t mask_sq, int nthreads) {
+                   int mask_kind, uintptr_t mask, int64_t mask_sb, int64_t mask_sh, int64_t mask_sq, bool int8,
+                   int nthreads) {
   if (batch < 0 || seq < 0 || heads < 0 || d < 0) throw nb::value_error("attention: sizes must be >= 0");
   check_mask_kind(mask_kind, "attention");
   AttnCall c;
@@ -618,6 +620,7 @@ void attention_raw(uintptr_t q, uintptr_t k, uintptr_t v, int64_t ldq, int64_t l
   c.mask_sb = mask_sb;
   c.mask_sh = mask_sh;
   c.mask_sq = mask_sq;
+  if (int8) c.kernels = &active_attn_int8_kernels();
   nb::gil_scoped_release release;
   attention(c, clamp_threads(nthreads));
 }
@@ -776,12 +779,12 @@ NB_MODULE(_C, m) {
            "head_dim"_a, "scale"_a)
       .def("run", &EncoderLayerPlan::run, "x"_a, "y"_a, "batch"_a, "seq"_a, "mask_kind"_a, "mask"_a, "mask_sb"_a,
            "mask_sh"_a, "mask_sq"_a, "norms"_a, "eps1"_a, "eps2"_a, "chunk_tokens"_a, "split_sequences"_a,
-           "pack_qkv"_a, "feature_major"_a, "nthreads"_a, "profile"_a);
+           "pack_qkv"_a, "feature_major"_a, "attention_int8"_a, "nthreads"_a, "profile"_a);
   nb::class_<EncoderStackPlan>(m, "EncoderStack")
       .def(nb::init<const std::vector<nb::object>&>(), "layers"_a)
       .def("run", &EncoderStackPlan::run, "x"_a, "y"_a, "scratch"_a, "batch"_a, "seq"_a, "mask_kind"_a, "mask"_a,
            "mask_sb"_a, "mask_sh"_a, "mask_sq"_a, "norms"_a, "eps"_a, "chunk_tokens"_a, "split_sequences"_a,
-           "pack_qkv"_a, "feature_major"_a, "nthreads"_a, "profile"_a);
+           "pack_qkv"_a, "feature_major"_a, "attention_int8"_a, "nthreads"_a, "profile"_a);
   m.attr("LAYER_STEPS") = nb::make_tuple("qkv", "attention", "out", "norm1", "ffn", "norm2");
   m.attr("LAYER_PARALLELISM") = nb::make_tuple(nb::make_tuple("sequences", static_cast<int>(kSequenceParallel)),
                                                nb::make_tuple("tokens", static_cast<int>(kTokenParallel)),
@@ -804,8 +807,10 @@ NB_MODULE(_C, m) {
   m.attr("MASK_KEEP") = static_cast<int>(kMaskKeep);
   m.def("quads_few_variant", &quads_few_variant,
         "The int8 CSR few-token kernel of the active instruction set: avx512_vbmi, avx512_vnni or none.");
-  m.def("attention_isa", []() { return std::string(active_attn_kernels().name); },
-        "The attention and LayerNorm kernels in use: avx512_bf16, avx2 or scalar.");
+  m.def("attention_isa",
+        [](bool int8) { return std::string((int8 ? active_attn_int8_kernels() : active_attn_kernels()).name); },
+        "int8"_a, "The attention (and LayerNorm) kernels in use: avx512_bf16, avx2 or scalar; with int8: "
+        "avx512_vnni_int8, avx2_int8 or scalar_int8.");
   m.def("attention_calls", [](bool layernorm) {
     nb::dict d;
     for (const auto& kv : attention_calls(layernorm)) d[kv.first.c_str()] = kv.second;

@@ -53,13 +53,14 @@ struct StepTimer {
 // (hf_sparse.ops.set_isa), and a packed Q/K/V must be written and read by kernels that agree on it.
 struct CallKernels {
   const IsaKernels* linear;
-  const AttnKernels* attn;
+  const AttnKernels* attn;       // LayerNorms (and the attention unless int8)
+  const AttnKernels* attention;  // the attention: attn, or the int8 table (EncoderLayerCall::attention_int8)
 };
 
 // Whether the layer's Q/K/V go straight into the attention's packed layout (EncoderLayerCall::qkv_packed).
 bool packs_qkv(const EncoderLayerCall& c, const CallKernels& k) {
-  return c.pack_qkv && c.qkv_packed && c.head_dim % 16 == 0 && c.seq >= kMinPackedSeq && k.attn->write_qkv_group &&
-         k.linear->qkv_packed;
+  return c.pack_qkv && c.qkv_packed && c.head_dim % 16 == 0 && c.seq >= kMinPackedSeq &&
+         k.attention->write_qkv_group && k.linear->qkv_packed;
 }
 
 // QkvPackedOut for sequences of c.seq tokens at base, the call's first token being token0 of the chunk. Per
@@ -80,7 +81,7 @@ QkvPackedOut packed_layout(const EncoderLayerCall& c, const CallKernels& k, void
   p.k_off = c.heads * p.qk_head;
   p.v_off = 2 * c.heads * p.qk_head;
   p.seq_words = p.v_off + c.heads * p.v_head;
-  p.write_group = k.attn->write_qkv_group;
+  p.write_group = k.attention->write_qkv_group;
   p.isa = k.linear;
   return p;
 }
@@ -289,10 +290,8 @@ void run_chunk(const EncoderLayerCall& c, int64_t b0, int64_t nb, int nt, const 
   StepTimer timer(prof);
   AttnCall at = attention_call(c, buf.qkv, buf.ctx, b0, nb);
   const QkvPackedOut layout = packed_layout(c, k, buf.qkv, 0);
-  if (packed) {
-    at.packed = &layout;
-    at.kernels = k.attn;
-  }
+  at.kernels = k.attention;
+  if (packed) at.packed = &layout;
   if (fm.on) {  // (on one thread)
     fm_qkv(c, k, fm.in, x, m, packed ? &layout : nullptr, buf.qkv);
     timer.done(kStepQkv);
@@ -467,10 +466,8 @@ struct TokenJob {
           if (!error.any()) {
             AttnCall at = attention_call(c, buf.qkv, buf.ctx, b, 1);
             const QkvPackedOut layout = packed_layout(c, kernels, buf.qkv, 0);
-            if (packed[l]) {
-              at.packed = &layout;
-              at.kernels = kernels.attn;
-            }
+            at.kernels = kernels.attention;
+            if (packed[l]) at.packed = &layout;
             at.q_begin = r0;
             at.q_end = r0 + rows;
             attention(at, 1);
@@ -546,7 +543,8 @@ int encoder_stack(const EncoderLayerCall* calls, int layers, int nthreads, int64
   int used = 0;
   const int nt = std::max(1, nthreads);
   // decided once per call, with the kernel tables of this call
-  const CallKernels kernels{&active_kernels(), &active_attn_kernels()};
+  const AttnKernels& attn = active_attn_kernels();
+  const CallKernels kernels{&active_kernels(), &attn, c.attention_int8 ? &active_attn_int8_kernels() : &attn};
   std::vector<char> packed(static_cast<size_t>(layers));
   for (int l = 0; l < layers; ++l) {
     packed[l] = packs_qkv(calls[l], kernels);

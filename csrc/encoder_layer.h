@@ -53,6 +53,8 @@ struct EncoderLayerCall {
   int64_t batch = 0, seq = 0;
   int64_t chunk_tokens = 128;  // whole sequences per chunk, about this many tokens
   bool split_sequences = true;  // false: always split every step over the threads (kStepParallel) instead
+  // int8 attention (docs/kernels.md, "int8 attention") instead of bf16; the same for every layer of a stack.
+  bool attention_int8 = false;
 };
 
 // How a call's work was split over the threads (encoder_layer returns the ones it used, or-ed).

@@ -20,65 +20,8 @@ namespace {
 constexpr int kVec = 16;
 constexpr int kMaxT = 4;  // 64 tokens per tile
 
-// In-place transpose of 16 rows of 16 32-bit lanes.
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // Activation quantization (bit-exact with numerics.quantize_activation_int8)
-
-// inv = (1 / amax) * 127 and scale = amax / 127, amax from the integer max of |x|'s bits (which also spots inf and
-// NaN, whose tokens get scale NaN).
-inline void token_params(const float* x, int64_t k, float* inv, float* scale) {
-  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
-  __m512i m0 = _mm512_setzero_si512(), m1 = _mm512_setzero_si512();
-  int64_t i = 0;
-  for (; i + 32 <= k; i += 32) {
-    m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_loadu_si512(x + i), abs_mask));
-    m1 = _mm512_max_epu32(m1, _mm512_and_si512(_mm512_loadu_si512(x + i + 16), abs_mask));
-  }
-  for (; i < k; i += 16) {
-    m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_maskz_loadu_epi32(mask16(k - i), x + i), abs_mask));
-  }
-  const uint32_t bits = _mm512_reduce_max_epu32(_mm512_max_epu32(m0, m1));
-  if (bits >= 0x7f800000u) {
-    *inv = 0.0f;
-    const uint32_t nan_bits = 0x7fc00000u;
-    std::memcpy(scale, &nan_bits, 4);
-    return;
-  }
-  float amax;
-  std::memcpy(&amax, &bits, 4);
-  *inv = amax > 0.0f ? (1.0f / amax) * 127.0f : 0.0f;
-  *scale = amax / 127.0f;
-}
 
 // 64 features of one token -> 64 u8 (code + 128). Word w (features 4w..4w+3) lands at 32-bit position
 // 4 (w % 4) + w / 4: the lane order of packs; callers undo it (kUnpermute) or fold it into their stores.

@@ -5,6 +5,7 @@
     python benchmarks/speed/bench_encoder_stack.py --compare pack_qkv    # Q/K/V packed for the attention or not
     python benchmarks/speed/bench_encoder_stack.py --compare feature_major --pattern 4-block
     python benchmarks/speed/bench_encoder_stack.py --compare embeddings --pattern 4-block
+    python benchmarks/speed/bench_encoder_stack.py --compare attention --pattern 4-block
 
 --compare stack (default): the whole encoder in one call (`FusedEncoderStackForward`) against its layers called
 one by one (the encoder's one-call forward taken off the instance: the class's forward, every layer still fused,
@@ -17,6 +18,9 @@ called from Python one after the other).
 forward (seven PyTorch ops); logits agree up to the LayerNorm's last bits carried through twelve layers of int8
 rounding (checked within 5e-2 of the largest logit: 1.4% measured on the random-weight 90% BERT-base at batch 1,
 whose logits are small, 0.004 in absolute terms, as far as either is from the float32 model's).
+--compare attention: the fused layers' attention in int8 (`set_attention_precision("int8")`: Q, K, V and the
+probabilities quantized, both products on VNNI) against bf16 (the default); the logits differ by the attention's
+rounding through twelve layers (checked within 2e-1 of the largest logit; docs/kernels.md gives the errors).
 
 The model is the speed benchmark's (random BERT-base weights, magnitude-pruned, `save_sparse` + `from_pretrained`).
 Each round times `--iters` forwards one way, then the other (which one first alternates), so both see the same
@@ -43,6 +47,7 @@ from models import build_model  # noqa: E402
 from hf_sparse.integrations.embeddings import FusedEmbeddingsForward  # noqa: E402
 from hf_sparse.integrations.encoder_layer import FusedEncoderForward  # noqa: E402
 from hf_sparse.integrations.encoder_stack import FusedEncoderStackForward  # noqa: E402
+from hf_sparse.ops import kernel_calls, set_attention_precision  # noqa: E402
 
 
 def _encoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -76,6 +81,20 @@ def _ways_embeddings(model) -> tuple[dict[str, Callable[[], None]], Callable[[],
         "fused": lambda: module.__dict__.__setitem__("forward", fused),
     }
     return ways, ways["fused"]
+
+
+def _ways_attention(model) -> tuple[dict[str, Callable[[], None]], Callable[[], None]]:
+    """ "bf16" and "int8" attention (`set_attention_precision`), and what restores the setting."""
+    previous = set_attention_precision(None)
+    set_attention_precision(previous)
+    ways = {"bf16": lambda: set_attention_precision("bf16"), "int8": lambda: set_attention_precision("int8")}
+    return ways, lambda: set_attention_precision(previous)
+
+
+def _check_attention(model) -> None:
+    """After the int8 forward: the int8 kernels must have run."""
+    if not any(n for name, n in kernel_calls("attention").items() if name.endswith("_int8")):
+        raise RuntimeError("the int8 attention did not run (the layers were not fused): nothing to compare")
 
 
 def _fused_layers(model) -> list:
@@ -127,16 +146,18 @@ COMPARISONS = {
     "pack_qkv": lambda model: _ways_flag(model, "pack_qkv", ("unpacked", "packed")),
     "feature_major": lambda model: _ways_flag(model, "feature_major", ("token-major", "feature-major")),
     "embeddings": _ways_embeddings,
+    "attention": _ways_attention,
 }
-CHECKS = {"pack_qkv": _check_pack_qkv, "feature_major": _check_feature_major}
+CHECKS = {"pack_qkv": _check_pack_qkv, "feature_major": _check_feature_major, "attention": _check_attention}
 LABELS = {
     "stack": ("layers one by one", "one call"),
     "pack_qkv": ("float32 Q/K/V", "packed Q/K/V"),
     "feature_major": ("token rows", "feature-major tiles"),
     "embeddings": ("embeddings in PyTorch", "fused embeddings"),
+    "attention": ("bf16 attention", "int8 attention"),
 }
 # comparisons whose two ways round differently: logits within this fraction of the largest one
-TOLERANCES = {"embeddings": 5e-2}
+TOLERANCES = {"embeddings": 5e-2, "attention": 2e-1}
 
 
 def compare(model, inputs, rounds: int, iters: int, what: str = "stack") -> dict[str, float]:
@@ -152,6 +173,9 @@ def compare(model, inputs, rounds: int, iters: int, what: str = "stack") -> dict
             if what in CHECKS:
                 CHECKS[what](model)
             first, second = outputs.values()
+            if what in TOLERANCES:
+                print(f"  logits: largest |difference| {float((first - second).abs().max()):.3e}, largest |logit| "
+                      f"{float(first.abs().max()):.3e}")  # fmt: skip
             tol = TOLERANCES.get(what, 0.0) * float(first.abs().max())
             if not (torch.equal(first, second) or float((first - second).abs().max()) <= tol):
                 raise RuntimeError(f"{' and '.join(ways)} gave different logits")

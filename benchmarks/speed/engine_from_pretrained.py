@@ -3,7 +3,7 @@
     python benchmarks/speed/bench_speed.py --extra-engines benchmarks/speed/engine_from_pretrained.py \
         --engines torch_eager deepsparse_int8 hf_sparse_int8 --sparsity 0.9 --pattern 4-block --batch 1 16
     python benchmarks/speed/engine_from_pretrained.py      # per-call overheads and where a forward's time goes
-    python benchmarks/speed/engine_from_pretrained.py --attention-error     # bf16 vs fp32 attention, BERT-base
+    python benchmarks/speed/engine_from_pretrained.py --attention-error     # bf16 / int8 vs fp32 attention
 
 Engine "hf_sparse_int8": the pruned model is written with `hf_sparse.save_sparse(..., weight_dtype="int8",
 int8_linears=True)` (the pooler and classifier as dense int8: every Linear quantized, as in DeepSparse's int8 file) to a
@@ -331,22 +331,22 @@ def _bert_base_split(sparsity: float, pattern: str) -> None:
 
 
 def _attention_error(sparsity: float, pattern: str) -> None:
-    """bf16 attention (the fused layers' numerics) against float32 attention, on BERT-base shapes: the op alone on
-    random Q/K/V at three score spreads, then the logits of the from_pretrained model with and without fp32
-    attention. Errors are max |difference| over max |float64 result|; torch's own fp32 SDPA is given for scale."""
+    """bf16 and int8 attention (the fused layers' numerics) against float32 attention, on BERT-base shapes: the op
+    alone on random Q/K/V at three score spreads, then the logits of the from_pretrained model with each precision. Errors are max |difference| over max |float64 result|; torch's own fp32 SDPA is given for scale."""
     import torch.nn.functional as F
     from models import build_model
 
     batch, seq, heads, d = 8, 128, 12, 64
     print(f"\nAttention op, batch {batch}, seq {seq}, {heads} heads x {d} (BERT-base), random Q/K/V ~ N(0, 1);")
     print("error of the context (max |diff| / max |context|) against float64 attention:")
-    print("| score std | hf_sparse.ops.attention (bf16 Q/K/V/P) | torch SDPA float32 | mean abs, bf16 |")
-    print("|---|---|---|---|")
+    print("| score std | bf16 (Q/K/V/P) | int8 (Q/K/V/P) | torch SDPA float32 | mean abs, bf16 | mean abs, int8 |")
+    print("|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     for spread in (1.0, 3.0, 8.0):  # std of q . k * d^-0.5; trained models reach the peaky end
         q, k, v = (torch.randn(batch * seq, heads * d, generator=gen) for _ in range(3))
         q = q * spread
         ours = hf_sparse.ops.attention((q, k, v), heads=heads, batch=batch)
+        int8 = hf_sparse.ops.attention((q, k, v), heads=heads, batch=batch, precision="int8")
 
         def split(t, dtype):
             return t.reshape(batch, seq, heads, d).transpose(1, 2).to(dtype)
@@ -356,17 +356,19 @@ def _attention_error(sparsity: float, pattern: str) -> None:
         sdpa = F.scaled_dot_product_attention(*(split(t, torch.float32) for t in (q, k, v)))
         sdpa = sdpa.transpose(1, 2).reshape(batch * seq, heads * d)
         top = float(exact.abs().max())
-        err = (ours.double() - exact).abs()
-        print(f"| {spread:g} | {float(err.max()) / top:.2e} | {float((sdpa.double() - exact).abs().max()) / top:.2e} "
-              f"| {float(err.mean()) / top:.2e} |")  # fmt: skip
+        err, err8 = (ours.double() - exact).abs(), (int8.double() - exact).abs()
+        print(f"| {spread:g} | {float(err.max()) / top:.2e} | {float(err8.max()) / top:.2e} "
+              f"| {float((sdpa.double() - exact).abs().max()) / top:.2e} | {float(err.mean()) / top:.2e} "
+              f"| {float(err8.mean()) / top:.2e} |")  # fmt: skip
 
     bench = build_model("base", sparsity, pattern)
     model = load_bench_model(bench)
     print(f"\nBERT-base {sparsity:.0%} {pattern} int8 (from_pretrained, random weights), seq {bench.seq_len}: logits "
           "with bf16 attention (fused layers) vs HF_SPARSE_ATTENTION=fp32, and each vs torch_eager fp32;")  # fmt: skip
     print("differences as max |diff| / max |fp32-attention logit|:")
-    print("| batch | bf16 vs fp32 attention | fp32 attention vs torch_eager | bf16 attention vs torch_eager |")
-    print("|---|---|---|---|")
+    print("| batch | bf16 vs fp32 attention | int8 vs fp32 attention | fp32 attention vs torch_eager "
+          "| bf16 attention vs torch_eager |")  # fmt: skip
+    print("|---|---|---|---|---|")
     for b in (1, 16):
         inputs = bench.inputs(b)
         with torch.inference_mode():
@@ -374,11 +376,14 @@ def _attention_error(sparsity: float, pattern: str) -> None:
             previous = hf_sparse.ops.set_attention_precision("fp32")
             try:
                 plain = model(**inputs).logits
+                hf_sparse.ops.set_attention_precision("int8")
+                quant = model(**inputs).logits
             finally:
                 hf_sparse.ops.set_attention_precision(previous)
             eager = bench.model(**inputs).logits
         top = float(plain.abs().max())
-        diffs = [float((a - c).abs().max()) / top for a, c in ((fused, plain), (plain, eager), (fused, eager))]
+        pairs = ((fused, plain), (quant, plain), (plain, eager), (fused, eager))
+        diffs = [float((a - c).abs().max()) / top for a, c in pairs]
         print(f"| {b} | " + " | ".join(f"{x:.2e}" for x in diffs) + " |")
 
 

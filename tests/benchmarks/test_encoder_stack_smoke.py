@@ -18,7 +18,7 @@ SCRIPT = REPO / "benchmarks" / "speed" / "bench_encoder_stack.py"
 
 
 @pytest.mark.skipif(not ops.extension_available(), reason="the fused encoder runs with the C++ kernels")
-@pytest.mark.parametrize("what", ["stack", "pack_qkv", "feature_major", "embeddings"])
+@pytest.mark.parametrize("what", ["stack", "pack_qkv", "feature_major", "embeddings", "attention"])
 def test_encoder_stack_bench_prints_both_ways(what):
     if what == "pack_qkv" and ops.attention_isa() != "avx512_bf16":
         pytest.skip("Q/K/V are packed for the AVX512-BF16 attention only")

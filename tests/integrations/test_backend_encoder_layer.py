@@ -30,7 +30,7 @@ from hf_sparse import ops
 from hf_sparse.integrations.embeddings import FusedEmbeddingsForward
 from hf_sparse.integrations.encoder_layer import FusedEncoderForward
 from hf_sparse.nn import FusedEncoderLayer
-from hf_sparse.ops import attention_reference
+from hf_sparse.ops import attention_int8_reference, attention_reference
 from tests.integrations.backend_support import (
     WORDS,
     assert_close,
@@ -201,6 +201,26 @@ def test_fp32_attention_switch_runs_the_module_path(bert, monkeypatch):
         ops.set_attention_precision(None)
 
 
+def test_int8_attention_switch_runs_the_int8_kernels(bert, monkeypatch):
+    """HF_SPARSE_ATTENTION=int8 keeps the fused layers (and embeddings), with the int8 attention: logits match the
+    int8 reference whose attention computes the int8 kernels' numerics, and stay near the bf16 ones."""
+    model, folder = bert
+    reference = int8_reference(folder, BertForSequenceClassification)
+    reference.set_attn_implementation("hf_sparse_int8_reference")
+    expected = logits(reference)
+    bf16 = logits(model)
+    ops.set_attention_precision(None)
+    monkeypatch.setenv("HF_SPARSE_ATTENTION", "int8")
+    assert ops.attention_precision() == "int8"
+    int8 = {name: n for name, n in ops.kernel_calls("attention").items() if name.endswith("_int8")}
+    out = logits(model)
+    after = {name: n for name, n in ops.kernel_calls("attention").items() if name.endswith("_int8")}
+    assert sum(after.values()) == sum(int8.values()) + 2, "both layers must run the int8 attention"
+    assert_close(out, expected, 1e-5, "int8 attention vs its reference")
+    assert not torch.equal(out, bf16)
+    assert_close(out, bf16, 3 * ATTENTION_TOL, "int8 attention vs bf16")
+
+
 def test_invalid_attention_precision_names_the_variable(bert, monkeypatch):
     model, _ = bert
     monkeypatch.setenv("HF_SPARSE_ATTENTION", "fp16")
@@ -348,8 +368,21 @@ def _bf16_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out.reshape(batch, seq, heads, d).to(query.dtype), None
 
 
+def _int8_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The same with the int8 attention's numerics (`attention_int8_reference`)."""
+    batch, heads, seq, d = query.shape
+
+    def rows(t):
+        return t.transpose(1, 2).reshape(batch * seq, heads * d).float()
+
+    out = attention_int8_reference(rows(query), rows(key), rows(value), batch, heads, attention_mask, False, scaling)
+    return out.reshape(batch, seq, heads, d).to(query.dtype), None
+
+
 AttentionInterface.register("hf_sparse_reference", _bf16_attention)
 AttentionMaskInterface.register("hf_sparse_reference", sdpa_mask)  # else transformers passes no mask at all
+AttentionInterface.register("hf_sparse_int8_reference", _int8_attention)
+AttentionMaskInterface.register("hf_sparse_int8_reference", sdpa_mask)
 
 
 def kernel_reference(folder, model_cls):

@@ -63,9 +63,9 @@ class CountedPlan:
         return self.plan.run(*args)
 
 
-def assert_matches_reference(layer, got, x, mask):
+def assert_matches_reference(layer, got, x, mask, attention: str = "bf16"):
     """`got` (a fused layer's output for x, mask) against the pure-torch reference of every step."""
-    ref = layer.reference(x, mask)
+    ref = layer.reference(x, mask, attention)
     # Summation orders differ (LayerNorm, attention), so now and then an int8 code on a rounding boundary flips and
     # moves the outputs of that token by about one quantization step (measured over 60 inputs: max 2.5e-3 of the
     # largest output, median 2e-7; at most 2 tokens of 180 at hidden 128): nearly every token must match tightly,

@@ -81,7 +81,7 @@ class FusedEmbeddingsForward:
     def _prepare(self, call: dict) -> tuple | str:
         """(the kernel's arguments but the output and threads, the output's shape), or the reason the fused path
         may not run."""
-        if attention_precision() != "bf16":  # the fp32 switch keeps every LayerNorm on the model's own code
+        if attention_precision() == "fp32":  # the fp32 switch keeps every LayerNorm on the model's own code
             return "attention precision fp32 (HF_SPARSE_ATTENTION / set_attention_precision): the module's forward"
         ids = call.get("input_ids")
         if ids is None or call.get("inputs_embeds") is not None:

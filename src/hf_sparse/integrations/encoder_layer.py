@@ -50,8 +50,9 @@ class FusedEncoderForward:
     """Stands in for `forward` on one encoder layer instance. Not a Module (it must not become a child);
     `dequantize_model` removes it, which brings the class's forward back.
 
-    The fast path runs when: the attention precision is "bf16" (`hf_sparse.ops.attention_precision()`, read at
-    each call: `HF_SPARSE_ATTENTION` or `set_attention_precision`); not compiling; the input is a plain float32 CPU tensor (batch, seq, hidden) not
+    The fast path runs when: the attention precision is "bf16" or "int8" (`hf_sparse.ops.attention_precision()`,
+    read at each call: `HF_SPARSE_ATTENTION` or `set_attention_precision`; the fast path's attention then has those
+    numerics); not compiling; the input is a plain float32 CPU tensor (batch, seq, hidden) not
     requiring gradients; no cross-attention, cache or other extra argument is given (only `_IGNORED` keywords, or
     None / False values); the mask is None or a bool / float32 mask the kernel reads; the layer and everything in
     it are in eval mode; no forward hook is registered on anything inside the layer (transformers' own output
@@ -77,7 +78,7 @@ class FusedEncoderForward:
 
     def __call__(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
         if self.why_not(hidden_states, attention_mask, args, kwargs) is None:
-            return self.fused(hidden_states, attention_mask)
+            return self.fused(hidden_states, attention_mask, attention_precision())
         return type(self.layer).forward(self.layer, hidden_states, attention_mask, *args, **kwargs)
 
     def why_not(self, x, mask, args: tuple = (), kwargs: dict | None = None) -> str | None:
@@ -94,7 +95,7 @@ class FusedEncoderForward:
     def call_problem(self, x, mask, args: tuple = (), kwargs: dict | None = None) -> str | None:
         """What in the call itself (precision, tracing, input, arguments, mask, global hooks, causal attention)
         keeps it off the fast path; None if nothing. The layer's modules are not looked at."""
-        if attention_precision() != "bf16":
+        if attention_precision() == "fp32":
             return "attention precision fp32 (HF_SPARSE_ATTENTION / set_attention_precision): the model's attention"
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return "compiling or tracing (the layer's own forward runs the kernels' torch ops)"

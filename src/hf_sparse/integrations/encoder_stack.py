@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..nn import FusedEncoderStack, SparseLinear
+from ..ops import attention_precision
 from .encoder_layer import _CAPTURE_MODULE, FusedEncoderForward
 from .fusion_rules import EncoderStackFusion
 
@@ -51,7 +52,7 @@ class FusedEncoderStackForward:
 
     def __call__(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
         if self.why_not(hidden_states, attention_mask, args, kwargs) is None:
-            return self.rule.output(self.stack(hidden_states, attention_mask))
+            return self.rule.output(self.stack(hidden_states, attention_mask, attention_precision()))
         return type(self.encoder).forward(self.encoder, hidden_states, attention_mask, *args, **kwargs)
 
     def why_not(self, x, mask, args: tuple = (), kwargs: dict | None = None) -> str | None:

@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from ..ops import FusedFFN, PackedLinear, add_layernorm, attention, attention_reference
+from ..ops import FusedFFN, PackedLinear, add_layernorm, attention, attention_int8_reference, attention_reference
 from ..ops import _extension as ext
 from ..ops.attention import _mask_args
 from ..ops.packed_linear import can_call_directly
@@ -29,6 +29,15 @@ from ..ops.packed_linear import can_call_directly
 # (the packed Q/K/V output alone is 6 x hidden bytes per token). 128 against 256 on BERT-base 90% int8 at batch 16
 # (benchmarks/RESULTS.md, "Chunk size"): 4-block 1.02-1.06x faster, unstructured even.
 CHUNK_TOKENS = 128
+
+
+def _attention_int8(attention: str, where: str) -> bool:
+    """Whether `attention` asks for the int8 attention; a ValueError unless it is "bf16" or "int8"."""
+    if attention == "bf16":
+        return False
+    if attention == "int8":
+        return True
+    raise ValueError(f"{where}: attention={attention!r}; use 'bf16' or 'int8' (fp32 attention is the model's own)")
 
 
 def norm_params_ok(params: list[torch.Tensor | None]) -> bool:
@@ -134,10 +143,12 @@ class FusedEncoderLayer:
         new.norm1, new.norm2 = copy.deepcopy(self.norm1, memo), copy.deepcopy(self.norm2, memo)
         return new
 
-    def __call__(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor | None = None, attention: str = "bf16") -> torch.Tensor:
+        """`attention`: "bf16" or "int8", the attention's numerics (`hf_sparse.ops.attention`'s `precision`)."""
+        int8 = _attention_int8(attention, "FusedEncoderLayer")
         params = self.norm_params()
         if not (self._plan is not None and self.takes(x, mask) and norm_params_ok(params)):
-            return self._composed(x, mask)
+            return self._composed(x, mask, attention)
         batch, seq, _ = x.shape
         kind, mk, sb, sh, sq = _mask_args(mask, batch, self.heads, seq, "FusedEncoderLayer")
         y = torch.empty_like(x)
@@ -145,7 +156,7 @@ class FusedEncoderLayer:
             self._split_flags = self._plan.run(
                 x.data_ptr(), y.data_ptr(), batch, seq, kind, mk.data_ptr() if mk is not None else 0, sb, sh, sq,
                 [t.data_ptr() for t in params], self.norm1.eps, self.norm2.eps, self.chunk_tokens,
-                self.split_sequences, bool(self.pack_qkv), bool(self.feature_major),
+                self.split_sequences, bool(self.pack_qkv), bool(self.feature_major), int8,
                 ext._num_threads or torch.get_num_threads(),
                 counters.address,
             )  # fmt: skip
@@ -186,11 +197,11 @@ class FusedEncoderLayer:
         n = self.hidden
         ext._C.add_layernorm_raw(vp, n, rp, n, m, n, norm.weight.data_ptr(), norm.bias.data_ptr(), norm.eps, yp, n, nt)
 
-    def _composed(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _composed(self, x: torch.Tensor, mask: torch.Tensor | None, precision: str = "bf16") -> torch.Tensor:
         """The same calls through the torch ops (tracing, fake tensors, or without the extension)."""
         batch, seq = x.shape[0], x.shape[1]
         q, k, v = self.qkv(x.reshape(batch * seq, -1))
-        ctx = attention((q, k, v), heads=self.heads, batch=batch, mask=mask, scale=self.scale)
+        ctx = attention((q, k, v), heads=self.heads, batch=batch, mask=mask, scale=self.scale, precision=precision)
         a = add_layernorm(self.out(ctx).reshape(x.shape), x, **self._affine(self.norm1))
         return add_layernorm(self.ffn(a), a, **self._affine(self.norm2))
 
@@ -203,13 +214,19 @@ class FusedEncoderLayer:
             "eps": norm.eps,
         }
 
-    def reference(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Pure torch: each step's reference (int8 numerics, `attention_reference`, torch's LayerNorm)."""
+    def reference(self, x: torch.Tensor, mask: torch.Tensor | None = None, attention: str = "bf16") -> torch.Tensor:
+        """Pure torch: each step's reference (int8 numerics, `attention_reference` or, with attention="int8",
+        `attention_int8_reference`, torch's LayerNorm)."""
+        attend = (
+            attention_int8_reference
+            if _attention_int8(attention, "FusedEncoderLayer.reference")
+            else attention_reference
+        )
         batch, seq = x.shape[0], x.shape[1]
         x = x.float()
         with torch.no_grad():
             q, k, v = self.qkv.reference(x.reshape(batch * seq, -1))
-            ctx = attention_reference(q, k, v, batch, self.heads, mask, False, self.scale)
+            ctx = attend(q, k, v, batch, self.heads, mask, False, self.scale)
             a = self.norm1(self.out.reference(ctx).reshape(x.shape) + x)
             return self.norm2(self.ffn.reference(a) + a)
 

@@ -16,7 +16,7 @@ import torch
 
 from ..ops import _extension as ext
 from ..ops.attention import _mask_args
-from .encoder_layer import FusedEncoderLayer, _StepCounters, norm_params_ok
+from .encoder_layer import FusedEncoderLayer, _attention_int8, _StepCounters, norm_params_ok
 
 
 class FusedEncoderStack:
@@ -41,12 +41,14 @@ class FusedEncoderStack:
         if all(layer._plan is not None for layer in layers):
             self._plan = ext._C.EncoderStack([layer._plan for layer in layers])
 
-    def __call__(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor | None = None, attention: str = "bf16") -> torch.Tensor:
+        """`attention`: "bf16" or "int8", as for FusedEncoderLayer."""
+        int8 = _attention_int8(attention, "FusedEncoderStack")
         first = self.layers[0]
         params = [t for layer in self.layers for t in layer.norm_params()]
         if not (self._plan is not None and first.takes(x, mask) and norm_params_ok(params)):
             for layer in self.layers:
-                x = layer(x, mask)
+                x = layer(x, mask, attention)
             return x
         batch, seq, _ = x.shape
         kind, mk, sb, sh, sq = _mask_args(mask, batch, first.heads, seq, "FusedEncoderStack")
@@ -58,16 +60,17 @@ class FusedEncoderStack:
                 x.data_ptr(), y.data_ptr(), scratch.data_ptr(), batch, seq, kind,
                 mk.data_ptr() if mk is not None else 0, sb, sh, sq, [t.data_ptr() for t in params], eps,
                 first.chunk_tokens, first.split_sequences,
-                bool(first.pack_qkv), bool(first.feature_major), ext._num_threads or torch.get_num_threads(), counters.address,
+                bool(first.pack_qkv), bool(first.feature_major), int8, ext._num_threads or torch.get_num_threads(),
+                counters.address,
             )  # fmt: skip
         for layer in self.layers:
             layer._split_flags = flags
         return y
 
-    def reference(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def reference(self, x: torch.Tensor, mask: torch.Tensor | None = None, attention: str = "bf16") -> torch.Tensor:
         """Pure torch: each layer's `reference` in turn."""
         for layer in self.layers:
-            x = layer.reference(x, mask)
+            x = layer.reference(x, mask, attention)
         return x
 
     def __repr__(self) -> str:

@@ -8,7 +8,8 @@
 outputs returned split); `activation="gelu"` fuses BERT's exact GELU into the kernel; `fuse_ffn(first, second)`
 runs a whole FFN (Linear, activation, Linear) as one call; `attention(qkv, heads=...)` runs multi-head
 self-attention straight from the packed Q/K/V output (bf16 products, fp32 softmax), `add_layernorm` a residual
-add + LayerNorm (`set_attention_precision("fp32")` / HF_SPARSE_ATTENTION=fp32 keeps models on float32 attention)
+add + LayerNorm (`set_attention_precision("fp32")` / HF_SPARSE_ATTENTION=fp32 keeps models on float32 attention,
+"int8" runs it on int8 products)
 and `embed_layernorm` a BERT-family embedding module (three lookups, their sum and the LayerNorm).
 docs/kernels.md has the numerics, the packed layouts, the dispatch rules, the threads and the environment variables.
 """
@@ -30,6 +31,7 @@ from ._extension import (
 )
 from .attention import (
     attention,
+    attention_int8_reference,
     attention_isa,
     attention_precision,
     attention_reference,
@@ -76,6 +78,7 @@ __all__ = [
     "add_layernorm_reference",
     "attention",
     "attention_isa",
+    "attention_int8_reference",
     "attention_precision",
     "attention_reference",
     "available_isas",

@@ -22,7 +22,7 @@ import warnings
 import torch
 
 
-_ABI_VERSION = 12
+_ABI_VERSION = 13
 _ISA_ENV = "HF_SPARSE_ISA"
 _DISABLE_ENV = "HF_SPARSE_DISABLE_CPU_FEATURES"
 _DISABLABLE = ("avx512_vbmi", "avx512_bf16")  # what csrc/isa.cpp lets the variable switch off

@@ -23,6 +23,7 @@ import os
 
 import torch
 
+from ..quantization.numerics import quantize_activation_int8
 from . import _extension as ext
 from .library import _lib
 from .packed_linear import can_call_directly
@@ -31,9 +32,15 @@ from .packed_linear import can_call_directly
 _lib.define(
     "attention(Tensor q, Tensor k, Tensor v, int batch, int heads, Tensor? mask, bool causal, float scale) -> Tensor"
 )
+_lib.define(
+    "attention_int8(Tensor q, Tensor k, Tensor v, int batch, int heads, Tensor? mask, bool causal, float scale) "
+    "-> Tensor"
+)
 
 #: log(FLT_MIN): probabilities below e^-87.34 are subnormal in float32; the kernels take them as 0
 EXP_MIN = -87.33654475
+#: int8 attention sums exactly in int32 up to this many keys and head features (255 x 127 x 65536 < 2^31)
+INT8_MAX_KEYS = 65536
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -126,16 +133,69 @@ def attention_reference(q, k, v, batch: int, heads: int, mask=None, causal: bool
     return out.float().transpose(1, 2).reshape(m, heads * d)
 
 
-def _run(q, k, v, batch: int, heads: int, mask, causal: bool, scale: float, where: str) -> torch.Tensor:
+def _quantize_heads(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., d) float32 -> (codes as float64, scales (...) float32) per row, as the kernels quantize activations
+    (`quantize_activation_int8`); rows holding inf or NaN get scale NaN, as in the kernels."""
+    codes, scales = quantize_activation_int8(t.reshape(-1, t.shape[-1]))
+    finite = t.reshape(-1, t.shape[-1]).isfinite().all(-1)
+    scales = torch.where(finite, scales, torch.full_like(scales, float("nan")))
+    return codes.double().reshape(t.shape), scales.reshape(t.shape[:-1])
+
+
+def attention_int8_reference(q, k, v, batch: int, heads: int, mask=None, causal: bool = False, scale=None):
+    """The pure-torch result of the int8 kernels (docs/kernels.md, "int8 attention"), up to the exponential's last
+    bits and the float32 order of the row sum of p: (M, heads * head_dim) float32.
+
+    q, k and v are quantized per token and head like the Linears' activations (codes qc, kc, vc; scales qs, ks, vs);
+    s = (float(qc . kc) * (qs * scale)) * ks (+ mask; -inf where masked), p = exp(s - max s) (0 below e^-87.34),
+    w = p * vs, pc = round(w * ((1 / max w) * 255)) in 0..255, out = (float(pc . vc) * (max w / 255)) / sum p; rows
+    without any key: 0. Both dot products are exact integers.
+    """
+    m, seq, d = _check_qkv(q, k, v, batch, heads, "attention_int8_reference")
+    scale = d**-0.5 if scale is None else float(scale)
+    kind, mk, *_ = _mask_args(mask, batch, heads, seq, "attention_int8_reference")
+
+    def split(t):
+        return t.reshape(batch, seq, heads, d).transpose(1, 2).float()
+
+    (qc, qs), (kc, ks), (vc, vs) = (_quantize_heads(split(t)) for t in (q, k, v))
+    s = ((qc @ kc.transpose(-1, -2)).float() * (qs * scale)[..., None]) * ks[..., None, :]
+    if kind == 1:
+        s = s + mk
+    elif kind == 2:
+        s = s.masked_fill(mk == 0, float("-inf"))
+    if causal:
+        s = s.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
+    top = s.amax(-1, keepdim=True)
+    x = s - top
+    p = torch.where(x < EXP_MIN, torch.zeros_like(x), torch.exp(x))
+    w = p * vs[..., None, :]
+    wmax = w.amax(-1, keepdim=True)
+    winv = torch.where(wmax > 0, wmax.reciprocal() * 255.0, torch.zeros_like(wmax))
+    pc = torch.where(w > 0, w * winv, torch.zeros_like(w)).clamp(max=255.0).round()
+    out = ((pc.double() @ vc).float() * (wmax / 255.0)) / p.sum(-1, keepdim=True)
+    out = torch.where(top == float("-inf"), torch.zeros_like(out), out)  # no key to attend to
+    return out.transpose(1, 2).reshape(m, heads * d)
+
+
+_REFERENCES = {"bf16": attention_reference, "int8": attention_int8_reference}
+
+
+def _run(q, k, v, batch: int, heads: int, mask, causal: bool, scale: float, where: str, precision: str = "bf16"):
     m, seq, d = _check_qkv(q, k, v, batch, heads, where)
     kind, mk, sb, sh, sq = _mask_args(mask, batch, heads, seq, where)
     if ext._C is None:
-        return attention_reference(q, k, v, batch, heads, mask, causal, scale)
+        return _REFERENCES[precision](q, k, v, batch, heads, mask, causal, scale)
+    if precision == "int8" and max(seq, d) > INT8_MAX_KEYS:
+        raise ValueError(
+            f"{where}: int8 attention sums in int32, so seq ({seq}) and head_dim ({d}) must be at most "
+            f"{INT8_MAX_KEYS}; use precision='bf16'"
+        )
     out = torch.empty((m, heads * d), dtype=torch.float32)
     ext._C.attention_raw(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), v.stride(0), out.data_ptr(), heads * d,
         batch, seq, heads, d, scale, causal, kind, mk.data_ptr() if mk is not None else 0, sb, sh, sq,
-        ext.get_num_threads(),
+        precision == "int8", ext.get_num_threads(),
     )  # fmt: skip
     return out
 
@@ -145,12 +205,24 @@ def _attention_op(q, k, v, batch, heads, mask, causal, scale):
     return _run(q, k, v, batch, heads, mask, causal, scale, "hf_sparse::attention")
 
 
+@torch.library.impl(_lib, "attention_int8", "CPU")
+def _attention_int8_op(q, k, v, batch, heads, mask, causal, scale):
+    return _run(q, k, v, batch, heads, mask, causal, scale, "hf_sparse::attention_int8", "int8")
+
+
 @torch.library.register_fake("hf_sparse::attention")
 def _attention_fake(q, k, v, batch, heads, mask, causal, scale):
     return q.new_empty(q.shape, dtype=torch.float32)
 
 
-def attention(qkv, *, heads: int, batch: int | None = None, mask=None, causal: bool = False, scale=None):
+@torch.library.register_fake("hf_sparse::attention_int8")
+def _attention_int8_fake(q, k, v, batch, heads, mask, causal, scale):
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
+def attention(
+    qkv, *, heads: int, batch: int | None = None, mask=None, causal: bool = False, scale=None, precision: str = "bf16"
+):
     """Multi-head self-attention of `batch` sequences, one kernel call. Inference only (no backward).
 
     Args:
@@ -163,10 +235,15 @@ def attention(qkv, *, heads: int, batch: int | None = None, mask=None, causal: b
             attend) or float (added to the scaled scores).
         causal: mask every key after the query (key j > query i), as decoders do.
         scale: multiplies q . k; default head_dim ** -0.5.
+        precision: "bf16" (Q, K, V and the probabilities rounded to bfloat16; `attention_reference`) or "int8"
+            (Q, K, V quantized per token and head, both products in int8 with int32 sums, ~2x the speed on VNNI
+            CPUs; `attention_int8_reference`). docs/kernels.md gives both numerics and their errors.
 
     Returns: float32 (..., heads * head_dim), the input's leading shape: the context, heads side by side.
     """
     where = "hf_sparse.ops.attention"
+    if precision not in _REFERENCES:
+        raise ValueError(f"{where}: precision={precision!r}; use 'bf16' or 'int8'")
     if isinstance(qkv, (tuple, list)):
         if len(qkv) != 3:
             raise ValueError(f"{where}: expected (q, k, v), got {len(qkv)} tensors")
@@ -202,15 +279,16 @@ def attention(qkv, *, heads: int, batch: int | None = None, mask=None, causal: b
         raise ValueError(f"{where}: heads={heads} must divide the feature width {width}")
     scale = (width // heads) ** -0.5 if scale is None else float(scale)
     if ext._C is not None and can_call_directly(q) and not (mask is not None and not can_call_directly(mask)):
-        out = _run(q, k, v, batch, heads, mask, bool(causal), scale, where)
+        out = _run(q, k, v, batch, heads, mask, bool(causal), scale, where, precision)
     else:
-        out = torch.ops.hf_sparse.attention.default(q, k, v, batch, heads, mask, bool(causal), scale)
+        op = torch.ops.hf_sparse.attention_int8 if precision == "int8" else torch.ops.hf_sparse.attention
+        out = op.default(q, k, v, batch, heads, mask, bool(causal), scale)
     return out.reshape(*lead, width)
 
 
-#: environment variable read at every call of a fused encoder layer: "bf16" (default) or "fp32"
+#: environment variable read at every call of a fused encoder layer: "bf16" (default), "int8" or "fp32"
 ATTENTION_ENV = "HF_SPARSE_ATTENTION"
-ATTENTION_PRECISIONS = ("bf16", "fp32")
+ATTENTION_PRECISIONS = ("bf16", "fp32", "int8")
 _precision: str | None = None  # set_attention_precision's choice; None: the environment variable's
 
 
@@ -218,7 +296,8 @@ def _check_precision(value, where: str) -> str:
     if value not in ATTENTION_PRECISIONS:
         raise ValueError(
             f"{where}={value!r} is not an attention precision: use 'bf16' (the default: fused encoder layers, "
-            "Q/K/V and the probabilities rounded to bfloat16) or 'fp32' (the model's own float32 PyTorch attention)"
+            "Q/K/V and the probabilities rounded to bfloat16), 'int8' (fused encoder layers, Q/K/V and the "
+            "probabilities quantized to int8: faster, less exact) or 'fp32' (the model's own float32 PyTorch attention)"
         )
     return value
 
@@ -244,10 +323,13 @@ def attention_precision() -> str:
     return _check_precision(value, ATTENTION_ENV) if value else "bf16"
 
 
-def attention_isa() -> str:
+def attention_isa(precision: str = "bf16") -> str:
     """The attention (and LayerNorm) kernels in use: "avx512_bf16" (AVX512-BF16, with the avx512_vnni level),
-    "avx2" (fp32 FMA on the same bf16-rounded values), "scalar", or "reference" (pure torch)."""
-    return ext._C.attention_isa() if ext._C is not None else "reference"
+    "avx2" (fp32 FMA on the same bf16-rounded values), "scalar", or "reference" (pure torch); for precision "int8"
+    the int8 attention's: "avx512_vnni_int8", "avx2_int8", "scalar_int8" or "reference"."""
+    if precision not in _REFERENCES:
+        raise ValueError(f"attention_isa: precision={precision!r}; use 'bf16' or 'int8'")
+    return ext._C.attention_isa(precision == "int8") if ext._C is not None else "reference"
 
 
 __all__ = [

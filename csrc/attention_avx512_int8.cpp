@@ -1,0 +1,428 @@
+// AVX-512 VNNI int8 attention (compiled with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512vnni only).
+//
+// The numerics of docs/kernels.md ("int8 attention"), which attention_int8_scalar.cpp states plainly: Q, K and V
+// quantized per (token, head) like the Linears' activations, both products as exact int32 sums of vpdpbusd (u8 x
+// s8, 64 multiply-adds per instruction: twice vdpbf16ps' 32), the softmax in float32 between them.
+//
+//   S = Q K^T: lanes are 16 keys. K codes are packed transposed, [d/4][keys] words of 4 s8 (one 64-byte line =
+//              16 keys x 4 head features); each query row's 4 codes (u8 = code + 128) are broadcast. The +128 is
+//              taken back per key (128 x the key's code sum), as the Linears take it back per output channel.
+//   O = P V:   lanes are 16 head features. V codes are packed [keys/4][d] words of 4 s8 (a line = 16 features x 4
+//              keys); each query row's 4 probability codes (u8, no shift) are broadcast.
+//
+// Blocks of 32 query rows keep their float32 scores and u8 probabilities in L1; register blocks are 4 rows x 4
+// vectors (16 accumulators: 4 loads and 4 broadcasts per 16 vpdpbusd), as in the bfloat16 kernel.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "attention.h"
+#include "avx512_common.h"
+
+namespace hf_sparse {
+namespace {
+
+constexpr int kVec = 16;
+constexpr int kRows = 4;    // query rows per register block
+constexpr int kBlock = 32;  // query rows per block (a multiple of kRows)
+constexpr int kCols = 4;    // vectors per register block
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Scratch of one thread, in 64-byte aligned pieces.
+struct Layout {
+  int64_t d4, qst, sp, dv, dq;  // words per K row (4 features each), per Q row (d4 rounded to 16), keys and
+                                // features padded to 16, features padded to 64
+  size_t k_off, kc_off, ks_off, v_off, vs_off, q_off, qs_off, s_off, p_off, l_off, ps_off, c_off, bytes;
+  Layout(int64_t d, int64_t s) {
+    d4 = (d + 3) / 4;
+    qst = round_up(d4, kVec);
+    sp = round_up(s, kVec);
+    dv = round_up(d, kVec);
+    dq = round_up(d, 64);
+    const auto a64 = [](int64_t b) { return (static_cast<size_t>(b) + 63) & ~size_t{63}; };
+    k_off = 0;
+    kc_off = k_off + a64(d4 * sp * 4);    // K codes: [d4][sp] words
+    ks_off = kc_off + a64(sp * 4);        // 128 x each key's code sum (int32)
+    v_off = ks_off + a64(sp * 4);         // key scales
+    vs_off = v_off + a64(sp / 4 * dv * 4);  // V codes: [sp/4][dv] words
+    q_off = vs_off + a64(sp * 4);         // V scales (per key)
+    qs_off = q_off + a64(kBlock * qst * 4);  // Q codes + 128: [kBlock][qst] words
+    s_off = qs_off + a64(kBlock * 4);     // Q scale x the call's scale, per row
+    p_off = s_off + a64(kBlock * sp * 4);  // scores, then p x V's scale: [kBlock][sp] floats
+    l_off = p_off + a64(kBlock * sp);     // probability codes: [kBlock][sp] bytes
+    ps_off = l_off + a64(kBlock * 4);     // row sums of p
+    c_off = ps_off + a64(kBlock * 4);     // probability scales
+    bytes = c_off + a64(kVec * dq);       // codes of 16 rows (quant16)
+  }
+};
+
+size_t scratch_bytes(int64_t d, int64_t s, int64_t) { return Layout(d, s).bytes; }
+
+// Up to 16 rows x[t * ld .. + d - 1] (t < n) -> codes[t][0 .. dq - 1] (s8, clamp(round(x * inv), -127, 127), zero
+// past d; dq = d rounded up to 64) and scale[t] (lanes 16: the row's parameters as numerics'
+// quantize_activation_int8, NaN for a row holding inf or NaN; rows t >= n: codes 0, scale 0). The per-row maxima
+// are reduced with lanes = rows (one transpose for 16 rows), not one horizontal reduction per row.
+void quant16(const float* x, int64_t ld, int n, int64_t d, int64_t dq, int8_t* codes, float* scale) {
+  alignas(64) static const int32_t kUnpermute[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512i m[16];
+#pragma GCC unroll 16
+  for (int t = 0; t < 16; ++t) m[t] = _mm512_setzero_si512();
+  for (int t = 0; t < n; ++t) {
+    const float* row = x + t * ld;
+    for (int64_t c = 0; c < d; c += kVec) {
+      m[t] = _mm512_max_epu32(m[t], _mm512_and_si512(_mm512_maskz_loadu_epi32(mask16(d - c), row + c), abs_mask));
+    }
+  }
+  transpose16(m);
+#pragma GCC unroll 15
+  for (int t = 1; t < 16; ++t) m[0] = _mm512_max_epu32(m[0], m[t]);
+  const __mmask16 bad = _mm512_cmp_epu32_mask(m[0], _mm512_set1_epi32(0x7f800000), _MM_CMPINT_NLT);
+  const __m512 amax = _mm512_castsi512_ps(m[0]);
+  const __mmask16 pos = static_cast<__mmask16>(_mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ) & ~bad);
+  alignas(64) float inv[16];
+  _mm512_store_ps(inv, _mm512_maskz_mul_ps(pos, _mm512_div_ps(_mm512_set1_ps(1.0f), amax), _mm512_set1_ps(127.0f)));
+  const __m512 sc = _mm512_div_ps(amax, _mm512_set1_ps(127.0f));
+  _mm512_storeu_ps(scale, _mm512_mask_mov_ps(sc, bad, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
+  const __m512i unpermute = _mm512_load_si512(kUnpermute);
+  for (int t = 0; t < 16; ++t) {
+    int8_t* out = codes + t * dq;
+    if (t >= n) {
+      std::memset(out, 0, static_cast<size_t>(dq));
+      continue;
+    }
+    const __m512 vinv = _mm512_set1_ps(inv[t]);
+    const float* row = x + t * ld;
+    for (int64_t c = 0; c < dq; c += 64) {
+      __m512i q[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m512 v = _mm512_maskz_loadu_ps(mask16(d - c - 16 * j), row + c + 16 * j);
+        q[j] = _mm512_cvtps_epi32(_mm512_mul_ps(v, vinv));  // round half to even (MXCSR default)
+      }
+      __m512i b = _mm512_packs_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
+      b = _mm512_max_epi8(b, _mm512_set1_epi8(-127));
+      _mm512_store_si512(out + c, _mm512_permutexvar_epi32(unpermute, b));
+    }
+    if (!(inv[t] <= std::numeric_limits<float>::max())) {  // amax subnormal: inv = inf, codes sign(x) * 127 (torch)
+      for (int64_t c = 0; c < d; ++c) out[c] = static_cast<int8_t>(row[c] > 0.0f ? 127 : (row[c] < 0.0f ? -127 : 0));
+    }
+  }
+}
+
+// K rows 0..s-1 -> kp[w][j] = the s8 codes of k[j][4w .. 4w + 3]; kc[j] = 128 x the key's code sum; ks[j] = its
+// scale. Zero past s (up to the next multiple of 16) and past d. codes: scratch of 16 x dq bytes.
+void pack_k(const float* k, int64_t ldk, int64_t s, int64_t d, const Layout& L, uint32_t* kp, int32_t* kc,
+            float* ks, int8_t* codes) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t j0 = 0; j0 < s; j0 += kVec) {
+    const int n = static_cast<int>(s - j0 < kVec ? s - j0 : kVec);
+    quant16(k + j0 * ldk, ldk, n, d, L.dq, codes, ks + j0);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t w0 = 0; w0 < L.d4; w0 += kVec) {
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) r[t] = _mm512_load_si512(codes + t * L.dq + 4 * w0);
+      transpose16(r);
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) {
+        if (w0 + t < L.d4) {
+          sum = dpbusd(sum, ones, r[t]);
+          _mm512_store_si512(kp + (w0 + t) * L.sp + j0, r[t]);
+        }
+      }
+    }
+    _mm512_store_si512(kc + j0, _mm512_slli_epi32(sum, 7));
+  }
+}
+
+// V rows 0..s-1 -> vp[j4][c] = the s8 codes of v[4 j4 .. 4 j4 + 3][c]; vs[j] = row j's scale. Zero past s (up to
+// the next multiple of 16) and past d (up to dv).
+void pack_v(const float* v, int64_t ldv, int64_t s, int64_t d, const Layout& L, uint32_t* vp, float* vs,
+            int8_t* codes) {
+  const int64_t dv = L.dv;
+  for (int64_t j0 = 0; j0 < s; j0 += kVec) {
+    const int n = static_cast<int>(s - j0 < kVec ? s - j0 : kVec);
+    quant16(v + j0 * ldv, ldv, n, d, L.dq, codes, vs + j0);
+    for (int g = 0; g < 4 && 4 * g < n; ++g) {  // keys j0 + 4g .. j0 + 4g + 3
+      const int8_t* c4 = codes + 4 * g * L.dq;
+      for (int64_t c = 0; c < dv; c += 64) {
+        const __m512i a = _mm512_load_si512(c4 + c), b = _mm512_load_si512(c4 + L.dq + c);
+        const __m512i e = _mm512_load_si512(c4 + 2 * L.dq + c), f = _mm512_load_si512(c4 + 3 * L.dq + c);
+        const __m512i ab_lo = _mm512_unpacklo_epi8(a, b), ab_hi = _mm512_unpackhi_epi8(a, b);
+        const __m512i ef_lo = _mm512_unpacklo_epi8(e, f), ef_hi = _mm512_unpackhi_epi8(e, f);
+        // 128-bit lane l of w0..w3 holds features 16 l + 0..3, 4..7, 8..11, 12..15: a 4x4 transpose of lanes
+        const __m512i w0 = _mm512_unpacklo_epi16(ab_lo, ef_lo), w1 = _mm512_unpackhi_epi16(ab_lo, ef_lo);
+        const __m512i w2 = _mm512_unpacklo_epi16(ab_hi, ef_hi), w3 = _mm512_unpackhi_epi16(ab_hi, ef_hi);
+        const __m512i t0 = _mm512_shuffle_i32x4(w0, w1, 0x44), t1 = _mm512_shuffle_i32x4(w0, w1, 0xee);
+        const __m512i t2 = _mm512_shuffle_i32x4(w2, w3, 0x44), t3 = _mm512_shuffle_i32x4(w2, w3, 0xee);
+        uint32_t* dst = vp + (j0 / 4 + g) * dv + c;
+        const int64_t left = dv - c;  // words of this 64-feature chunk that exist (multiple of 16)
+        _mm512_store_si512(dst, _mm512_shuffle_i32x4(t0, t2, 0x88));
+        if (left > 16) _mm512_store_si512(dst + 16, _mm512_shuffle_i32x4(t0, t2, 0xdd));
+        if (left > 32) _mm512_store_si512(dst + 32, _mm512_shuffle_i32x4(t1, t3, 0x88));
+        if (left > 48) _mm512_store_si512(dst + 48, _mm512_shuffle_i32x4(t1, t3, 0xdd));
+      }
+    }
+  }
+}
+
+// Scores of kRows query rows x C key vectors: sc[r][16c + lane] = (float(sum_w q[r][w] . kp[w][16c + lane] - kc) x
+// qs[r]) x ks[16c + lane].
+template <int C>
+void qk_block(const uint32_t* qw, int64_t qst, int64_t d4, const uint32_t* kp, int64_t sp, const int32_t* kc,
+              const float* ks, const float* qs, float* sc) {
+  __m512i acc[kRows][C];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
+  }
+  for (int64_t w = 0; w < d4; ++w) {
+    __m512i kv[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) kv[c] = _mm512_load_si512(kp + w * sp + c * kVec);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i qb = _mm512_set1_epi32(static_cast<int>(qw[r * qst + w]));
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[r][c] = dpbusd(acc[r][c], qb, kv[c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+    const __m512 rs = _mm512_set1_ps(qs[r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const __m512i exact = _mm512_sub_epi32(acc[r][c], _mm512_load_si512(kc + c * kVec));
+      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), rs);
+      _mm512_store_ps(sc + r * sp + c * kVec, _mm512_mul_ps(v, _mm512_load_ps(ks + c * kVec)));
+    }
+  }
+}
+
+// Outputs of kRows query rows x C feature vectors: out[r][16c + lane] = (float(sum_j4 p[r][j4] . vp[j4][16c + lane])
+// x ps[r]) / div[r]; only rows < nrows and features < dleft are stored.
+template <int C>
+void pv_block(const uint32_t* pw, int64_t pst, int64_t kw, const uint32_t* vp, int64_t dv, const float* div,
+              const float* ps, int nrows, float* out, int64_t ldo, int64_t dleft) {
+  __m512i acc[kRows][C];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
+  }
+  for (int64_t j4 = 0; j4 < kw; ++j4) {
+    __m512i vv[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) vv[c] = _mm512_load_si512(vp + j4 * dv + c * kVec);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i pb = _mm512_set1_epi32(static_cast<int>(pw[r * pst + j4]));
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[r][c] = dpbusd(acc[r][c], pb, vv[c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+    if (r >= nrows) break;
+    const __m512 sc = _mm512_set1_ps(ps[r]), dv_ = _mm512_set1_ps(div[r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const __m512 o = _mm512_div_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][c]), sc), dv_);
+      _mm512_mask_storeu_ps(out + r * ldo + c * kVec, mask16(dleft - c * kVec), o);
+    }
+  }
+}
+
+// Softmax of R rows of scores over the same keys (keys 0..keys-1 valid; each row holds nvec vectors at sc + r * ld),
+// then their probability codes: p = exp(s - max s), w = p x vs (V's scale per key), codes round(w x ((1 / max w) x
+// 255)) into pc + r * ld bytes (nvec x 16 of them). Sets div[r], the sum of p (+inf when every key is masked, NaN
+// when a score or a w is NaN; the row comes out 0 or NaN), and scale[r] = max w / 255. R rows at once give the
+// out-of-order core R independent chains through the three passes and their reductions.
+template <int R>
+void softmax_rows(float* sc, int64_t ld, int64_t nvec, int64_t keys, int mask_kind, const void* const* mask,
+                  const float* vs, uint8_t* pc, float* div, float* scale) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m[R];
+  __mmask16 nan[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    m[r] = ninf;
+    nan[r] = 0;
+  }
+  for (int64_t c = 0; c < nvec; ++c) {
+    const __mmask16 valid = mask16(keys - c * kVec);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      float* row = sc + r * ld + c * kVec;
+      __m512 v = _mm512_load_ps(row);
+      __mmask16 keep = valid;
+      if (mask_kind == kMaskAdd) {
+        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(valid, static_cast<const float*>(mask[r]) + c * kVec));
+      } else if (mask_kind == kMaskKeep) {
+        const __m128i b = _mm_maskz_loadu_epi8(valid, static_cast<const uint8_t*>(mask[r]) + c * kVec);
+        keep = _mm_test_epi8_mask(b, b);
+      }
+      v = _mm512_mask_mov_ps(ninf, keep, v);
+      nan[r] |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      m[r] = _mm512_max_ps(m[r], v);
+      _mm512_store_ps(row, v);
+    }
+  }
+  __m512 vm[R], l[R], wm[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    vm[r] = _mm512_set1_ps(_mm512_reduce_max_ps(m[r]));
+    l[r] = wm[r] = _mm512_setzero_ps();
+  }
+  for (int64_t c = 0; c < nvec; ++c) {
+    const __m512 vsc = _mm512_load_ps(vs + c * kVec);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {  // (a row with max -inf gets NaN here: caught below)
+      float* row = sc + r * ld + c * kVec;
+      const __m512 p = exp_ps(_mm512_sub_ps(_mm512_load_ps(row), vm[r]));
+      l[r] = _mm512_add_ps(l[r], p);
+      const __m512 w = _mm512_mul_ps(p, vsc);
+      nan[r] |= _mm512_cmp_ps_mask(w, w, _CMP_UNORD_Q);
+      wm[r] = _mm512_max_ps(wm[r], w);
+      _mm512_store_ps(row, w);
+    }
+  }
+  __m512 winv[R];
+  bool skip[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const float mx = _mm512_cvtss_f32(vm[r]);
+    const float wmax = _mm512_reduce_max_ps(wm[r]);
+    skip[r] = nan[r] || mx == -std::numeric_limits<float>::infinity();
+    scale[r] = skip[r] ? 0.0f : wmax / 255.0f;
+    div[r] = skip[r] ? (mx == -std::numeric_limits<float>::infinity() && !nan[r]
+                            ? std::numeric_limits<float>::infinity()
+                            : std::numeric_limits<float>::quiet_NaN())
+                     : _mm512_reduce_add_ps(l[r]);
+    winv[r] = _mm512_set1_ps(!skip[r] && wmax > 0.0f ? (1.0f / wmax) * 255.0f : 0.0f);
+  }
+  const __m512 top = _mm512_set1_ps(255.0f);
+  for (int64_t c = 0; c < nvec; ++c) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 w = _mm512_load_ps(sc + r * ld + c * kVec);
+      const __mmask16 pos = _mm512_cmp_ps_mask(w, _mm512_setzero_ps(), _CMP_GT_OQ);
+      const __m512 x = _mm512_min_ps(_mm512_maskz_mul_ps(pos, w, winv[r]), top);  // inv = inf: 255 where w > 0
+      const __m128i codes = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(x));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(pc + r * ld + c * kVec), codes);
+    }
+  }
+}
+
+void item(const AttnItem& a, void* scratch) {
+  const int64_t d = a.d;
+  const int64_t s = a.causal ? (a.q1 < a.s ? a.q1 : a.s) : a.s;  // keys any row of this item may see
+  const Layout L(d, a.s);
+  char* base = static_cast<char*>(scratch);
+  uint32_t* kp = reinterpret_cast<uint32_t*>(base + L.k_off);
+  int32_t* kc = reinterpret_cast<int32_t*>(base + L.kc_off);
+  float* ks = reinterpret_cast<float*>(base + L.ks_off);
+  uint32_t* vp = reinterpret_cast<uint32_t*>(base + L.v_off);
+  float* vs = reinterpret_cast<float*>(base + L.vs_off);
+  uint32_t* qw = reinterpret_cast<uint32_t*>(base + L.q_off);
+  float* qs = reinterpret_cast<float*>(base + L.qs_off);
+  float* sc = reinterpret_cast<float*>(base + L.s_off);
+  uint8_t* pc = reinterpret_cast<uint8_t*>(base + L.p_off);
+  float* div = reinterpret_cast<float*>(base + L.l_off);
+  float* ps = reinterpret_cast<float*>(base + L.ps_off);
+  int8_t* codes = reinterpret_cast<int8_t*>(base + L.c_off);
+  pack_k(a.k, a.ldk, s, d, L, kp, kc, ks, codes);
+  pack_v(a.v, a.ldv, s, d, L, vp, vs, codes);
+  const int64_t sv = round_up(s, kVec);
+  for (int64_t j = round_up(s, 4); j < sv; ++j) vs[j] = 0.0f;  // keys past s: p = 0, and 0 x 0
+  const int64_t pst = L.sp / 4;  // words per probability row
+  for (int64_t i0 = a.q0; i0 < a.q1; i0 += kBlock) {
+    const int nb = static_cast<int>(a.q1 - i0 < kBlock ? a.q1 - i0 : kBlock);
+    const int nbp = static_cast<int>(round_up(nb, kRows));
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int r0 = 0; r0 < nbp; r0 += kVec) {  // Q codes + 128, row-major (padding rows: code 0, scale 0)
+      const int n = nb - r0 < kVec ? (nb - r0 > 0 ? nb - r0 : 0) : kVec;
+      quant16(a.q + (i0 + r0) * a.ldq, a.ldq, n, d, L.dq, codes, qs + r0);
+      for (int t = 0; t < kVec && r0 + t < nbp; ++t) {
+        qs[r0 + t] *= a.scale;
+        for (int64_t w = 0; w < L.d4; w += kVec) {
+          const __m512i c = _mm512_load_si512(codes + t * L.dq + 4 * w);
+          _mm512_store_si512(qw + (r0 + t) * L.qst + w, _mm512_xor_si512(c, flip));
+        }
+      }
+    }
+    const int64_t keys_blk = a.causal ? (i0 + nb < s ? i0 + nb : s) : s;
+    const int64_t nvec = (keys_blk + kVec - 1) / kVec;
+    for (int r0 = 0; r0 < nbp; r0 += kRows) {
+      for (int64_t c0 = 0; c0 < nvec; c0 += kCols) {
+        const uint32_t* q = qw + r0 * L.qst;
+        float* so = sc + r0 * L.sp + c0 * kVec;
+        const uint32_t* kk = kp + c0 * kVec;
+        const int32_t* kcc = kc + c0 * kVec;
+        const float* kss = ks + c0 * kVec;
+        switch (nvec - c0 < kCols ? nvec - c0 : kCols) {
+          case 1: qk_block<1>(q, L.qst, L.d4, kk, L.sp, kcc, kss, qs + r0, so); break;
+          case 2: qk_block<2>(q, L.qst, L.d4, kk, L.sp, kcc, kss, qs + r0, so); break;
+          case 3: qk_block<3>(q, L.qst, L.d4, kk, L.sp, kcc, kss, qs + r0, so); break;
+          default: qk_block<4>(q, L.qst, L.d4, kk, L.sp, kcc, kss, qs + r0, so); break;
+        }
+      }
+    }
+    for (int r = nb; r < nbp; ++r) {  // padding rows: probability codes 0
+      std::memset(pc + r * L.sp, 0, static_cast<size_t>(L.sp));
+      ps[r] = 0.0f;
+      div[r] = 1.0f;
+    }
+    for (int r = 0; r < nb;) {
+      const int64_t i = i0 + r;
+      // rows over the same keys go four at a time (causal rows each have their own)
+      const int R = a.causal ? 1 : (nb - r >= 4 ? 4 : 1);
+      const void* mrows[4] = {nullptr, nullptr, nullptr, nullptr};
+      for (int t = 0; t < R && a.mask_kind != kMaskNone; ++t) {
+        const size_t elem = a.mask_kind == kMaskAdd ? sizeof(float) : 1;
+        mrows[t] = static_cast<const char*>(a.mask) + static_cast<size_t>((i + t) * a.mask_ld) * elem;
+      }
+      const int64_t keys = a.causal ? (i + 1 < s ? i + 1 : s) : s;
+      // (L.sp floats per score row and L.sp bytes per code row: one stride serves both, in their own units)
+      float* srow = sc + r * L.sp;
+      uint8_t* prow = pc + r * L.sp;
+      if (R == 4) {
+        softmax_rows<4>(srow, L.sp, nvec, keys, a.mask_kind, mrows, vs, prow, div + r, ps + r);
+      } else {
+        softmax_rows<1>(srow, L.sp, nvec, keys, a.mask_kind, mrows, vs, prow, div + r, ps + r);
+      }
+      r += R;
+    }
+    const int64_t kw = (keys_blk + 3) / 4;
+    const uint32_t* pw = reinterpret_cast<const uint32_t*>(pc);
+    for (int r0 = 0; r0 < nbp; r0 += kRows) {
+      for (int64_t c0 = 0; c0 * kVec < d; c0 += kCols) {
+        const uint32_t* p = pw + r0 * pst;
+        const uint32_t* vv = vp + c0 * kVec;
+        float* o = a.out + (i0 + r0) * a.ldo + c0 * kVec;
+        const int nrows = nb - r0;
+        const int64_t dleft = d - c0 * kVec;
+        const int64_t nv = L.dv / kVec - c0;
+        switch (nv < kCols ? nv : kCols) {
+          case 1: pv_block<1>(p, pst, kw, vv, L.dv, div + r0, ps + r0, nrows, o, a.ldo, dleft); break;
+          case 2: pv_block<2>(p, pst, kw, vv, L.dv, div + r0, ps + r0, nrows, o, a.ldo, dleft); break;
+          case 3: pv_block<3>(p, pst, kw, vv, L.dv, div + r0, ps + r0, nrows, o, a.ldo, dleft); break;
+          default: pv_block<4>(p, pst, kw, vv, L.dv, div + r0, ps + r0, nrows, o, a.ldo, dleft); break;
+        }
+      }
+    }
+  }
+}
+
+const AttnKernels kTable = {"avx512_vnni_int8", scratch_bytes, item, nullptr, nullptr, nullptr, true};
+
+}  // namespace
+
+const AttnKernels* attn_avx512_int8_kernels() { return &kTable; }
+
+}  // namespace hf_sparse
