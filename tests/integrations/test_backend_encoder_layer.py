@@ -357,31 +357,24 @@ def test_roberta_and_distilbert(tmp_path):
         assert_close(out, reference, 1e-5, type(model).__name__)
 
 
-def _bf16_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention implementation with the kernels' numerics (`attention_reference`)."""
-    batch, heads, seq, d = query.shape
+def _attention_with(reference):
+    """A transformers attention implementation computing `reference`'s numerics (the kernels', in pure torch)."""
 
-    def rows(t):
-        return t.transpose(1, 2).reshape(batch * seq, heads * d).float()
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        batch, heads, seq, d = query.shape
 
-    out = attention_reference(rows(query), rows(key), rows(value), batch, heads, attention_mask, False, scaling)
-    return out.reshape(batch, seq, heads, d).to(query.dtype), None
+        def rows(t):
+            return t.transpose(1, 2).reshape(batch * seq, heads * d).float()
 
+        out = reference(rows(query), rows(key), rows(value), batch, heads, attention_mask, False, scaling)
+        return out.reshape(batch, seq, heads, d).to(query.dtype), None
 
-def _int8_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The same with the int8 attention's numerics (`attention_int8_reference`)."""
-    batch, heads, seq, d = query.shape
-
-    def rows(t):
-        return t.transpose(1, 2).reshape(batch * seq, heads * d).float()
-
-    out = attention_int8_reference(rows(query), rows(key), rows(value), batch, heads, attention_mask, False, scaling)
-    return out.reshape(batch, seq, heads, d).to(query.dtype), None
+    return attend
 
 
-AttentionInterface.register("hf_sparse_reference", _bf16_attention)
+AttentionInterface.register("hf_sparse_reference", _attention_with(attention_reference))
 AttentionMaskInterface.register("hf_sparse_reference", sdpa_mask)  # else transformers passes no mask at all
-AttentionInterface.register("hf_sparse_int8_reference", _int8_attention)
+AttentionInterface.register("hf_sparse_int8_reference", _attention_with(attention_int8_reference))
 AttentionMaskInterface.register("hf_sparse_int8_reference", sdpa_mask)
 
 

@@ -104,6 +104,21 @@ def _mask_args(mask, batch: int, heads: int, seq: int, where: str):
     return kind, mask, *strides
 
 
+def _exp_scores(s: torch.Tensor, kind: int, mask, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row max, p = exp(s - row max)) of the scaled scores s (..., seq, seq) after the mask (`_mask_args`' kind and
+    tensor) and the causal rule, with the kernels' cut to 0 below e^EXP_MIN; a row without any key has max -inf."""
+    if kind == 1:
+        s = s + mask
+    elif kind == 2:
+        s = s.masked_fill(mask == 0, float("-inf"))
+    if causal:
+        seq = s.shape[-1]
+        s = s.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
+    top = s.amax(-1, keepdim=True)
+    x = s - top
+    return top, torch.where(x < EXP_MIN, torch.zeros_like(x), torch.exp(x))
+
+
 def attention_reference(q, k, v, batch: int, heads: int, mask=None, causal: bool = False, scale=None):
     """The pure-torch result the kernels reproduce up to float32 summation order: (M, heads * head_dim) float32.
 
@@ -119,15 +134,7 @@ def attention_reference(q, k, v, batch: int, heads: int, mask=None, causal: bool
 
     qb, kb, vb = split(q), split(k), split(v)
     s = (qb @ kb.transpose(-1, -2)).float() * scale
-    if kind == 1:
-        s = s + mk
-    elif kind == 2:
-        s = s.masked_fill(mk == 0, float("-inf"))
-    if causal:
-        s = s.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
-    top = s.amax(-1, keepdim=True)
-    x = s - top
-    p = torch.where(x < EXP_MIN, torch.zeros_like(x), torch.exp(x))
+    top, p = _exp_scores(s, kind, mk, causal)
     out = (p.to(torch.bfloat16).double() @ vb) / p.double().sum(-1, keepdim=True)
     out = torch.where(top == float("-inf"), torch.zeros_like(out), out)  # no key to attend to
     return out.float().transpose(1, 2).reshape(m, heads * d)
@@ -160,15 +167,7 @@ def attention_int8_reference(q, k, v, batch: int, heads: int, mask=None, causal:
 
     (qc, qs), (kc, ks), (vc, vs) = (_quantize_heads(split(t)) for t in (q, k, v))
     s = ((qc @ kc.transpose(-1, -2)).float() * (qs * scale)[..., None]) * ks[..., None, :]
-    if kind == 1:
-        s = s + mk
-    elif kind == 2:
-        s = s.masked_fill(mk == 0, float("-inf"))
-    if causal:
-        s = s.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
-    top = s.amax(-1, keepdim=True)
-    x = s - top
-    p = torch.where(x < EXP_MIN, torch.zeros_like(x), torch.exp(x))
+    top, p = _exp_scores(s, kind, mk, causal)
     w = p * vs[..., None, :]
     wmax = w.amax(-1, keepdim=True)
     winv = torch.where(wmax > 0, wmax.reciprocal() * 255.0, torch.zeros_like(wmax))
