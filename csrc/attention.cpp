@@ -112,9 +112,9 @@ struct LnJob {
 
 void ln_job_fn(void* ctx, int, int) { static_cast<const LnJob*>(ctx)->run(); }
 
-constexpr int kNames = 6;
-constexpr const char* kAttnNames[kNames] = {"avx512_bf16", "avx2", "scalar", "avx512_vnni_int8", "avx2_int8",
-                                            "scalar_int8"};
+// The float tables (with LayerNorms) first, then the int8 ones (attention only).
+constexpr int kNames = 5, kFloatNames = 3;
+constexpr const char* kAttnNames[kNames] = {"avx512_bf16", "avx2", "scalar", "avx512_vnni_int8", "scalar_int8"};
 std::atomic<int64_t> g_attn_calls[kNames];
 std::atomic<int64_t> g_ln_calls[kNames];
 
@@ -133,8 +133,9 @@ void attention(const AttnCall& c, int nthreads) {
     throw std::logic_error(std::string("attention: packed Q/K/V given to the ") + kern.name + " kernel");
   }
   if (kern.int8 && (c.seq > kInt8AttnMax || c.d > kInt8AttnMax)) {
-    throw std::invalid_argument("int8 attention: seq " + std::to_string(c.seq) + " and head_dim " +
-                                std::to_string(c.d) + " must be at most 65536 (int32 sums); use bf16 attention");
+    throw std::invalid_argument("int8 attention sums in int32, so seq (" + std::to_string(c.seq) +
+                                ") and head_dim (" + std::to_string(c.d) +
+                                ") must be at most 65536; use precision='bf16'");
   }
   const int64_t q_rows = (c.q_end < 0 ? c.seq : std::min(c.seq, c.q_end)) - std::max<int64_t>(0, c.q_begin);
   const double macs = 2.0 * static_cast<double>(c.batch * c.heads) * std::max<int64_t>(q_rows, 0) * c.seq * c.d;
@@ -185,8 +186,7 @@ void add_layernorm_fm(const AttnKernels& kernels, const float* x, const float* s
 
 std::vector<std::pair<std::string, int64_t>> attention_calls(bool layernorm) {
   std::vector<std::pair<std::string, int64_t>> out;
-  for (int i = 0; i < kNames; ++i) {
-    if (layernorm && i >= 3) break;  // the int8 tables have no LayerNorm
+  for (int i = 0; i < (layernorm ? kFloatNames : kNames); ++i) {
     out.emplace_back(kAttnNames[i], (layernorm ? g_ln_calls : g_attn_calls)[i].load());
   }
   return out;

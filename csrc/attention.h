@@ -68,7 +68,6 @@ const AttnKernels* attn_scalar_kernels();
 const AttnKernels* attn_avx2_kernels();
 const AttnKernels* attn_avx512_bf16_kernels();  // null when not built
 const AttnKernels* attn_int8_scalar_kernels();
-const AttnKernels* attn_avx2_int8_kernels();    // null when not built
 const AttnKernels* attn_avx512_int8_kernels();  // null when not built
 
 // The attention kernels for the active instruction set (csrc/isa.cpp decides), and the int8 ones.

@@ -183,15 +183,7 @@ float softmax_row(float* sc, int64_t nvec, int64_t keys, int mask_kind, const vo
   __mmask16 nan = 0;
   for (int64_t c = 0; c < nvec; ++c) {
     const __mmask16 valid = mask16(keys - c * kVec);
-    __m512 v = _mm512_load_ps(sc + c * kVec);
-    __mmask16 keep = valid;
-    if (mask_kind == kMaskAdd) {
-      v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(valid, static_cast<const float*>(mask) + c * kVec));
-    } else if (mask_kind == kMaskKeep) {
-      const __m128i b = _mm_maskz_loadu_epi8(valid, static_cast<const uint8_t*>(mask) + c * kVec);
-      keep = _mm_test_epi8_mask(b, b);
-    }
-    v = _mm512_mask_mov_ps(ninf, keep, v);
+    const __m512 v = masked_scores(_mm512_load_ps(sc + c * kVec), valid, mask_kind, mask, c * kVec);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     m = _mm512_max_ps(m, v);
     if (mask_kind != kMaskNone || valid != 0xffff) _mm512_store_ps(sc + c * kVec, v);

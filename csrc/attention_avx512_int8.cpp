@@ -259,15 +259,7 @@ void softmax_rows(float* sc, int64_t ld, int64_t nvec, int64_t keys, int mask_ki
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       float* row = sc + r * ld + c * kVec;
-      __m512 v = _mm512_load_ps(row);
-      __mmask16 keep = valid;
-      if (mask_kind == kMaskAdd) {
-        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(valid, static_cast<const float*>(mask[r]) + c * kVec));
-      } else if (mask_kind == kMaskKeep) {
-        const __m128i b = _mm_maskz_loadu_epi8(valid, static_cast<const uint8_t*>(mask[r]) + c * kVec);
-        keep = _mm_test_epi8_mask(b, b);
-      }
-      v = _mm512_mask_mov_ps(ninf, keep, v);
+      const __m512 v = masked_scores(_mm512_load_ps(row), valid, mask_kind, mask[r], c * kVec);
       nan[r] |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
       m[r] = _mm512_max_ps(m[r], v);
       _mm512_store_ps(row, v);
@@ -338,8 +330,6 @@ void item(const AttnItem& a, void* scratch) {
   int8_t* codes = reinterpret_cast<int8_t*>(base + L.c_off);
   pack_k(a.k, a.ldk, s, d, L, kp, kc, ks, codes);
   pack_v(a.v, a.ldv, s, d, L, vp, vs, codes);
-  const int64_t sv = round_up(s, kVec);
-  for (int64_t j = round_up(s, 4); j < sv; ++j) vs[j] = 0.0f;  // keys past s: p = 0, and 0 x 0
   const int64_t pst = L.sp / 4;  // words per probability row
   for (int64_t i0 = a.q0; i0 < a.q1; i0 += kBlock) {
     const int nb = static_cast<int>(a.q1 - i0 < kBlock ? a.q1 - i0 : kBlock);

@@ -6,7 +6,9 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
+#include "attention.h"
 #include "common.h"
 #include "gelu_table.h"
 
@@ -119,7 +121,21 @@ inline void token_params(const float* x, int64_t k, float* inv, float* scale) {
   *scale = amax / 127.0f;
 }
 
-// The softmax's exponential (attention kernels)
+// The attention kernels' softmax
+
+// 16 scores of keys c .. c + 15 (valid: those < the row's keys) with the row's mask applied (MaskKind: float
+// added, bool keeping nonzero) and -inf for every key masked or not valid.
+inline __m512 masked_scores(__m512 v, __mmask16 valid, int mask_kind, const void* mask, int64_t c) {
+  __mmask16 keep = valid;
+  if (mask_kind == kMaskAdd) {
+    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(valid, static_cast<const float*>(mask) + c));
+  } else if (mask_kind == kMaskKeep) {
+    const __m128i b = _mm_maskz_loadu_epi8(valid, static_cast<const uint8_t*>(mask) + c);
+    keep = _mm_test_epi8_mask(b, b);
+  }
+  return _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), keep, v);
+}
+
 
 constexpr float kExpMin = -87.33654475f;  // log(FLT_MIN): exp below it is subnormal, taken as 0
 // 2^f ~ sum kExp2[i] f^i on [-1/2, 1/2], relative error 7.5e-8 in exact arithmetic (least squares reweighted

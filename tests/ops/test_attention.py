@@ -280,15 +280,18 @@ def test_bad_arguments_are_named():
         attention((q, q, torch.randn(12, 10).t()), heads=2)
 
 
-def test_without_the_extension_the_op_is_the_reference():
+@pytest.mark.parametrize(
+    "precision, reference", [("bf16", "attention_reference"), ("int8", "attention_int8_reference")]
+)
+def test_without_the_extension_the_op_is_the_reference(precision, reference):
     code = (
         "import torch\n"
         "from hf_sparse import ops\n"
         "g = torch.Generator().manual_seed(0)\n"
         "q, k, v = torch.randn(3, 14, 12, generator=g).unbind(0)\n"
         "m = torch.rand(2, 7, generator=g) > 0.3\n"
-        "y = ops.attention((q, k, v), heads=3, batch=2, mask=m)\n"
-        "print(ops.attention_isa(), torch.equal(y, ops.attention_reference(q, k, v, 2, 3, m)))\n"
+        f"y = ops.attention((q, k, v), heads=3, batch=2, mask=m, precision={precision!r})\n"
+        f"print(ops.attention_isa({precision!r}), torch.equal(y, ops.{reference}(q, k, v, 2, 3, m)))\n"
     )
     env = {**os.environ, "HF_SPARSE_DISABLE_EXTENSION": "1"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

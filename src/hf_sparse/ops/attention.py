@@ -185,11 +185,6 @@ def _run(q, k, v, batch: int, heads: int, mask, causal: bool, scale: float, wher
     kind, mk, sb, sh, sq = _mask_args(mask, batch, heads, seq, where)
     if ext._C is None:
         return _REFERENCES[precision](q, k, v, batch, heads, mask, causal, scale)
-    if precision == "int8" and max(seq, d) > INT8_MAX_KEYS:
-        raise ValueError(
-            f"{where}: int8 attention sums in int32, so seq ({seq}) and head_dim ({d}) must be at most "
-            f"{INT8_MAX_KEYS}; use precision='bf16'"
-        )
     out = torch.empty((m, heads * d), dtype=torch.float32)
     ext._C.attention_raw(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), v.stride(0), out.data_ptr(), heads * d,
@@ -325,7 +320,7 @@ def attention_precision() -> str:
 def attention_isa(precision: str = "bf16") -> str:
     """The attention (and LayerNorm) kernels in use: "avx512_bf16" (AVX512-BF16, with the avx512_vnni level),
     "avx2" (fp32 FMA on the same bf16-rounded values), "scalar", or "reference" (pure torch); for precision "int8"
-    the int8 attention's: "avx512_vnni_int8", "avx2_int8", "scalar_int8" or "reference"."""
+    the int8 attention's: "avx512_vnni_int8", "scalar_int8" (every other level) or "reference"."""
     if precision not in _REFERENCES:
         raise ValueError(f"attention_isa: precision={precision!r}; use 'bf16' or 'int8'")
     return ext._C.attention_isa(precision == "int8") if ext._C is not None else "reference"
