@@ -53,14 +53,17 @@ struct AttnKernels {
                         const float* gamma, const float* beta, float eps, float* y, int64_t ldy);
   // Optional (null: the kernel packs Q, K and V itself): the writer of QkvPackedOut, whose layout item then reads.
   void (*write_qkv_group)(const QkvPackedOut& p, const float* staged, int T, int64_t n, int64_t m0, int rows);
+  // With write_qkv_group: sets p's sizes, offsets and granule from p.seq, p.heads and p.d (d a multiple of 16), or
+  // returns false for a shape the writer does not take.
+  bool (*qkv_layout)(QkvPackedOut& p);
   // Optional: add_layernorm over feature-major tiles ([n][mtp] floats, token r in column r; n a multiple of 16),
   // giving add_layernorm's results bit for bit: x holds x + res already and sums the first pass's per-token sums
   // (kFmSums floats, both from a product's epilogue: Output::fm_res). y may alias x, or (stream) be written with
   // non-temporal stores (64-byte aligned).
   void (*layernorm_fm)(const float* x, const float* sums, int64_t n, int mtp, const float* gamma, const float* beta,
                        float eps, float* y, bool stream) = nullptr;
-  // int8 attention (docs/kernels.md, "int8 attention"): item only (the LayerNorm entries are null; the encoder
-  // layer takes them from the float table of the same instruction set), Q, K and V read as float32 rows.
+  // int8 attention (docs/kernels.md, "int8 attention"): item and the Q/K/V writer only (the LayerNorm entries are
+  // null; the encoder layer takes them from the float table of the same instruction set).
   bool int8 = false;
 };
 

@@ -272,6 +272,20 @@ void write_qkv_group(const QkvPackedOut& p, const float* staged, int T, int64_t 
   }
 }
 
+// QkvPackedOut's layout (common.h): any seq.
+bool qkv_layout(QkvPackedOut& p) {
+  p.sp = round_up(p.seq, kVec);
+  p.sp2 = round_up(p.seq, 2 * kVec);
+  p.qk_head = p.d / 2 * p.sp;
+  p.v_head = p.sp2 / 2 * p.d;
+  p.q_off = 0;
+  p.k_off = p.heads * p.qk_head;
+  p.v_off = 2 * p.heads * p.qk_head;
+  p.seq_words = p.v_off + p.heads * p.v_head;
+  p.granule = kVec;
+  return true;
+}
+
 void item(const AttnItem& a, void* scratch) {
   const int64_t d = a.d;
   const int64_t s = a.causal ? (a.q1 < a.s ? a.q1 : a.s) : a.s;  // keys any row of this item may see
@@ -500,7 +514,8 @@ void layernorm_fm(const float* x, const float* sums, int64_t n, int mtp, const f
   }
 }
 
-const AttnKernels kTable = {"avx512_bf16", scratch_bytes, item, add_layernorm, write_qkv_group, layernorm_fm};
+const AttnKernels kTable = {"avx512_bf16", scratch_bytes, item, add_layernorm, write_qkv_group, qkv_layout,
+                            layernorm_fm};
 
 }  // namespace
 

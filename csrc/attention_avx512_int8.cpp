@@ -12,6 +12,10 @@
 //
 // Blocks of 32 query rows keep their float32 scores and u8 probabilities in L1; register blocks are 4 rows x 4
 // vectors (16 accumulators: 4 loads and 4 broadcasts per 16 vpdpbusd), as in the bfloat16 kernel.
+//
+// In an encoder layer (seq and d multiples of 16) the Q/K/V product's epilogue writes these codes itself
+// (write_qkv_group, QkvPackedOut): Q/K/V never exist as float32 rows, and each key is quantized once, not by every
+// thread whose queries read it.
 #include <immintrin.h>
 
 #include <cmath>
@@ -20,6 +24,7 @@
 
 #include "attention.h"
 #include "avx512_common.h"
+#include "scratch.h"
 
 namespace hf_sparse {
 namespace {
@@ -139,6 +144,16 @@ void pack_k(const float* k, int64_t ldk, int64_t s, int64_t d, const Layout& L, 
   }
 }
 
+// A 4x4 transpose of 128-bit lanes: out[g] = (w[0] lane g, w[1] lane g, w[2] lane g, w[3] lane g).
+inline void transpose_lanes4(const __m512i w[4], __m512i out[4]) {
+  const __m512i t0 = _mm512_shuffle_i32x4(w[0], w[1], 0x44), t1 = _mm512_shuffle_i32x4(w[0], w[1], 0xee);
+  const __m512i t2 = _mm512_shuffle_i32x4(w[2], w[3], 0x44), t3 = _mm512_shuffle_i32x4(w[2], w[3], 0xee);
+  out[0] = _mm512_shuffle_i32x4(t0, t2, 0x88);
+  out[1] = _mm512_shuffle_i32x4(t0, t2, 0xdd);
+  out[2] = _mm512_shuffle_i32x4(t1, t3, 0x88);
+  out[3] = _mm512_shuffle_i32x4(t1, t3, 0xdd);
+}
+
 // V rows 0..s-1 -> vp[j4][c] = the s8 codes of v[4 j4 .. 4 j4 + 3][c]; vs[j] = row j's scale. Zero past s (up to
 // the next multiple of 16) and past d (up to dv).
 void pack_v(const float* v, int64_t ldv, int64_t s, int64_t d, const Layout& L, uint32_t* vp, float* vs,
@@ -154,27 +169,24 @@ void pack_v(const float* v, int64_t ldv, int64_t s, int64_t d, const Layout& L, 
         const __m512i e = _mm512_load_si512(c4 + 2 * L.dq + c), f = _mm512_load_si512(c4 + 3 * L.dq + c);
         const __m512i ab_lo = _mm512_unpacklo_epi8(a, b), ab_hi = _mm512_unpackhi_epi8(a, b);
         const __m512i ef_lo = _mm512_unpacklo_epi8(e, f), ef_hi = _mm512_unpackhi_epi8(e, f);
-        // 128-bit lane l of w0..w3 holds features 16 l + 0..3, 4..7, 8..11, 12..15: a 4x4 transpose of lanes
-        const __m512i w0 = _mm512_unpacklo_epi16(ab_lo, ef_lo), w1 = _mm512_unpackhi_epi16(ab_lo, ef_lo);
-        const __m512i w2 = _mm512_unpacklo_epi16(ab_hi, ef_hi), w3 = _mm512_unpackhi_epi16(ab_hi, ef_hi);
-        const __m512i t0 = _mm512_shuffle_i32x4(w0, w1, 0x44), t1 = _mm512_shuffle_i32x4(w0, w1, 0xee);
-        const __m512i t2 = _mm512_shuffle_i32x4(w2, w3, 0x44), t3 = _mm512_shuffle_i32x4(w2, w3, 0xee);
+        // 128-bit lane l of w[0..3] holds features 16 l + 0..3, 4..7, 8..11, 12..15: a 4x4 transpose of lanes
+        const __m512i w[4] = {_mm512_unpacklo_epi16(ab_lo, ef_lo), _mm512_unpackhi_epi16(ab_lo, ef_lo),
+                              _mm512_unpacklo_epi16(ab_hi, ef_hi), _mm512_unpackhi_epi16(ab_hi, ef_hi)};
+        __m512i out[4];
+        transpose_lanes4(w, out);
         uint32_t* dst = vp + (j0 / 4 + g) * dv + c;
         const int64_t left = dv - c;  // words of this 64-feature chunk that exist (multiple of 16)
-        _mm512_store_si512(dst, _mm512_shuffle_i32x4(t0, t2, 0x88));
-        if (left > 16) _mm512_store_si512(dst + 16, _mm512_shuffle_i32x4(t0, t2, 0xdd));
-        if (left > 32) _mm512_store_si512(dst + 32, _mm512_shuffle_i32x4(t1, t3, 0x88));
-        if (left > 48) _mm512_store_si512(dst + 48, _mm512_shuffle_i32x4(t1, t3, 0xdd));
+        for (int q = 0; q < 4 && 16 * q < left; ++q) _mm512_store_si512(dst + 16 * q, out[q]);
       }
     }
   }
 }
 
 // Scores of kRows query rows x C key vectors: sc[r][16c + lane] = (float(sum_w q[r][w] . kp[w][16c + lane] - kc) x
-// qs[r]) x ks[16c + lane].
+// qs[r]) x ks[16c + lane], Q's word (r, w) at qw[r * q_rs + w * q_ws].
 template <int C>
-void qk_block(const uint32_t* qw, int64_t qst, int64_t d4, const uint32_t* kp, int64_t sp, const int32_t* kc,
-              const float* ks, const float* qs, float* sc) {
+void qk_block(const uint32_t* qw, int64_t q_rs, int64_t q_ws, int64_t d4, const uint32_t* kp, int64_t sp,
+              const int32_t* kc, const float* ks, const float* qs, float* sc) {
   __m512i acc[kRows][C];
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) {
@@ -187,7 +199,7 @@ void qk_block(const uint32_t* qw, int64_t qst, int64_t d4, const uint32_t* kp, i
     for (int c = 0; c < C; ++c) kv[c] = _mm512_load_si512(kp + w * sp + c * kVec);
 #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r) {
-      const __m512i qb = _mm512_set1_epi32(static_cast<int>(qw[r * qst + w]));
+      const __m512i qb = _mm512_set1_epi32(static_cast<int>(qw[r * q_rs + w * q_ws]));
 #pragma GCC unroll 4
       for (int c = 0; c < C; ++c) acc[r][c] = dpbusd(acc[r][c], qb, kv[c]);
     }
@@ -311,16 +323,140 @@ void softmax_rows(float* sc, int64_t ld, int64_t nvec, int64_t keys, int mask_ki
   }
 }
 
+// QkvPackedOut's int8 layout (common.h): seq a multiple of 16 (sp = seq: no padding keys, and a token vector never
+// spans two sequences), d a multiple of 16 (d4 = d / 4 words per token). Per head:
+//   Q: [d4][sp] words of 4 codes + 128 (u8: the Q K^T product broadcasts them by (w, token) as pack_k lays K),
+//      then sp floats: each token's scale;
+//   K: [d4][sp] words of 4 s8 codes (pack_k's), then sp int32 (128 x each key's code sum), then sp floats (scales);
+//   V: [sp/4][d] words of 4 keys' s8 codes (pack_v's), then sp floats (scales).
+bool qkv_layout(QkvPackedOut& p) {
+  if (p.seq % kVec != 0 || p.d % kVec != 0) return false;
+  p.sp = p.sp2 = p.seq;
+  p.qk_head = (p.d / 4 + 2) * p.sp;
+  p.v_head = p.sp / 4 * p.d + p.sp;
+  p.q_off = 0;
+  p.k_off = p.heads * p.qk_head;
+  p.v_off = 2 * p.heads * p.qk_head;
+  p.seq_words = p.v_off + p.heads * p.v_head;
+  p.granule = p.d;  // per-(token, head) scales: the writer sees each head whole
+  return true;
+}
+
+// The int32 codes of 16 tokens (lanes) of one channel, given the tokens' quantization: quant16's codes for every
+// token without inf or NaN (those get other codes here, unread: their scale is NaN, so their outputs are NaN).
+struct TokenQuant {
+  __m512 inv;
+  __mmask16 sub;  // amax subnormal (inv = inf): codes sign(x) x 127, as quant16
+  __attribute__((always_inline)) __m512i codes(const float* x) const {
+    const __m512 v = _mm512_load_ps(x);
+    __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));  // |x inv| <= 127 (x <= amax)
+    if (sub) {
+      const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
+      const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+      q = _mm512_mask_mov_epi32(q, sub, _mm512_setzero_si512());
+      q = _mm512_mask_mov_epi32(q, sub & pos, _mm512_set1_epi32(127));
+      q = _mm512_mask_mov_epi32(q, sub & neg, _mm512_set1_epi32(-127));
+    }
+    return q;
+  }
+};
+
+// Per head, this thread's staging: [d][16 T] floats (channel c's tokens at c * 16 T), then T vectors of the
+// tokens' running |x| maxima (as uint32).
+thread_local ScratchBuffer t_stage;
+thread_local float* t_head = nullptr;
+
+// QkvPackedOut's writer (int8 layout above): channels n .. n + 15 as staged ([T][16 channels][16 tokens] floats)
+// are kept, with the tokens' running maxima, until the head's last group arrives (the groups come in channel order,
+// a call covering whole heads: granule = d); then each token vector of the head is quantized with tokens in the
+// lanes (no transposes) and stored. Q, K: four channels' codes pack by saturation (two vpackssdw, one vpacksswb)
+// into one byte lane per token and channel, and one vpshufb gathers each token's four. V (words of 4 keys of one
+// channel): a vpshufb per channel gathers each 4 keys' codes into a word (one per 128-bit lane), placed by channel
+// mod 4, and a 4x4 transpose of lanes puts 16 channels of one key group in a vector.
+void write_qkv_group(const QkvPackedOut& p, const float* staged, int T, int64_t n, int64_t m0, int rows) {
+  const int64_t d = p.d, width = p.heads * d;
+  const int64_t part = n / width, f = n % width, h = f / d, e0 = f % d;
+  const int64_t ld = 16 * T;
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  if (e0 == 0) t_head = reinterpret_cast<float*>(t_stage.get(static_cast<size_t>((d + 1) * ld) * sizeof(float)));
+  float* st = t_head;
+  float* maxima = st + d * ld;
+  for (int t = 0; t < T; ++t) {
+    __m512i m = e0 == 0 ? _mm512_setzero_si512() : _mm512_load_si512(maxima + t * kVec);
+#pragma GCC unroll 16
+    for (int c = 0; c < 16; ++c) {
+      const __m512i v = _mm512_load_si512(staged + (t * 16 + c) * kVec);
+      _mm512_store_si512(st + (e0 + c) * ld + t * kVec, v);
+      m = _mm512_max_epu32(m, _mm512_and_si512(v, abs_mask));
+    }
+    _mm512_store_si512(maxima + t * kVec, m);
+  }
+  if (e0 + 16 < d) return;
+  // within each 128-bit lane: bytes (channel j, token k) at 4 j + k -> 4 k + j
+  alignas(64) static const int8_t kTokenWords[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+  const __m512i token_words = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kTokenWords)));
+  __m512i key_words[4];  // byte 0 of dwords 0..3 of each 128-bit lane -> dword k of the lane, the rest zero
+  for (int k = 0; k < 4; ++k) {
+    alignas(16) int8_t ctl[16];
+    for (int b = 0; b < 16; ++b) ctl[b] = b / 4 == k ? static_cast<int8_t>(4 * (b % 4)) : static_cast<int8_t>(-128);
+    key_words[k] = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(ctl)));
+  }
+  const int64_t d4 = d / 4, sp = p.sp;
+  for (int t = 0; t < T && 16 * t < rows; ++t) {
+    const float* x = st + t * kVec;  // channel c's 16 tokens at x + c * ld
+    const int64_t tok = p.token0 + m0 + 16 * t;
+    const int64_t b = tok / p.seq, i = tok % p.seq;  // (seq % 16 == 0: a vector is one sequence's)
+    uint32_t* head = p.base + b * p.seq_words + (part == 0 ? p.q_off : part == 1 ? p.k_off : p.v_off) +
+                     h * (part < 2 ? p.qk_head : p.v_head);
+    const __m512i m = _mm512_load_si512(maxima + t * kVec);
+    const __mmask16 bad = _mm512_cmp_epu32_mask(m, _mm512_set1_epi32(0x7f800000), _MM_CMPINT_NLT);
+    const __m512 amax = _mm512_castsi512_ps(m);
+    const __mmask16 pos = static_cast<__mmask16>(_mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ) & ~bad);
+    TokenQuant tq;
+    tq.inv = _mm512_maskz_mul_ps(pos, _mm512_div_ps(_mm512_set1_ps(1.0f), amax), _mm512_set1_ps(127.0f));
+    tq.sub = _mm512_cmp_ps_mask(tq.inv, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_GT_OQ);
+    const __m512 scale = _mm512_mask_mov_ps(_mm512_div_ps(amax, _mm512_set1_ps(127.0f)), bad,
+                                            _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+    if (part < 2) {
+      const __m512i flip = _mm512_set1_epi32(part == 0 ? static_cast<int>(0x80808080u) : 0);
+      const __m512i ones = _mm512_set1_epi8(1);
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t w = 0; w < d4; ++w) {
+        const float* xc = x + 4 * w * ld;
+        const __m512i c01 = _mm512_packs_epi32(tq.codes(xc), tq.codes(xc + ld));
+        const __m512i c23 = _mm512_packs_epi32(tq.codes(xc + 2 * ld), tq.codes(xc + 3 * ld));
+        const __m512i words = _mm512_shuffle_epi8(_mm512_packs_epi16(c01, c23), token_words);
+        if (part == 1) sum = dpbusd(sum, ones, words);
+        _mm512_storeu_si512(head + w * sp + i, _mm512_xor_si512(words, flip));
+      }
+      if (part == 1) _mm512_storeu_si512(head + d4 * sp + i, _mm512_slli_epi32(sum, 7));
+      _mm512_storeu_ps(reinterpret_cast<float*>(head + d4 * sp + (part == 1 ? sp : 0)) + i, scale);
+      continue;
+    }
+    for (int64_t c0 = 0; c0 < d; c0 += kVec) {
+      __m512i w[4], out[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {  // w[j] lane g: the key group g words of channels c0 + 4 j .. c0 + 4 j + 3
+        const float* xc = x + (c0 + 4 * j) * ld;
+        const __m512i a = _mm512_shuffle_epi8(tq.codes(xc), key_words[0]);
+        const __m512i e = _mm512_shuffle_epi8(tq.codes(xc + ld), key_words[1]);
+        const __m512i g = _mm512_shuffle_epi8(tq.codes(xc + 2 * ld), key_words[2]);
+        const __m512i o = _mm512_shuffle_epi8(tq.codes(xc + 3 * ld), key_words[3]);
+        w[j] = _mm512_or_si512(_mm512_ternarylogic_epi32(a, e, g, 0xfe), o);
+      }
+      transpose_lanes4(w, out);
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) _mm512_storeu_si512(head + (i / 4 + g) * d + c0, out[g]);
+    }
+    _mm512_storeu_ps(reinterpret_cast<float*>(head + sp / 4 * d) + i, scale);
+  }
+}
+
 void item(const AttnItem& a, void* scratch) {
   const int64_t d = a.d;
   const int64_t s = a.causal ? (a.q1 < a.s ? a.q1 : a.s) : a.s;  // keys any row of this item may see
   const Layout L(d, a.s);
   char* base = static_cast<char*>(scratch);
-  uint32_t* kp = reinterpret_cast<uint32_t*>(base + L.k_off);
-  int32_t* kc = reinterpret_cast<int32_t*>(base + L.kc_off);
-  float* ks = reinterpret_cast<float*>(base + L.ks_off);
-  uint32_t* vp = reinterpret_cast<uint32_t*>(base + L.v_off);
-  float* vs = reinterpret_cast<float*>(base + L.vs_off);
   uint32_t* qw = reinterpret_cast<uint32_t*>(base + L.q_off);
   float* qs = reinterpret_cast<float*>(base + L.qs_off);
   float* sc = reinterpret_cast<float*>(base + L.s_off);
@@ -328,14 +464,43 @@ void item(const AttnItem& a, void* scratch) {
   float* div = reinterpret_cast<float*>(base + L.l_off);
   float* ps = reinterpret_cast<float*>(base + L.ps_off);
   int8_t* codes = reinterpret_cast<int8_t*>(base + L.c_off);
-  pack_k(a.k, a.ldk, s, d, L, kp, kc, ks, codes);
-  pack_v(a.v, a.ldv, s, d, L, vp, vs, codes);
+  const bool packed = a.kp != nullptr;  // Q, K, V written by write_qkv_group (its layout: L.sp = seq, L.dv = d)
+  const uint32_t *kp, *vp;
+  const int32_t* kc;
+  const float *ks, *vs;
+  if (packed) {
+    kp = a.kp;
+    kc = reinterpret_cast<const int32_t*>(kp + L.d4 * L.sp);
+    ks = reinterpret_cast<const float*>(kc + L.sp);
+    vp = a.vp;
+    vs = reinterpret_cast<const float*>(vp + L.sp / 4 * L.dv);
+  } else {
+    uint32_t* kbuf = reinterpret_cast<uint32_t*>(base + L.k_off);
+    int32_t* kcbuf = reinterpret_cast<int32_t*>(base + L.kc_off);
+    float* ksbuf = reinterpret_cast<float*>(base + L.ks_off);
+    uint32_t* vbuf = reinterpret_cast<uint32_t*>(base + L.v_off);
+    float* vsbuf = reinterpret_cast<float*>(base + L.vs_off);
+    pack_k(a.k, a.ldk, s, d, L, kbuf, kcbuf, ksbuf, codes);
+    pack_v(a.v, a.ldv, s, d, L, vbuf, vsbuf, codes);
+    kp = kbuf;
+    kc = kcbuf;
+    ks = ksbuf;
+    vp = vbuf;
+    vs = vsbuf;
+  }
   const int64_t pst = L.sp / 4;  // words per probability row
   for (int64_t i0 = a.q0; i0 < a.q1; i0 += kBlock) {
     const int nb = static_cast<int>(a.q1 - i0 < kBlock ? a.q1 - i0 : kBlock);
     const int nbp = static_cast<int>(round_up(nb, kRows));
+    // Q's words: packed, read in place ([d4][sp]); else quantized here, row-major
+    const uint32_t* qsrc = packed ? a.qp + i0 : qw;
+    const int64_t q_rs = packed ? 1 : L.qst, q_ws = packed ? L.sp : 1;
+    if (packed) {
+      const float* qscale = reinterpret_cast<const float*>(a.qp + L.d4 * L.sp) + i0;
+      for (int r = 0; r < nbp; ++r) qs[r] = r < nb ? qscale[r] * a.scale : 0.0f;  // (padding rows' scores unused)
+    }
     const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-    for (int r0 = 0; r0 < nbp; r0 += kVec) {  // Q codes + 128, row-major (padding rows: code 0, scale 0)
+    for (int r0 = 0; r0 < nbp && !packed; r0 += kVec) {  // Q codes + 128, row-major (padding rows: code 0, scale 0)
       const int n = nb - r0 < kVec ? (nb - r0 > 0 ? nb - r0 : 0) : kVec;
       quant16(a.q + (i0 + r0) * a.ldq, a.ldq, n, d, L.dq, codes, qs + r0);
       for (int t = 0; t < kVec && r0 + t < nbp; ++t) {
@@ -350,16 +515,16 @@ void item(const AttnItem& a, void* scratch) {
     const int64_t nvec = (keys_blk + kVec - 1) / kVec;
     for (int r0 = 0; r0 < nbp; r0 += kRows) {
       for (int64_t c0 = 0; c0 < nvec; c0 += kCols) {
-        const uint32_t* q = qw + r0 * L.qst;
+        const uint32_t* q = qsrc + r0 * q_rs;
         float* so = sc + r0 * L.sp + c0 * kVec;
         const uint32_t* kk = kp + c0 * kVec;
         const int32_t* kcc = kc + c0 * kVec;
         const float* kss = ks + c0 * kVec;
         switch (nvec - c0 < kCols ? nvec - c0 : kCols) {
-          case 1: qk_block<1>(q, L.qst, L.d4, kk, L.sp, kcc, kss, qs + r0, so); break;
-          case 2: qk_block<2>(q, L.qst, L.d4, kk, L.sp, kcc, kss, qs + r0, so); break;
-          case 3: qk_block<3>(q, L.qst, L.d4, kk, L.sp, kcc, kss, qs + r0, so); break;
-          default: qk_block<4>(q, L.qst, L.d4, kk, L.sp, kcc, kss, qs + r0, so); break;
+          case 1: qk_block<1>(q, q_rs, q_ws, L.d4, kk, L.sp, kcc, kss, qs + r0, so); break;
+          case 2: qk_block<2>(q, q_rs, q_ws, L.d4, kk, L.sp, kcc, kss, qs + r0, so); break;
+          case 3: qk_block<3>(q, q_rs, q_ws, L.d4, kk, L.sp, kcc, kss, qs + r0, so); break;
+          default: qk_block<4>(q, q_rs, q_ws, L.d4, kk, L.sp, kcc, kss, qs + r0, so); break;
         }
       }
     }
@@ -409,7 +574,8 @@ void item(const AttnItem& a, void* scratch) {
   }
 }
 
-const AttnKernels kTable = {"avx512_vnni_int8", scratch_bytes, item, nullptr, nullptr, nullptr, true};
+const AttnKernels kTable = {"avx512_vnni_int8", scratch_bytes, item, nullptr, write_qkv_group, qkv_layout, nullptr,
+                            true};
 
 }  // namespace
 

@@ -107,7 +107,7 @@ void item(const AttnItem& a, void* scratch) {
   }
 }
 
-const AttnKernels kTable = {"scalar_int8", scratch_bytes, item, nullptr, nullptr, nullptr, true};
+const AttnKernels kTable = {"scalar_int8", scratch_bytes, item, nullptr, nullptr, nullptr, nullptr, true};
 
 }  // namespace
 

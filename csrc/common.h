@@ -84,23 +84,27 @@ struct SparseF32 {
   const int64_t* row_prefix = nullptr;  // (n + 1,) or null
 };
 
-// The Q/K/V product of an encoder layer written straight into the bf16 attention's packed inputs (attention.h,
+// The Q/K/V product of an encoder layer written straight into the attention's packed inputs (attention.h,
 // "AttnCall::packed") instead of y: output channels 0..3W-1 are Q, K and V of `heads` heads of d features each
 // (W = heads * d, d a multiple of 16), token row r of the call is token token0 + r of the chunk, i.e. token
 // (token0 + r) % seq of sequence (token0 + r) / seq. Per sequence (seq_words 32-bit words from base), per head h:
-//   Q at q_off + h * qk_head, K at k_off + h * qk_head: [d/2][sp] words, word [w][i] = bf16 pair (feature 2w, 2w+1)
-//     of token i (what the attention packs K into; the Q K^T product broadcasts Q's words from the same layout);
-//   V at v_off + h * v_head: [sp2/2][d] words, word [j][e] = bf16 pair (token 2j, 2j+1) of feature e.
+// Q at q_off + h * qk_head, K at k_off + h * qk_head, V at v_off + h * v_head, in the layout of the attention
+// kernels that set them (AttnKernels::qkv_layout). The bf16 one:
+//   Q, K: [d/2][sp] words, word [w][i] = bf16 pair (feature 2w, 2w+1) of token i (what the attention packs K into;
+//     the Q K^T product broadcasts Q's words from the same layout);
+//   V: [sp2/2][d] words, word [j][e] = bf16 pair (token 2j, 2j+1) of feature e.
 // sp = seq rounded up to 16, sp2 to 32; for an odd seq, the token after the last is zero in V (written with it;
-// the attention reads V up to that pair and Q, K's padding not at all). The kernel stages 16 output channels x its
-// tile's tokens (as floats after the epilogue, [token vector][channel][16 tokens]) and hands them to write_group
-// (the attention's file: it needs AVX512-BF16).
+// the attention reads V up to that pair and Q, K's padding not at all). The int8 one: attention_avx512_int8.cpp.
+// The kernel stages 16 output channels x its tile's tokens (as floats after the epilogue, [token vector][channel]
+// [16 tokens]) and hands them to write_group (the attention's file: it needs the attention's instruction set), in
+// channel order; a call (or a thread's share of one) covers whole multiples of `granule` channels.
 struct IsaKernels;
 
 struct QkvPackedOut {
   uint32_t* base = nullptr;
   int64_t token0 = 0, seq = 0, heads = 0, d = 0, sp = 0, sp2 = 0;
   int64_t seq_words = 0, q_off = 0, k_off = 0, v_off = 0, qk_head = 0, v_head = 0;
+  int64_t granule = 16;  // 16, or d for a writer that needs each token's whole head (per-head scales)
   // Channels n .. n + 15 (n a multiple of 16) of tokens m0 .. m0 + rows - 1 of the call (T token vectors).
   void (*write_group)(const QkvPackedOut& p, const float* staged, int T, int64_t n, int64_t m0, int rows) = nullptr;
   // The Linear kernels that write it: the caller's snapshot, so that another thread switching the instruction set

@@ -57,33 +57,30 @@ struct CallKernels {
   const AttnKernels* attention;  // the attention: attn, or the int8 table (EncoderLayerCall::attention_int8)
 };
 
-// Whether the layer's Q/K/V go straight into the attention's packed layout (EncoderLayerCall::qkv_packed).
-bool packs_qkv(const EncoderLayerCall& c, const CallKernels& k) {
-  return c.pack_qkv && c.qkv_packed && c.head_dim % 16 == 0 && c.seq >= kMinPackedSeq &&
-         k.attention->write_qkv_group && k.linear->qkv_packed;
-}
-
-// QkvPackedOut for sequences of c.seq tokens at base, the call's first token being token0 of the chunk. Per
-// sequence it takes width * (sp + sp2 / 2) words, within the 3 * width * seq floats of the rows from kMinPackedSeq on.
+// QkvPackedOut for sequences of c.seq tokens at base, the call's first token being token0 of the chunk, in the
+// layout of the kernels' attention (sizes unset when it has no writer or does not take the shape: packs_qkv).
 QkvPackedOut packed_layout(const EncoderLayerCall& c, const CallKernels& k, void* base, int64_t token0) {
-  static_assert(kMinPackedSeq >= 32, "ChunkBuffers::qkv holds a packed Q/K/V only from 32 tokens on");
   QkvPackedOut p;
   p.base = static_cast<uint32_t*>(base);
   p.token0 = token0;
   p.seq = c.seq;
   p.heads = c.heads;
   p.d = c.head_dim;
-  p.sp = (c.seq + 15) / 16 * 16;
-  p.sp2 = (c.seq + 31) / 32 * 32;
-  p.qk_head = c.head_dim / 2 * p.sp;
-  p.v_head = p.sp2 / 2 * c.head_dim;
-  p.q_off = 0;
-  p.k_off = c.heads * p.qk_head;
-  p.v_off = 2 * c.heads * p.qk_head;
-  p.seq_words = p.v_off + c.heads * p.v_head;
   p.write_group = k.attention->write_qkv_group;
   p.isa = k.linear;
+  if (k.attention->qkv_layout) k.attention->qkv_layout(p);
   return p;
+}
+
+// Whether the layer's Q/K/V go straight into the attention's packed layout (EncoderLayerCall::qkv_packed): a packed
+// sequence must fit in the 3 * width * seq floats its rows would take (ChunkBuffers::qkv).
+bool packs_qkv(const EncoderLayerCall& c, const CallKernels& k) {
+  if (!(c.pack_qkv && c.qkv_packed && c.head_dim % 16 == 0 && c.seq >= kMinPackedSeq &&
+        k.attention->write_qkv_group && k.attention->qkv_layout && k.linear->qkv_packed)) {
+    return false;
+  }
+  QkvPackedOut p = packed_layout(c, k, nullptr, 0);
+  return k.attention->qkv_layout(p) && p.seq_words <= 3 * c.width * c.seq;
 }
 
 // Intermediates of one chunk of up to `tokens` tokens (whole sequences). qkv holds the float32 Q/K/V rows or their
@@ -507,7 +504,10 @@ void run_sequence_tokens(const EncoderLayerCall* calls, int layers, const char* 
   const int64_t per_thread = (c.seq + threads - 1) / threads;
   const int64_t k = (per_thread + c.chunk_tokens - 1) / std::max<int64_t>(1, c.chunk_tokens);
   job.block_rows = (c.seq + threads * k - 1) / (threads * k);
-  if (fm) job.block_rows = (job.block_rows + 15) / 16 * 16;  // (seq is a multiple of 16)
+  // Whole 16-token vectors per block for fm tiles and for the int8 attention's packed Q/K/V, whose V words hold 4
+  // keys each (both need seq a multiple of 16)
+  const bool int8_packed = kernels.attention->int8 && std::find(packed, packed + layers, 1) != packed + layers;
+  if (fm || int8_packed) job.block_rows = (job.block_rows + 15) / 16 * 16;
   job.blocks = (c.seq + job.block_rows - 1) / job.block_rows;
   size_t buf_bytes = 0;  // the widest layer's
   for (int l = 0; l < layers; ++l) buf_bytes = std::max(buf_bytes, align64(ChunkBuffers::bytes(calls[l], c.seq)));

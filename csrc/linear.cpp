@@ -51,8 +51,8 @@ int threads_for(double ops, int nthreads) {
 }
 
 // Boundary i of `parts` row ranges of about equal cost (entries + kRowCost per row; rows alone without a prefix),
-// on a multiple of 16 rows so that each range writes whole 16-column strips of the output.
-int64_t row_bound(const int64_t* prefix, int64_t n, int64_t parts, int64_t i) {
+// on a multiple of `gran` rows (16: each range writes whole 16-column strips of the output).
+int64_t row_bound(const int64_t* prefix, int64_t n, int64_t parts, int64_t i, int64_t gran = 16) {
   if (i <= 0) return 0;
   if (i >= parts) return n;
   const auto cost = [&](int64_t r) { return (prefix ? static_cast<double>(prefix[r]) : 0.0) + kRowCost * r; };
@@ -66,7 +66,7 @@ int64_t row_bound(const int64_t* prefix, int64_t n, int64_t parts, int64_t i) {
       b = mid;
     }
   }
-  return std::min<int64_t>(n, (a + 8) / 16 * 16);
+  return std::min<int64_t>(n, (a + gran / 2) / gran * gran);
 }
 
 // Claims and prepares shared inputs once: the first thread that needs input `i` prepares it, the others wait.
@@ -179,7 +179,9 @@ void run_sparse(SparseJob& job, int64_t nnz, const int64_t* prefix, int nthreads
   job.tiles = buf;
   job.sx = reinterpret_cast<float*>(buf + tiles_bytes);
   int64_t* bounds = reinterpret_cast<int64_t*>(buf + tiles_bytes + sx_bytes);
-  for (int64_t i = 0; i <= job.row_blocks; ++i) bounds[i] = row_bound(prefix, job.n, job.row_blocks, i);
+  // (a packed Q/K/V's writer may need whole heads: QkvPackedOut::granule)
+  const int64_t gran = job.out.qkv ? std::max<int64_t>(16, job.out.qkv->granule) : 16;
+  for (int64_t i = 0; i <= job.row_blocks; ++i) bounds[i] = row_bound(prefix, job.n, job.row_blocks, i, gran);
   job.bounds = bounds;
   auto* flags = new (buf + tiles_bytes + sx_bytes + bounds_bytes) std::atomic<int>[job.ntiles];
   OnceFlags ready(flags, job.ntiles);

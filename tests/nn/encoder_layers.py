@@ -85,12 +85,12 @@ def output_on_isa(layer, x: torch.Tensor, isa: str) -> torch.Tensor:
         ops.set_isa("auto")
 
 
-def run_with_poisoned_scratch(script: str) -> None:
-    """Runs `script` in a fresh interpreter with every scratch buffer filled with NaN bytes first
-    (HF_SPARSE_POISON_SCRATCH=1, read once per process); it must print "ok" last and exit 0."""
+def run_with_poisoned_scratch(script: str, *args: str) -> None:
+    """Runs `script` (with `args` as sys.argv[1:]) in a fresh interpreter with every scratch buffer filled with NaN
+    bytes first (HF_SPARSE_POISON_SCRATCH=1, read once per process); it must print "ok" last and exit 0."""
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "HF_SPARSE_POISON_SCRATCH": "1", "PYTHONPATH": str(repo)}
     proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=repo, env=env
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600, cwd=repo, env=env
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
