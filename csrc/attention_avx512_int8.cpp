@@ -254,27 +254,29 @@ void pv_block(const uint32_t* pw, int64_t pst, int64_t kw, const uint32_t* vp, i
 // then their probability codes: p = exp(s - max s), w = p x vs (V's scale per key), codes round(w x ((1 / max w) x
 // 255)) into pc + r * ld bytes (nvec x 16 of them). Sets div[r], the sum of p (+inf when every key is masked, NaN
 // when a score or a w is NaN; the row comes out 0 or NaN), and scale[r] = max w / 255. R rows at once give the
-// out-of-order core R independent chains through the three passes and their reductions.
+// out-of-order core R independent chains through the three passes and their reductions. NaN checks cost no pass of
+// their own: w is NaN only where vs is (p is finite), which vs_nan says for all rows, and a NaN score makes the
+// row's sum of scores NaN (as do +inf and -inf scores together: that row's p would be 0 / 0 anyway).
 template <int R>
 void softmax_rows(float* sc, int64_t ld, int64_t nvec, int64_t keys, int mask_kind, const void* const* mask,
-                  const float* vs, uint8_t* pc, float* div, float* scale) {
+                  const float* vs, bool vs_nan, uint8_t* pc, float* div, float* scale) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 m[R];
-  __mmask16 nan[R];
+  __m512 m[R], total[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     m[r] = ninf;
-    nan[r] = 0;
+    total[r] = _mm512_setzero_ps();
   }
   for (int64_t c = 0; c < nvec; ++c) {
     const __mmask16 valid = mask16(keys - c * kVec);
+    const bool same = mask_kind == kMaskNone && valid == 0xffff;  // masking changes nothing: no store
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       float* row = sc + r * ld + c * kVec;
       const __m512 v = masked_scores(_mm512_load_ps(row), valid, mask_kind, mask[r], c * kVec);
-      nan[r] |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      total[r] = _mm512_add_ps(total[r], v);
       m[r] = _mm512_max_ps(m[r], v);
-      _mm512_store_ps(row, v);
+      if (!same) _mm512_store_ps(row, v);
     }
   }
   __m512 vm[R], l[R], wm[R];
@@ -291,36 +293,57 @@ void softmax_rows(float* sc, int64_t ld, int64_t nvec, int64_t keys, int mask_ki
       const __m512 p = exp_ps(_mm512_sub_ps(_mm512_load_ps(row), vm[r]));
       l[r] = _mm512_add_ps(l[r], p);
       const __m512 w = _mm512_mul_ps(p, vsc);
-      nan[r] |= _mm512_cmp_ps_mask(w, w, _CMP_UNORD_Q);
       wm[r] = _mm512_max_ps(wm[r], w);
       _mm512_store_ps(row, w);
     }
   }
-  __m512 winv[R];
-  bool skip[R];
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const float mx = _mm512_cvtss_f32(vm[r]);
     const float wmax = _mm512_reduce_max_ps(wm[r]);
-    skip[r] = nan[r] || mx == -std::numeric_limits<float>::infinity();
-    scale[r] = skip[r] ? 0.0f : wmax / 255.0f;
-    div[r] = skip[r] ? (mx == -std::numeric_limits<float>::infinity() && !nan[r]
-                            ? std::numeric_limits<float>::infinity()
-                            : std::numeric_limits<float>::quiet_NaN())
-                     : _mm512_reduce_add_ps(l[r]);
-    winv[r] = _mm512_set1_ps(!skip[r] && wmax > 0.0f ? (1.0f / wmax) * 255.0f : 0.0f);
-  }
-  const __m512 top = _mm512_set1_ps(255.0f);
-  for (int64_t c = 0; c < nvec; ++c) {
+    const bool nan = vs_nan || std::isnan(_mm512_reduce_add_ps(total[r]));
+    const bool skip = nan || mx == -std::numeric_limits<float>::infinity();
+    scale[r] = skip ? 0.0f : wmax / 255.0f;
+    div[r] = skip ? (nan ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity())
+                  : _mm512_reduce_add_ps(l[r]);
+    const float inv = !skip && wmax > 0.0f ? (1.0f / wmax) * 255.0f : 0.0f;
+    const __m512 winv = _mm512_set1_ps(inv);
+    const float* w = sc + r * ld;
+    uint8_t* codes = pc + r * ld;
+    if (!(inv <= std::numeric_limits<float>::max())) {  // max w subnormal: 255 where w > 0 (w x inf would be inf)
+      for (int64_t c = 0; c < nvec; ++c) {
+        const __mmask16 pos = _mm512_cmp_ps_mask(_mm512_load_ps(w + c * kVec), _mm512_setzero_ps(), _CMP_GT_OQ);
+        const __m128i top = _mm_maskz_set1_epi8(pos, static_cast<char>(255));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + c * kVec), top);
+      }
+      continue;
+    }
+    // w x inv <= 255 (w <= max w); a skipped row (inv 0) gets 0, NaN x 0 included (cvt: INT_MIN, packed as 0)
+    int64_t c = 0;
+    for (; c + 4 <= nvec; c += 4) {  // 64 codes: two saturating packs, one permute, one store
+      __m512i q[4];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m512 w = _mm512_load_ps(sc + r * ld + c * kVec);
-      const __mmask16 pos = _mm512_cmp_ps_mask(w, _mm512_setzero_ps(), _CMP_GT_OQ);
-      const __m512 x = _mm512_min_ps(_mm512_maskz_mul_ps(pos, w, winv[r]), top);  // inv = inf: 255 where w > 0
-      const __m128i codes = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(x));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(pc + r * ld + c * kVec), codes);
+      for (int k = 0; k < 4; ++k) q[k] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(w + (c + k) * kVec), winv));
+      const __m512i b = _mm512_packus_epi16(_mm512_packus_epi32(q[0], q[1]), _mm512_packus_epi32(q[2], q[3]));
+      _mm512_storeu_si512(codes + c * kVec, _mm512_permutexvar_epi32(order, b));
+    }
+    for (; c < nvec; ++c) {
+      const __m512i q = _mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(w + c * kVec), winv)),
+                                         _mm512_setzero_si512());
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + c * kVec), _mm512_cvtusepi32_epi8(q));
     }
   }
+}
+
+// Whether any of V's scales of keys 0 .. 16 nvec - 1 is NaN (then every w of a row over them is).
+bool any_nan(const float* vs, int64_t nvec) {
+  __mmask16 nan = 0;
+  for (int64_t c = 0; c < nvec; ++c) {
+    const __m512 v = _mm512_load_ps(vs + c * kVec);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  return nan != 0;
 }
 
 // QkvPackedOut's int8 layout (common.h): seq a multiple of 16 (sp = seq: no padding keys, and a token vector never
@@ -513,6 +536,7 @@ void item(const AttnItem& a, void* scratch) {
     }
     const int64_t keys_blk = a.causal ? (i0 + nb < s ? i0 + nb : s) : s;
     const int64_t nvec = (keys_blk + kVec - 1) / kVec;
+    const bool vs_nan = any_nan(vs, nvec);
     for (int r0 = 0; r0 < nbp; r0 += kRows) {
       for (int64_t c0 = 0; c0 < nvec; c0 += kCols) {
         const uint32_t* q = qsrc + r0 * q_rs;
@@ -547,9 +571,9 @@ void item(const AttnItem& a, void* scratch) {
       float* srow = sc + r * L.sp;
       uint8_t* prow = pc + r * L.sp;
       if (R == 4) {
-        softmax_rows<4>(srow, L.sp, nvec, keys, a.mask_kind, mrows, vs, prow, div + r, ps + r);
+        softmax_rows<4>(srow, L.sp, nvec, keys, a.mask_kind, mrows, vs, vs_nan, prow, div + r, ps + r);
       } else {
-        softmax_rows<1>(srow, L.sp, nvec, keys, a.mask_kind, mrows, vs, prow, div + r, ps + r);
+        softmax_rows<1>(srow, L.sp, nvec, keys, a.mask_kind, mrows, vs, vs_nan, prow, div + r, ps + r);
       }
       r += R;
     }
