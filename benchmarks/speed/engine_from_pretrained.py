@@ -14,7 +14,10 @@ docs/kernels.md, "Attention"); the embeddings stay float32 PyTorch, as in the ot
 "hf_sparse_fp32" loads float32 weights (the sparse fp32 kernel). Off by default, the same loaded int8 model with one
 setting switched while it runs: "hf_sparse_int8_pool" (kernel threads from hf_sparse's pool) and
 "hf_sparse_int8_fp32attn" (`set_attention_precision("fp32")`: the layers' own forward, attention and LayerNorms in
-PyTorch float32, as DeepSparse computes attention).
+PyTorch float32, as DeepSparse computes attention in deepsparse_int8's file) and "hf_sparse_int8_attn"
+(`set_attention_precision("int8")`: int8 attention, against deepsparse_int8_attn's file). The switch is
+process-wide and the engines run interleaved, so every runner sets its own precision ("bf16" unless it says
+otherwise) around each call.
 """
 
 from __future__ import annotations
@@ -83,17 +86,15 @@ def _category_totals(step_times: dict[str, float]) -> dict[str, float]:
 
 
 class FromPretrainedRunner(TorchRunner):
-    def __init__(self, module, inputs, *, threads_backend: str | None = None, attention: str | None = None, **info):
+    def __init__(self, module, inputs, *, threads_backend: str | None = None, attention: str = "bf16", **info):
         super().__init__(module, inputs, **info)
         self.threads_backend, self.attention = threads_backend, attention
 
     def run(self):
-        """As TorchRunner, with `attention` ("bf16" or "fp32") as the attention precision and `threads_backend`
-        ("openmp" or "pool") as the kernels' threads when set, restored afterwards (so timing, the output check and
-        the profile all run on them)."""
-        previous_attention = previous_threads = None
-        if self.attention is not None:
-            previous_attention = hf_sparse.ops.set_attention_precision(self.attention)
+        """As TorchRunner, with `attention` ("bf16", "int8" or "fp32") as the attention precision and
+        `threads_backend` ("openmp" or "pool") as the kernels' threads when set, restored afterwards (so timing, the
+        output check and the profile all run on them)."""
+        previous_attention = hf_sparse.ops.set_attention_precision(self.attention)
         if self.threads_backend is not None:
             previous_threads = hf_sparse.ops.threads_backend()
             hf_sparse.ops.set_threads_backend(self.threads_backend)
@@ -102,8 +103,7 @@ class FromPretrainedRunner(TorchRunner):
         finally:
             if self.threads_backend is not None:
                 hf_sparse.ops.set_threads_backend(previous_threads)
-            if self.attention is not None:
-                hf_sparse.ops.set_attention_precision(previous_attention)
+            hf_sparse.ops.set_attention_precision(previous_attention)
 
     def profile(self, iters: int = 10, warmup: int = 2) -> dict:
         """Where the time goes. Forward hooks would switch the fused encoder layers off (they run only when nothing
@@ -147,7 +147,7 @@ def _uses_fused_layers(runner: TorchRunner) -> bool:
 
 
 def _setup(
-    ctx: EngineContext, batch: int, weight_dtype: str, threads_backend: str | None = None, attention: str | None = None
+    ctx: EngineContext, batch: int, weight_dtype: str, threads_backend: str | None = None, attention: str = "bf16"
 ) -> Runner:
     model = ctx.memo(
         f"hf_sparse_from_pretrained_{weight_dtype}", lambda: load_through_from_pretrained(ctx, weight_dtype)
@@ -155,8 +155,9 @@ def _setup(
     info = {
         "isa": hf_sparse.ops.isa(),
         "threads": threads_backend or hf_sparse.ops.threads_backend(),
-        "attention_precision": attention or hf_sparse.ops.attention_precision(),
-        "attention_kernel": hf_sparse.ops.attention_isa(),
+        "attention_precision": attention,
+        # fp32 attention is the layers' own PyTorch code, no kernel of ours
+        "attention_kernel": "torch" if attention == "fp32" else hf_sparse.ops.attention_isa(attention),
     }
     return FromPretrainedRunner(
         model, ctx.bench.inputs(batch), threads_backend=threads_backend, attention=attention, **info
@@ -191,6 +192,17 @@ def _hf_sparse_int8_pool(ctx: EngineContext, batch: int) -> Runner:
 )
 def _hf_sparse_int8_fp32attn(ctx: EngineContext, batch: int) -> Runner:
     return _setup(ctx, batch, "int8", attention="fp32")
+
+
+@register_engine(
+    "hf_sparse_int8_attn",
+    precision="int8",
+    default=False,
+    help="hf_sparse_int8 with int8 attention (HF_SPARSE_ATTENTION=int8: Q/K/V and the probabilities quantized, "
+    "int32 products), as deepsparse_int8_attn's file computes attention",
+)
+def _hf_sparse_int8_attn(ctx: EngineContext, batch: int) -> Runner:
+    return _setup(ctx, batch, "int8", attention="int8")
 
 
 @register_engine(

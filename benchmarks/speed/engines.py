@@ -123,6 +123,7 @@ class EngineContext:
             "fp32": onnx_models.export_fp32,
             "ort_int8": onnx_models.export_ort_dynamic_int8,
             "qop_int8": onnx_models.export_qoperator_int8,
+            "qop_int8_attn": onnx_models.export_qoperator_int8_attention,
         }
         return self.memo(f"onnx:{kind}", lambda: exporters[kind](self.bench, self.cache_root, self.log))
 
@@ -248,6 +249,16 @@ def _ort_qoperator_int8(ctx: EngineContext, batch: int) -> Runner:
     return _ort_runner(ctx, "qop_int8", batch)
 
 
+@register_engine(
+    "ort_qoperator_int8_attn",
+    precision="int8",
+    help="ONNX Runtime on deepsparse_int8_attn's file (attention MatMuls also QLinearMatMul): checks that file",
+    default=False,
+)
+def _ort_qoperator_int8_attn(ctx: EngineContext, batch: int) -> Runner:
+    return _ort_runner(ctx, "qop_int8_attn", batch)
+
+
 # ---- DeepSparse (its own venv and process) ----------------------------------------------------------------------
 def _deepsparse_runner(ctx: EngineContext, kind: str, batch: int) -> Runner:
     client = ctx.deepsparse()
@@ -270,6 +281,17 @@ def _deepsparse_int8(ctx: EngineContext, batch: int) -> Runner:
     return _deepsparse_runner(ctx, "qop_int8", batch)
 
 
+@register_engine(
+    "deepsparse_int8_attn",
+    precision="int8",
+    help="DeepSparse 1.8.0 on the static int8 QOperator file with attention's Q K^T and P V also QLinearMatMul "
+    "(int8 attention, as in SparseML's quantized BERTs)",
+    default=False,
+)
+def _deepsparse_int8_attn(ctx: EngineContext, batch: int) -> Runner:
+    return _deepsparse_runner(ctx, "qop_int8_attn", batch)
+
+
 # display order (the registry itself is sorted by name)
 ENGINES_ORDER = [
     "torch_eager",
@@ -278,8 +300,10 @@ ENGINES_ORDER = [
     "ort_fp32",
     "ort_dynamic_int8",
     "ort_qoperator_int8",
+    "ort_qoperator_int8_attn",
     "deepsparse_fp32",
     "deepsparse_int8",
+    "deepsparse_int8_attn",
     "hf_sparse_ops_fp32",
     "hf_sparse_ops_int8",
 ]

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +70,7 @@ def test_eager_smoke_and_record(tmp_path, bench_speed):
 def test_torch_engines_agree_and_profile_adds_up(tmp_path):
     engines = ["torch_eager", "torch_onednn", "torch_dynamic_int8"]
     if HAS_ORT:
-        engines += ["ort_fp32", "ort_dynamic_int8", "ort_qoperator_int8"]
+        engines += ["ort_fp32", "ort_dynamic_int8", "ort_qoperator_int8", "ort_qoperator_int8_attn"]
     kernels = ["hf_sparse_ops_fp32", "hf_sparse_ops_int8"] if _has_kernels() else []
     engines += kernels
     out = _run(
@@ -90,6 +91,8 @@ def test_torch_engines_agree_and_profile_adds_up(tmp_path):
         assert rows["ort_fp32"]["max_abs_diff"] < 1e-4
         assert 0 < rows["ort_dynamic_int8"]["max_abs_diff"] < 0.05
         assert 0 < rows["ort_qoperator_int8"]["max_abs_diff"] < 0.05
+        # DeepSparse's int8-attention file (its exporter checks that attention became QLinearMatMul)
+        assert 0 < rows["ort_qoperator_int8_attn"]["max_abs_diff"] < 0.05
     if kernels:
         assert rows["hf_sparse_ops_fp32"]["max_abs_diff"] < 1e-4
         assert 0 < rows["hf_sparse_ops_int8"]["max_abs_diff"] < 0.05
@@ -107,8 +110,9 @@ def test_torch_engines_agree_and_profile_adds_up(tmp_path):
 @pytest.mark.skipif(not _has_kernels(), reason="the hf_sparse C++ extension is not built")
 def test_from_pretrained_engine_profiles_its_fused_layers(tmp_path):
     # forward hooks would switch the fused encoder layers off: the engine times their kernel calls itself;
-    # hf_sparse_int8_fp32attn runs the same model without them (fp32 attention), profiled by forward hooks
-    engines = ["hf_sparse_int8", "hf_sparse_int8_fp32attn"]
+    # hf_sparse_int8_fp32attn runs the same model without them (fp32 attention), profiled by forward hooks;
+    # hf_sparse_int8_attn runs them with int8 attention, interleaved with the others on the process-wide switch
+    engines = ["hf_sparse_int8", "hf_sparse_int8_fp32attn", "hf_sparse_int8_attn"]
     out = _run(
         ["--extra-engines", str(SPEED / "engine_from_pretrained.py"), "--engines", "torch_eager", *engines,
          "--rounds", "1", "--sparsity", "0.9", "--batch", "2", "--pattern", "4-block", "--round-seconds", "0.05",
@@ -124,12 +128,16 @@ def test_from_pretrained_engine_profiles_its_fused_layers(tmp_path):
         assert p["linear_ms"] > 0 and p["attention_ms"] > 0 and p["other_ms"] > 0, name
         assert p["total_ms"] == pytest.approx(p["linear_ms"] + p["attention_ms"] + p["other_ms"])
     assert profiles["hf_sparse_int8"]["note"].startswith("fused encoder layers")
+    assert profiles["hf_sparse_int8_attn"]["note"].startswith("fused encoder layers")
     # fp32 attention: the layers' own forward ran, so hooks saw both self-attention modules
     assert "note" not in profiles["hf_sparse_int8_fp32attn"]
     assert profiles["hf_sparse_int8_fp32attn"]["modules"]["attention"] == 2
     # each engine says what it ran on
     assert rows["hf_sparse_int8"]["info"]["attention_precision"] == "bf16"
     assert rows["hf_sparse_int8_fp32attn"]["info"]["attention_precision"] == "fp32"
+    assert rows["hf_sparse_int8_attn"]["info"]["attention_precision"] == "int8"
+    assert rows["hf_sparse_int8_attn"]["info"]["attention_kernel"].endswith("_int8")  # avx512_vnni_int8 / scalar_int8
+    assert rows["hf_sparse_int8_fp32attn"]["info"]["attention_kernel"] == "torch"
 
 
 @pytest.fixture
@@ -144,6 +152,7 @@ def bench_speed():
         "results",
         "profile_torch",
         "bench_speed",
+        "engine_from_pretrained",
     ]
     saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
     path = list(sys.path)
@@ -155,6 +164,31 @@ def bench_speed():
             sys.modules.pop(n, None)
         sys.modules.update(saved)
         sys.path[:] = path
+
+
+def test_from_pretrained_runners_each_run_on_their_own_attention_precision(bench_speed):
+    # the precision is process-wide and the engines run interleaved: each runner sets its own around its calls
+    import types
+
+    import engine_from_pretrained
+
+    import hf_sparse.ops
+
+    codes = {"bf16": 0.0, "int8": 1.0, "fp32": 2.0}
+
+    class Probe(torch.nn.Module):
+        def forward(self):
+            return types.SimpleNamespace(logits=torch.tensor([[codes[hf_sparse.ops.attention_precision()]]]))
+
+    runners = {a: engine_from_pretrained.FromPretrainedRunner(Probe(), {}, attention=a) for a in ("int8", "fp32")}
+    runners["bf16"] = engine_from_pretrained.FromPretrainedRunner(Probe(), {})  # hf_sparse_int8's default
+    previous = hf_sparse.ops.set_attention_precision("int8")  # whatever was in force is not inherited
+    try:
+        for name in ("int8", "bf16", "fp32", "bf16", "int8"):
+            assert runners[name].run()[0, 0] == codes[name], name
+        assert hf_sparse.ops.attention_precision() == "int8"  # restored after each call
+    finally:
+        hf_sparse.ops.set_attention_precision(previous)
 
 
 def test_record_replaces_only_its_own_block(bench_speed, tmp_path):
