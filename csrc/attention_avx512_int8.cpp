@@ -418,11 +418,15 @@ void write_qkv_group(const QkvPackedOut& p, const float* staged, int T, int64_t 
   // within each 128-bit lane: bytes (channel j, token k) at 4 j + k -> 4 k + j
   alignas(64) static const int8_t kTokenWords[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
   const __m512i token_words = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kTokenWords)));
-  __m512i key_words[4];  // byte 0 of dwords 0..3 of each 128-bit lane -> dword k of the lane, the rest zero
+  // byte 0 of dwords 0..3 of each 128-bit lane -> dword k of the lane, the rest zero
+  constexpr int8_t Z = -128;
+  alignas(64) static const int8_t kKeyWords[4][16] = {{0, 4, 8, 12, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z},
+                                                      {Z, Z, Z, Z, 0, 4, 8, 12, Z, Z, Z, Z, Z, Z, Z, Z},
+                                                      {Z, Z, Z, Z, Z, Z, Z, Z, 0, 4, 8, 12, Z, Z, Z, Z},
+                                                      {Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, 0, 4, 8, 12}};
+  __m512i key_words[4];
   for (int k = 0; k < 4; ++k) {
-    alignas(16) int8_t ctl[16];
-    for (int b = 0; b < 16; ++b) ctl[b] = b / 4 == k ? static_cast<int8_t>(4 * (b % 4)) : static_cast<int8_t>(-128);
-    key_words[k] = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(ctl)));
+    key_words[k] = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kKeyWords[k])));
   }
   const int64_t d4 = d / 4, sp = p.sp;
   for (int t = 0; t < T && 16 * t < rows; ++t) {
