@@ -66,6 +66,18 @@ struct Layout {
 
 size_t scratch_bytes(int64_t d, int64_t s, int64_t) { return Layout(d, s).bytes; }
 
+// The quantization parameters of 16 tokens (lanes) from the bits of their |x| maxima: inv = (1 / amax) x 127 (0 for
+// amax 0 and for a token holding inf or NaN) and scale = amax / 127 (NaN for the latter), as numerics'
+// quantize_activation_int8.
+inline void lane_quant(__m512i m, __m512& inv, __m512& scale) {
+  const __mmask16 bad = _mm512_cmp_epu32_mask(m, _mm512_set1_epi32(0x7f800000), _MM_CMPINT_NLT);
+  const __m512 amax = _mm512_castsi512_ps(m);
+  const __mmask16 pos = static_cast<__mmask16>(_mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ) & ~bad);
+  inv = _mm512_maskz_mul_ps(pos, _mm512_div_ps(_mm512_set1_ps(1.0f), amax), _mm512_set1_ps(127.0f));
+  scale = _mm512_mask_mov_ps(_mm512_div_ps(amax, _mm512_set1_ps(127.0f)), bad,
+                             _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+}
+
 // Up to 16 rows x[t * ld .. + d - 1] (t < n) -> codes[t][0 .. dq - 1] (s8, clamp(round(x * inv), -127, 127), zero
 // past d; dq = d rounded up to 64) and scale[t] (lanes 16: the row's parameters as numerics'
 // quantize_activation_int8, NaN for a row holding inf or NaN; rows t >= n: codes 0, scale 0). The per-row maxima
@@ -85,13 +97,11 @@ void quant16(const float* x, int64_t ld, int n, int64_t d, int64_t dq, int8_t* c
   transpose16(m);
 #pragma GCC unroll 15
   for (int t = 1; t < 16; ++t) m[0] = _mm512_max_epu32(m[0], m[t]);
-  const __mmask16 bad = _mm512_cmp_epu32_mask(m[0], _mm512_set1_epi32(0x7f800000), _MM_CMPINT_NLT);
-  const __m512 amax = _mm512_castsi512_ps(m[0]);
-  const __mmask16 pos = static_cast<__mmask16>(_mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ) & ~bad);
+  __m512 vinvs, vscale;
+  lane_quant(m[0], vinvs, vscale);
   alignas(64) float inv[16];
-  _mm512_store_ps(inv, _mm512_maskz_mul_ps(pos, _mm512_div_ps(_mm512_set1_ps(1.0f), amax), _mm512_set1_ps(127.0f)));
-  const __m512 sc = _mm512_div_ps(amax, _mm512_set1_ps(127.0f));
-  _mm512_storeu_ps(scale, _mm512_mask_mov_ps(sc, bad, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
+  _mm512_store_ps(inv, vinvs);
+  _mm512_storeu_ps(scale, vscale);
   const __m512i unpermute = _mm512_load_si512(kUnpermute);
   for (int t = 0; t < 16; ++t) {
     int8_t* out = codes + t * dq;
@@ -435,15 +445,10 @@ void write_qkv_group(const QkvPackedOut& p, const float* staged, int T, int64_t 
     const int64_t b = tok / p.seq, i = tok % p.seq;  // (seq % 16 == 0: a vector is one sequence's)
     uint32_t* head = p.base + b * p.seq_words + (part == 0 ? p.q_off : part == 1 ? p.k_off : p.v_off) +
                      h * (part < 2 ? p.qk_head : p.v_head);
-    const __m512i m = _mm512_load_si512(maxima + t * kVec);
-    const __mmask16 bad = _mm512_cmp_epu32_mask(m, _mm512_set1_epi32(0x7f800000), _MM_CMPINT_NLT);
-    const __m512 amax = _mm512_castsi512_ps(m);
-    const __mmask16 pos = static_cast<__mmask16>(_mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ) & ~bad);
     TokenQuant tq;
-    tq.inv = _mm512_maskz_mul_ps(pos, _mm512_div_ps(_mm512_set1_ps(1.0f), amax), _mm512_set1_ps(127.0f));
+    __m512 scale;
+    lane_quant(_mm512_load_si512(maxima + t * kVec), tq.inv, scale);
     tq.sub = _mm512_cmp_ps_mask(tq.inv, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_GT_OQ);
-    const __m512 scale = _mm512_mask_mov_ps(_mm512_div_ps(amax, _mm512_set1_ps(127.0f)), bad,
-                                            _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
     if (part < 2) {
       const __m512i flip = _mm512_set1_epi32(part == 0 ? static_cast<int>(0x80808080u) : 0);
       const __m512i ones = _mm512_set1_epi8(1);
