@@ -356,15 +356,18 @@ bool any_nan(const float* vs, int64_t nvec) {
   return nan != 0;
 }
 
-// QkvPackedOut's int8 layout (common.h): seq a multiple of 16 (sp = seq: no padding keys, and a token vector never
-// spans two sequences), d a multiple of 16 (d4 = d / 4 words per token). Per head:
+// QkvPackedOut's int8 layout (common.h): sp = seq rounded up to 16, d a multiple of 16 (d4 = d / 4 words per
+// token). Per head:
 //   Q: [d4][sp] words of 4 codes + 128 (u8: the Q K^T product broadcasts them by (w, token) as pack_k lays K),
 //      then sp floats: each token's scale;
 //   K: [d4][sp] words of 4 s8 codes (pack_k's), then sp int32 (128 x each key's code sum), then sp floats (scales);
 //   V: [sp/4][d] words of 4 keys' s8 codes (pack_v's), then sp floats (scales).
+// Padding keys (seq .. sp - 1): V's scales 0, written with the sequence's last token (their probabilities are 0, and
+// 0 x NaN would not be); their codes and K's scales and sums are never written (their scores are masked, and their
+// V codes meet probability code 0 in exact integer sums).
 bool qkv_layout(QkvPackedOut& p) {
-  if (p.seq % kVec != 0 || p.d % kVec != 0) return false;
-  p.sp = p.sp2 = p.seq;
+  if (p.d % kVec != 0) return false;
+  p.sp = p.sp2 = round_up(p.seq, kVec);
   p.qk_head = (p.d / 4 + 2) * p.sp;
   p.v_head = p.sp / 4 * p.d + p.sp;
   p.q_off = 0;
@@ -405,7 +408,8 @@ thread_local float* t_head = nullptr;
 // lanes (no transposes) and stored. Q, K: four channels' codes pack by saturation (two vpackssdw, one vpacksswb)
 // into one byte lane per token and channel, and one vpshufb gathers each token's four. V (words of 4 keys of one
 // channel): a vpshufb per channel gathers each 4 keys' codes into a word (one per 128-bit lane), placed by channel
-// mod 4, and a 4x4 transpose of lanes puts 16 channels of one key group in a vector.
+// mod 4, and a 4x4 transpose of lanes puts 16 channels of one key group in a vector; where a vector's keys are not
+// 4-aligned (a sequence boundary inside it, seq not a multiple of 4), each token's bytes go by byte-masked stores.
 void write_qkv_group(const QkvPackedOut& p, const float* staged, int T, int64_t n, int64_t m0, int rows) {
   const int64_t d = p.d, width = p.heads * d;
   const int64_t part = n / width, f = n % width, h = f / d, e0 = f % d;
@@ -441,46 +445,73 @@ void write_qkv_group(const QkvPackedOut& p, const float* staged, int T, int64_t 
   const int64_t d4 = d / 4, sp = p.sp;
   for (int t = 0; t < T && 16 * t < rows; ++t) {
     const float* x = st + t * kVec;  // channel c's 16 tokens at x + c * ld
-    const int64_t tok = p.token0 + m0 + 16 * t;
-    const int64_t b = tok / p.seq, i = tok % p.seq;  // (seq % 16 == 0: a vector is one sequence's)
-    uint32_t* head = p.base + b * p.seq_words + (part == 0 ? p.q_off : part == 1 ? p.k_off : p.v_off) +
-                     h * (part < 2 ? p.qk_head : p.v_head);
+    const int lanes = rows - 16 * t < kVec ? rows - 16 * t : kVec;
     TokenQuant tq;
     __m512 scale;
     lane_quant(_mm512_load_si512(maxima + t * kVec), tq.inv, scale);
     tq.sub = _mm512_cmp_ps_mask(tq.inv, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_GT_OQ);
-    if (part < 2) {
-      const __m512i flip = _mm512_set1_epi32(part == 0 ? static_cast<int>(0x80808080u) : 0);
-      const __m512i ones = _mm512_set1_epi8(1);
-      __m512i sum = _mm512_setzero_si512();
-      for (int64_t w = 0; w < d4; ++w) {
-        const float* xc = x + 4 * w * ld;
-        const __m512i c01 = _mm512_packs_epi32(tq.codes(xc), tq.codes(xc + ld));
-        const __m512i c23 = _mm512_packs_epi32(tq.codes(xc + 2 * ld), tq.codes(xc + 3 * ld));
-        const __m512i words = _mm512_shuffle_epi8(_mm512_packs_epi16(c01, c23), token_words);
-        if (part == 1) sum = dpbusd(sum, ones, words);
-        _mm512_storeu_si512(head + w * sp + i, _mm512_xor_si512(words, flip));
-      }
-      if (part == 1) _mm512_storeu_si512(head + d4 * sp + i, _mm512_slli_epi32(sum, 7));
-      _mm512_storeu_ps(reinterpret_cast<float*>(head + d4 * sp + (part == 1 ? sp : 0)) + i, scale);
-      continue;
-    }
-    for (int64_t c0 = 0; c0 < d; c0 += kVec) {
-      __m512i w[4], out[4];
+    // lanes lane .. lane + len - 1 are tokens i .. i + len - 1 of sequence b (a vector spans at most two: seq >= 32)
+    for (int lane = 0; lane < lanes;) {
+      const int64_t tok = p.token0 + m0 + 16 * t + lane;
+      const int64_t b = tok / p.seq, i = tok % p.seq;
+      const int len = static_cast<int>(lanes - lane < p.seq - i ? lanes - lane : p.seq - i);
+      const __mmask16 run = static_cast<__mmask16>(mask16(lane + len) & ~mask16(lane)), keep = mask16(len);
+      const auto place = [&](__m512i v) { return lane == 0 ? v : _mm512_maskz_compress_epi32(run, v); };
+      uint32_t* head = p.base + b * p.seq_words + (part == 0 ? p.q_off : part == 1 ? p.k_off : p.v_off) +
+                       h * (part < 2 ? p.qk_head : p.v_head);
+      float* scales = reinterpret_cast<float*>(head + (part < 2 ? d4 * sp + (part == 1 ? sp : 0) : sp / 4 * d));
+      _mm512_mask_storeu_ps(scales + i, keep, _mm512_castsi512_ps(place(_mm512_castps_si512(scale))));
+      if (part < 2) {
+        const __m512i flip = _mm512_set1_epi32(part == 0 ? static_cast<int>(0x80808080u) : 0);
+        const __m512i ones = _mm512_set1_epi8(1);
+        __m512i sum = _mm512_setzero_si512();
+        for (int64_t w = 0; w < d4; ++w) {
+          const float* xc = x + 4 * w * ld;
+          const __m512i c01 = _mm512_packs_epi32(tq.codes(xc), tq.codes(xc + ld));
+          const __m512i c23 = _mm512_packs_epi32(tq.codes(xc + 2 * ld), tq.codes(xc + 3 * ld));
+          const __m512i words = _mm512_shuffle_epi8(_mm512_packs_epi16(c01, c23), token_words);
+          if (part == 1) sum = dpbusd(sum, ones, words);
+          _mm512_mask_storeu_epi32(head + w * sp + i, keep, place(_mm512_xor_si512(words, flip)));
+        }
+        if (part == 1) _mm512_mask_storeu_epi32(head + d4 * sp + i, keep, place(_mm512_slli_epi32(sum, 7)));
+      } else if (lane == 0 && i % 4 == 0 && (len % 4 == 0 || i + len == p.seq)) {
+        // whole groups of 4 keys (at the sequence's end, the last one's keys past seq are padding): words straight
+        // from the lanes
+        for (int64_t c0 = 0; c0 < d; c0 += kVec) {
+          __m512i w[4], out[4];
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {  // w[j] lane g: the key group g words of channels c0 + 4 j .. c0 + 4 j + 3
-        const float* xc = x + (c0 + 4 * j) * ld;
-        const __m512i a = _mm512_shuffle_epi8(tq.codes(xc), key_words[0]);
-        const __m512i e = _mm512_shuffle_epi8(tq.codes(xc + ld), key_words[1]);
-        const __m512i g = _mm512_shuffle_epi8(tq.codes(xc + 2 * ld), key_words[2]);
-        const __m512i o = _mm512_shuffle_epi8(tq.codes(xc + 3 * ld), key_words[3]);
-        w[j] = _mm512_or_si512(_mm512_ternarylogic_epi32(a, e, g, 0xfe), o);
+          for (int j = 0; j < 4; ++j) {  // w[j] lane g: the key group g words of channels c0 + 4 j .. c0 + 4 j + 3
+            const float* xc = x + (c0 + 4 * j) * ld;
+            const __m512i a = _mm512_shuffle_epi8(tq.codes(xc), key_words[0]);
+            const __m512i e = _mm512_shuffle_epi8(tq.codes(xc + ld), key_words[1]);
+            const __m512i g = _mm512_shuffle_epi8(tq.codes(xc + 2 * ld), key_words[2]);
+            const __m512i o = _mm512_shuffle_epi8(tq.codes(xc + 3 * ld), key_words[3]);
+            w[j] = _mm512_or_si512(_mm512_ternarylogic_epi32(a, e, g, 0xfe), o);
+          }
+          transpose_lanes4(w, out);
+          for (int g = 0; g < (len + 3) / 4; ++g) _mm512_storeu_si512(head + (i / 4 + g) * d + c0, out[g]);
+        }
+      } else {
+        // keys not 4-aligned in the lanes: each token's byte of its group's words, by byte-masked stores (a group
+        // may be shared with another call or thread: only this token's bytes are written)
+        for (int64_t c0 = 0; c0 < d; c0 += kVec) {
+          __m512i r[16];
+#pragma GCC unroll 16
+          for (int c = 0; c < 16; ++c) r[c] = tq.codes(x + (c0 + c) * ld);
+          transpose16(r);  // r[j]: channels c0 .. c0 + 15 of lane j
+          for (int j = 0; j < len; ++j) {
+            const int64_t k = i + j;
+            const int byte = static_cast<int>(k % 4);
+            _mm512_mask_storeu_epi8(head + (k / 4) * d + c0, __mmask64{0x1111111111111111ull} << byte,
+                                    _mm512_slli_epi32(r[lane + j], 8 * byte));
+          }
+        }
       }
-      transpose_lanes4(w, out);
-#pragma GCC unroll 4
-      for (int g = 0; g < 4; ++g) _mm512_storeu_si512(head + (i / 4 + g) * d + c0, out[g]);
+      if (part == 2 && i + len == p.seq) {  // padding keys: scale 0 (their probability is 0, and 0 x NaN is not)
+        for (int64_t k = p.seq; k < sp; ++k) scales[k] = 0.0f;
+      }
+      lane += len;
     }
-    _mm512_storeu_ps(reinterpret_cast<float*>(head + sp / 4 * d) + i, scale);
   }
 }
 
@@ -496,7 +527,7 @@ void item(const AttnItem& a, void* scratch) {
   float* div = reinterpret_cast<float*>(base + L.l_off);
   float* ps = reinterpret_cast<float*>(base + L.ps_off);
   int8_t* codes = reinterpret_cast<int8_t*>(base + L.c_off);
-  const bool packed = a.kp != nullptr;  // Q, K, V written by write_qkv_group (its layout: L.sp = seq, L.dv = d)
+  const bool packed = a.kp != nullptr;  // Q, K, V written by write_qkv_group (its layout's sp is L.sp, d is L.dv)
   const uint32_t *kp, *vp;
   const int32_t* kc;
   const float *ks, *vs;
