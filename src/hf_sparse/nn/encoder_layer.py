@@ -88,8 +88,7 @@ class FusedEncoderLayer:
     AVX512-BF16 attention, the Q/K/V product writes its outputs in bfloat16 straight into the layouts the attention
     reads (`layer.qkv_packed` says whether the last call did): no float32 Q/K/V rows, no packing in the attention,
     the same results bit for bit (both round to bfloat16 the same way). The AVX-512 int8 attention takes them the
-    same way as int8 codes and per-token scales, for sequences of a multiple of 16 tokens. `layer.pack_qkv = False`
-    turns it off.
+    same way as int8 codes and per-token scales. `layer.pack_qkv = False` turns it off.
 
     With int8 4-block weights (FFN fused), the AVX-512 kernels and hidden size and sequence length multiples of 16,
     the chunks and token blocks a thread runs alone go through the steps after the attention on feature-major tiles
