@@ -126,11 +126,19 @@ void count(std::atomic<int64_t>* counters, const AttnKernels& k) {
 
 }  // namespace
 
+float* qkv_stage(size_t floats) {
+  thread_local ScratchBuffer stage;
+  return reinterpret_cast<float*>(stage.get(floats * sizeof(float)));
+}
+
 void attention(const AttnCall& c, int nthreads) {
   if (c.batch <= 0 || c.seq <= 0 || c.heads <= 0 || c.d <= 0) return;
   const AttnKernels& kern = c.kernels ? *c.kernels : active_attn_kernels();
   if (c.packed && !kern.write_qkv_group) {
     throw std::logic_error(std::string("attention: packed Q/K/V given to the ") + kern.name + " kernel");
+  }
+  if (c.packed && c.causal) {  // (the packed layouts' padding is written for full rows of keys only)
+    throw std::logic_error("attention: packed Q/K/V with a causal mask");
   }
   if (kern.int8 && (c.seq > kInt8AttnMax || c.d > kInt8AttnMax)) {
     throw std::invalid_argument("int8 attention sums in int32, so seq (" + std::to_string(c.seq) +

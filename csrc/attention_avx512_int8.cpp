@@ -13,7 +13,8 @@
 // Blocks of 32 query rows keep their float32 scores and u8 probabilities in L1; register blocks are 4 rows x 4
 // vectors (16 accumulators: 4 loads and 4 broadcasts per 16 vpdpbusd), as in the bfloat16 kernel.
 //
-// In an encoder layer (seq and d multiples of 16) the Q/K/V product's epilogue writes these codes itself
+// In an encoder layer (d a multiple of 16, sequences of kMinPackedSeq tokens or more) the Q/K/V product's epilogue
+// writes these codes itself
 // (write_qkv_group, QkvPackedOut): Q/K/V never exist as float32 rows, and each key is quantized once, not by every
 // thread whose queries read it.
 #include <immintrin.h>
@@ -24,7 +25,6 @@
 
 #include "attention.h"
 #include "avx512_common.h"
-#include "scratch.h"
 
 namespace hf_sparse {
 namespace {
@@ -284,7 +284,7 @@ void softmax_rows(float* sc, int64_t ld, int64_t nvec, int64_t keys, int mask_ki
     for (int r = 0; r < R; ++r) {
       float* row = sc + r * ld + c * kVec;
       const __m512 v = masked_scores(_mm512_load_ps(row), valid, mask_kind, mask[r], c * kVec);
-      total[r] = _mm512_add_ps(total[r], v);
+      total[r] = _mm512_fmadd_ps(v, _mm512_set1_ps(0x1p-126f), total[r]);  // (scaled: finite scores cannot overflow)
       m[r] = _mm512_max_ps(m[r], v);
       if (!same) _mm512_store_ps(row, v);
     }
@@ -298,7 +298,7 @@ void softmax_rows(float* sc, int64_t ld, int64_t nvec, int64_t keys, int mask_ki
   for (int64_t c = 0; c < nvec; ++c) {
     const __m512 vsc = _mm512_load_ps(vs + c * kVec);
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {  // (a row with max -inf gets NaN here: caught below)
+    for (int r = 0; r < R; ++r) {  // (a row with max -inf gets p = exp_ps(NaN) = 0 here)
       float* row = sc + r * ld + c * kVec;
       const __m512 p = exp_ps(_mm512_sub_ps(_mm512_load_ps(row), vm[r]));
       l[r] = _mm512_add_ps(l[r], p);
@@ -363,8 +363,8 @@ bool any_nan(const float* vs, int64_t nvec) {
 //   K: [d4][sp] words of 4 s8 codes (pack_k's), then sp int32 (128 x each key's code sum), then sp floats (scales);
 //   V: [sp/4][d] words of 4 keys' s8 codes (pack_v's), then sp floats (scales).
 // Padding keys (seq .. sp - 1): V's scales 0, written with the sequence's last token (their probabilities are 0, and
-// 0 x NaN would not be); their codes and K's scales and sums are never written (their scores are masked, and their
-// V codes meet probability code 0 in exact integer sums).
+// 0 x NaN would not be); K's codes, scales and sums are left as they are (their scores are masked), V's codes too or
+// written with whatever the lanes past the sequence held (they meet probability code 0 in exact integer sums).
 bool qkv_layout(QkvPackedOut& p) {
   if (p.d % kVec != 0) return false;
   p.sp = p.sp2 = round_up(p.seq, kVec);
@@ -397,9 +397,8 @@ struct TokenQuant {
   }
 };
 
-// Per head, this thread's staging: [d][16 T] floats (channel c's tokens at c * 16 T), then T vectors of the
-// tokens' running |x| maxima (as uint32).
-thread_local ScratchBuffer t_stage;
+// The head this thread is staging (attention.h, qkv_stage): [d][16 T] floats (channel c's tokens at c * 16 T), then
+// T vectors of the tokens' running |x| maxima (as uint32).
 thread_local float* t_head = nullptr;
 
 // QkvPackedOut's writer (int8 layout above): channels n .. n + 15 as staged ([T][16 channels][16 tokens] floats)
@@ -415,7 +414,7 @@ void write_qkv_group(const QkvPackedOut& p, const float* staged, int T, int64_t 
   const int64_t part = n / width, f = n % width, h = f / d, e0 = f % d;
   const int64_t ld = 16 * T;
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
-  if (e0 == 0) t_head = reinterpret_cast<float*>(t_stage.get(static_cast<size_t>((d + 1) * ld) * sizeof(float)));
+  if (e0 == 0) t_head = qkv_stage(static_cast<size_t>((d + 1) * ld));
   float* st = t_head;
   float* maxima = st + d * ld;
   for (int t = 0; t < T; ++t) {
@@ -474,18 +473,18 @@ void write_qkv_group(const QkvPackedOut& p, const float* staged, int T, int64_t 
           _mm512_mask_storeu_epi32(head + w * sp + i, keep, place(_mm512_xor_si512(words, flip)));
         }
         if (part == 1) _mm512_mask_storeu_epi32(head + d4 * sp + i, keep, place(_mm512_slli_epi32(sum, 7)));
-      } else if (lane == 0 && i % 4 == 0 && (len % 4 == 0 || i + len == p.seq)) {
+      } else if (i % 4 == 0 && (len % 4 == 0 || i + len == p.seq)) {
         // whole groups of 4 keys (at the sequence's end, the last one's keys past seq are padding): words straight
-        // from the lanes
+        // from the run's lanes (moved down to lane 0 when it starts inside the vector: a sequence's start)
         for (int64_t c0 = 0; c0 < d; c0 += kVec) {
           __m512i w[4], out[4];
 #pragma GCC unroll 4
           for (int j = 0; j < 4; ++j) {  // w[j] lane g: the key group g words of channels c0 + 4 j .. c0 + 4 j + 3
             const float* xc = x + (c0 + 4 * j) * ld;
-            const __m512i a = _mm512_shuffle_epi8(tq.codes(xc), key_words[0]);
-            const __m512i e = _mm512_shuffle_epi8(tq.codes(xc + ld), key_words[1]);
-            const __m512i g = _mm512_shuffle_epi8(tq.codes(xc + 2 * ld), key_words[2]);
-            const __m512i o = _mm512_shuffle_epi8(tq.codes(xc + 3 * ld), key_words[3]);
+            const __m512i a = _mm512_shuffle_epi8(place(tq.codes(xc)), key_words[0]);
+            const __m512i e = _mm512_shuffle_epi8(place(tq.codes(xc + ld)), key_words[1]);
+            const __m512i g = _mm512_shuffle_epi8(place(tq.codes(xc + 2 * ld)), key_words[2]);
+            const __m512i o = _mm512_shuffle_epi8(place(tq.codes(xc + 3 * ld)), key_words[3]);
             w[j] = _mm512_or_si512(_mm512_ternarylogic_epi32(a, e, g, 0xfe), o);
           }
           transpose_lanes4(w, out);

@@ -123,7 +123,7 @@ struct Output {
   // Write whole 64-byte lines of y with non-temporal stores (set by the driver for outputs much larger than the
   // caches, 64-byte aligned rows): no read-for-ownership, and the weights stay cached. Kernels may ignore it.
   bool stream = false;
-  // Q/K/V for the bf16 attention instead of y (only kernels with IsaKernels::qkv_packed, sparse int8 tiles).
+  // Q/K/V for the attention instead of y (only kernels with IsaKernels::qkv_packed, sparse int8 tiles).
   const QkvPackedOut* qkv = nullptr;
   // Feature-major y (only kernels with IsaKernels::quant_fm, sparse int8 tiles without padding tokens): output
   // channel n of tile token r at y[n * ldy + r]; m0 is ignored (y is the tile's own).
@@ -180,7 +180,7 @@ struct IsaKernels {
   // int8 CSR for a few tokens, optional (rows <= quads_few_rows; 0 / null: tiles at every M).
   int quads_few_rows;
   FewKernel quads_few;
-  // i8_sparse writes Output::qkv (output channels in whole groups of 16).
+  // i8_sparse writes Output::qkv (output channels in whole granules: QkvPackedOut::granule).
   bool qkv_packed = false;
   // Feature-major tiles, optional (null: i8_sparse ignores Output::feature_major; the encoder layer then keeps its
   // activations token-major). An fm tile of `mtp` tokens is [k][mtp] floats, token r in column r (f32_tile's

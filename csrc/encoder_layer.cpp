@@ -79,7 +79,10 @@ bool packs_qkv(const EncoderLayerCall& c, const CallKernels& k) {
         k.attention->write_qkv_group && k.attention->qkv_layout && k.linear->qkv_packed)) {
     return false;
   }
-  QkvPackedOut p = packed_layout(c, k, nullptr, 0);
+  QkvPackedOut p;
+  p.seq = c.seq;
+  p.heads = c.heads;
+  p.d = c.head_dim;
   return k.attention->qkv_layout(p) && p.seq_words <= 3 * c.width * c.seq;
 }
 

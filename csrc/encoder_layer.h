@@ -11,15 +11,15 @@
 
 namespace hf_sparse {
 
-// Sequences shorter than this keep float32 Q/K/V rows (EncoderLayerCall::qkv_packed): the packed layout pads each
-// sequence to 16 tokens (Q, K) and 32 (V), and the tokens of short sequences would each fill cache lines of their
-// own (measured slower at 1-8 tokens, faster from 32 on: benchmarks/RESULTS.md).
+// Sequences shorter than this keep float32 Q/K/V rows (EncoderLayerCall::qkv_packed): the packed layouts pad each
+// sequence to 16 tokens (bf16 V: 32), and the tokens of short sequences would each fill cache lines of their own
+// (measured slower at 1-8 tokens, faster from 32 on, with bf16: benchmarks/RESULTS.md).
 constexpr int64_t kMinPackedSeq = 32;
 
 // One Linear step: y (m rows, row stride = its output width) from x (m rows, row stride = its input width), on up
 // to nthreads threads. Called from worker threads too, without the GIL.
 using LinearStep = std::function<void(const float* x, int64_t m, float* y, int nthreads)>;
-// The Q/K/V step written straight into the bf16 attention's packed inputs (common.h, QkvPackedOut).
+// The Q/K/V step written straight into the attention's packed inputs (common.h, QkvPackedOut).
 using QkvPackedStep = std::function<void(const float* x, int64_t m, const QkvPackedOut& out, int nthreads)>;
 
 // Steps in the order they run; profile counters are indexed the same way.

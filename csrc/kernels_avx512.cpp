@@ -418,8 +418,8 @@ struct Dequant {
 };
 
 // Epilogue to (M, N): rows staged, 16 at a time transposed into 16 consecutive output channels per token; or, with
-// Output::qkv, each group of 16 staged rows handed to the bf16 attention's writer (n0 and n1 are then multiples of
-// 16: the drivers split rows so), which packs Q and K pairs without a transpose; or, with Output::feature_major,
+// Output::qkv, each group of 16 staged rows handed, in order, to the attention's writer (n0 and n1 are then whole
+// granules: the drivers split rows so), which packs them without a 16x16 transpose; or, with Output::feature_major,
 // each row stored as it is.
 template <int T>
 struct TransposedOut {

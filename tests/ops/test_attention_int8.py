@@ -131,6 +131,25 @@ def test_masked_rows_zero_v_and_nan():
 
 
 @needs_extension
+def test_huge_finite_scores_stay_finite():
+    """Scores near float32's limit (q = k = 7e18: each ~2e38) are finite, so are the outputs: the kernels' NaN
+    check (the AVX-512 one sums each row's scores) must not overflow into a false NaN."""
+    gen = torch.Generator().manual_seed(8)
+    batch, seq, heads, d = 1, 32, 1, 16
+    q = torch.full((seq, d), 7e18)
+    k = torch.full((seq, d), 7e18) * torch.tensor([1.0, -1.0]).repeat(seq // 2)[:, None]  # + and - scores
+    v = torch.randn(seq, d, generator=gen)
+    keep = torch.ones(batch, seq, dtype=torch.bool)
+    keep[0, -3:] = False  # masked keys (-inf) beside the huge ones
+    expected = attention_int8_reference(q, k, v, batch, heads, mask=keep)
+    assert torch.isfinite(expected).all()
+    for isa in ISAS:
+        with using_isa(isa):
+            out = attention((q, k, v), heads=heads, batch=batch, mask=keep, precision="int8")
+        assert_int8_close(out, expected, v, batch, heads, f"huge scores, {isa}")
+
+
+@needs_extension
 def test_subnormal_rows_get_full_codes():
     """A row whose largest |value| is subnormal gets inv = inf, so codes sign(x) * 127 (as torch's quantization):
     the kernels patch those rows after their vector pass."""
