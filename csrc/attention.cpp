@@ -113,8 +113,9 @@ struct LnJob {
 void ln_job_fn(void* ctx, int, int) { static_cast<const LnJob*>(ctx)->run(); }
 
 // The float tables (with LayerNorms) first, then the int8 ones (attention only).
-constexpr int kNames = 5, kFloatNames = 3;
-constexpr const char* kAttnNames[kNames] = {"avx512_bf16", "avx2", "scalar", "avx512_vnni_int8", "scalar_int8"};
+constexpr int kNames = 6, kFloatNames = 3;
+constexpr const char* kAttnNames[kNames] = {"avx512_bf16",      "avx2",      "scalar",
+                                            "avx512_vnni_int8", "avx2_int8", "scalar_int8"};
 std::atomic<int64_t> g_attn_calls[kNames];
 std::atomic<int64_t> g_ln_calls[kNames];
 

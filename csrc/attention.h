@@ -44,7 +44,7 @@ struct AttnItem {
 // The kernels of one instruction set. Every attention kernel computes the numerics of docs/kernels.md
 // ("Attention"): Q, K, V and the probabilities rounded to bfloat16, products exact, sums and softmax in float32.
 struct AttnKernels {
-  const char* name;  // "avx512_bf16", "avx2", "scalar"
+  const char* name;  // "avx512_bf16", "avx2", "scalar"; int8: "avx512_vnni_int8", "avx2_int8", "scalar_int8"
   // Scratch one thread needs for items of up to `rows` query rows over `s` keys of head dim `d`.
   size_t (*scratch_bytes)(int64_t d, int64_t s, int64_t rows);
   void (*item)(const AttnItem& a, void* scratch);
@@ -71,6 +71,7 @@ const AttnKernels* attn_scalar_kernels();
 const AttnKernels* attn_avx2_kernels();
 const AttnKernels* attn_avx512_bf16_kernels();  // null when not built
 const AttnKernels* attn_int8_scalar_kernels();
+const AttnKernels* attn_avx2_int8_kernels();    // null when not built
 const AttnKernels* attn_avx512_int8_kernels();  // null when not built
 
 // The attention kernels for the active instruction set (csrc/isa.cpp decides), and the int8 ones.

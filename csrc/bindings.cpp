@@ -810,7 +810,7 @@ NB_MODULE(_C, m) {
   m.def("attention_isa",
         [](bool int8) { return std::string((int8 ? active_attn_int8_kernels() : active_attn_kernels()).name); },
         "int8"_a, "The attention (and LayerNorm) kernels in use: avx512_bf16, avx2 or scalar; with int8: "
-        "avx512_vnni_int8 or scalar_int8.");
+        "avx512_vnni_int8, avx2_int8 or scalar_int8.");
   m.def("attention_calls", [](bool layernorm) {
     nb::dict d;
     for (const auto& kv : attention_calls(layernorm)) d[kv.first.c_str()] = kv.second;

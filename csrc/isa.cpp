@@ -208,9 +208,8 @@ const AttnKernels& active_attn_kernels() {
 const AttnKernels& active_attn_int8_kernels() {
   const IsaKernels* t = &active_kernels();
   if (t == scalar_kernels()) return *attn_int8_scalar_kernels();
-  // (no AVX2 int8 attention: every other level runs the portable one)
   if (std::strcmp(t->name, "avx512_vnni") == 0 && attn_avx512_int8_kernels()) return *attn_avx512_int8_kernels();
-  return *attn_int8_scalar_kernels();
+  return attn_avx2_int8_kernels() ? *attn_avx2_int8_kernels() : *attn_int8_scalar_kernels();
 }
 
 }  // namespace hf_sparse
@@ -237,6 +236,9 @@ const AttnKernels* attn_avx2_kernels() { return nullptr; }
 #endif
 #ifndef HF_SPARSE_HAVE_ATTN_AVX512_BF16
 const AttnKernels* attn_avx512_bf16_kernels() { return nullptr; }
+#endif
+#ifndef HF_SPARSE_HAVE_ATTN_AVX2_INT8
+const AttnKernels* attn_avx2_int8_kernels() { return nullptr; }
 #endif
 #ifndef HF_SPARSE_HAVE_ATTN_AVX512_INT8
 const AttnKernels* attn_avx512_int8_kernels() { return nullptr; }

@@ -25,11 +25,11 @@ from tests.ops.test_attention import CASES, _inputs
 
 needs_extension = pytest.mark.skipif(not ops.extension_available(), reason="needs the C++ extension")
 
-# The int8 attention kernels each instruction set level runs (no AVX2 int8 attention: the portable one there).
+# The int8 attention kernels each instruction set level runs.
 INT8_KERNEL = {
     "avx512_vnni": "avx512_vnni_int8",
-    "avx2_vnni": "scalar_int8",
-    "avx2": "scalar_int8",
+    "avx2_vnni": "avx2_int8",
+    "avx2": "avx2_int8",
     "scalar": "scalar_int8",
     "reference": "reference",
 }

@@ -320,7 +320,7 @@ def attention_precision() -> str:
 def attention_isa(precision: str = "bf16") -> str:
     """The attention (and LayerNorm) kernels in use: "avx512_bf16" (AVX512-BF16, with the avx512_vnni level),
     "avx2" (fp32 FMA on the same bf16-rounded values), "scalar", or "reference" (pure torch); for precision "int8"
-    the int8 attention's: "avx512_vnni_int8", "scalar_int8" (every other level) or "reference"."""
+    the int8 attention's: "avx512_vnni_int8", "avx2_int8" (the AVX2 levels), "scalar_int8" or "reference"."""
     if precision not in _REFERENCES:
         raise ValueError(f"attention_isa: precision={precision!r}; use 'bf16' or 'int8'")
     return ext._C.attention_isa(precision == "int8") if ext._C is not None else "reference"
