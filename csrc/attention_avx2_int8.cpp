@@ -189,17 +189,7 @@ float softmax_row(float* sc, int64_t nvec, int64_t keys, int mask_kind, const vo
   __m256 m = ninf, nan = _mm256_setzero_ps();
   for (int64_t c = 0; c < nvec; ++c) {
     const int64_t j0 = c * kVec;
-    __m256 v = _mm256_load_ps(sc + j0);
-    __m256 keep = _mm256_castsi256_ps(tail_mask(keys - j0));
-    if (mask_kind == kMaskAdd) {
-      v = _mm256_add_ps(v, load_n(static_cast<const float*>(mask) + j0, keys - j0));
-    } else if (mask_kind == kMaskKeep) {
-      const uint8_t* mb = static_cast<const uint8_t*>(mask) + j0;
-      alignas(32) int32_t flags[kVec];
-      for (int t = 0; t < kVec; ++t) flags[t] = (j0 + t < keys && mb[t]) ? -1 : 0;
-      keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(flags)));
-    }
-    v = _mm256_blendv_ps(ninf, v, keep);
+    const __m256 v = masked_scores(_mm256_load_ps(sc + j0), j0, keys, mask_kind, mask);
     nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     m = _mm256_max_ps(m, v);
     _mm256_store_ps(sc + j0, v);

@@ -5,6 +5,9 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <limits>
+
+#include "attention.h"
 
 namespace hf_sparse {
 namespace {
@@ -57,6 +60,21 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
   return _mm_cvtss_f32(s);
+}
+
+// Scores v of keys j0 .. j0 + 7 of a row with `keys` valid keys, masked: + the additive mask, -inf where a bool mask
+// is 0 and past keys (mask: the row's mask, read only for valid keys).
+inline __m256 masked_scores(__m256 v, int64_t j0, int64_t keys, int mask_kind, const void* mask) {
+  __m256 keep = _mm256_castsi256_ps(tail_mask(keys - j0));
+  if (mask_kind == kMaskAdd) {
+    v = _mm256_add_ps(v, load_n(static_cast<const float*>(mask) + j0, keys - j0));
+  } else if (mask_kind == kMaskKeep) {
+    const uint8_t* mb = static_cast<const uint8_t*>(mask) + j0;
+    alignas(32) int32_t flags[8];
+    for (int t = 0; t < 8; ++t) flags[t] = (j0 + t < keys && mb[t]) ? -1 : 0;
+    keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(flags)));
+  }
+  return _mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()), v, keep);
 }
 
 }  // namespace
