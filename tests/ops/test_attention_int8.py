@@ -168,25 +168,6 @@ def test_subnormal_rows_get_full_codes():
 
 
 @needs_extension
-@pytest.mark.parametrize("threads", [2, 3])
-def test_results_do_not_depend_on_the_thread_count(threads):
-    gen = torch.Generator().manual_seed(4)
-    batch, seq, heads, d = 2, 70, 3, 24  # 6 heads: cut into query chunks for 2 and 3 threads
-    qkv = torch.randn(batch * seq, 3 * heads * d, generator=gen)
-    mask = torch.rand(batch, seq, generator=gen) > 0.2
-    for isa in ISAS:
-        with using_isa(isa):
-            outs = []
-            for n in (1, threads):
-                ops.set_num_threads(n)
-                try:
-                    outs.append(attention(qkv, heads=heads, batch=batch, mask=mask, precision="int8"))
-                finally:
-                    ops.set_num_threads(None)
-        assert_same(outs[1], outs[0], f"{isa}: {threads} threads vs 1")
-
-
-@needs_extension
 def test_op_path_and_fake_tensors():
     gen = torch.Generator().manual_seed(5)
     qkv = torch.randn(2, 11, 3 * 4 * 8, generator=gen)
