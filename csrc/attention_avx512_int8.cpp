@@ -375,6 +375,7 @@ bool qkv_layout(QkvPackedOut& p) {
   p.v_off = 2 * p.heads * p.qk_head;
   p.seq_words = p.v_off + p.heads * p.v_head;
   p.granule = p.d;  // per-(token, head) scales: the writer sees each head whole
+  p.token_granule = 4;
   return true;
 }
 

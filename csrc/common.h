@@ -105,6 +105,9 @@ struct QkvPackedOut {
   int64_t token0 = 0, seq = 0, heads = 0, d = 0, sp = 0, sp2 = 0;
   int64_t seq_words = 0, q_off = 0, k_off = 0, v_off = 0, qk_head = 0, v_head = 0;
   int64_t granule = 16;  // 16, or d for a writer that needs each token's whole head (per-head scales)
+  // Calls starting at a multiple of this many tokens of a sequence keep the writer on whole words (int8 V: 4 keys
+  // per word; other starts are written correctly, byte by byte)
+  int64_t token_granule = 1;
   // Channels n .. n + 15 (n a multiple of 16) of tokens m0 .. m0 + rows - 1 of the call (T token vectors).
   void (*write_group)(const QkvPackedOut& p, const float* staged, int T, int64_t n, int64_t m0, int rows) = nullptr;
   // The Linear kernels that write it: the caller's snapshot, so that another thread switching the instruction set

@@ -507,10 +507,12 @@ void run_sequence_tokens(const EncoderLayerCall* calls, int layers, const char* 
   const int64_t per_thread = (c.seq + threads - 1) / threads;
   const int64_t k = (per_thread + c.chunk_tokens - 1) / std::max<int64_t>(1, c.chunk_tokens);
   job.block_rows = (c.seq + threads * k - 1) / (threads * k);
-  // Whole 16-token vectors per block for fm tiles (seq is a multiple of 16 then); whole groups of 4 keys for the
-  // int8 attention's packed Q/K/V, whose V words hold 4 keys (its writer then writes them whole, not byte by byte)
-  const bool int8_packed = kernels.attention->int8 && std::find(packed, packed + layers, 1) != packed + layers;
-  const int64_t gran = fm ? 16 : (int8_packed ? 4 : 1);
+  // Whole 16-token vectors per block for fm tiles (seq is a multiple of 16 then), and the packed Q/K/V writers'
+  // token granule (QkvPackedOut::token_granule)
+  int64_t gran = fm ? 16 : 1;
+  for (int l = 0; l < layers; ++l) {
+    if (packed[l]) gran = std::max(gran, packed_layout(calls[l], kernels, nullptr, 0).token_granule);
+  }
   job.block_rows = (job.block_rows + gran - 1) / gran * gran;
   job.blocks = (c.seq + job.block_rows - 1) / job.block_rows;
   size_t buf_bytes = 0;  // the widest layer's
