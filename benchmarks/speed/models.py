@@ -46,12 +46,14 @@ class BenchModel:
     measured_sparsity: float
     digest: str  # sha256 of the weights: keys the ONNX cache, so a cached file always holds these weights
     prune_s: float
+    layers: int | None = None  # num_hidden_layers when not the size's own
     _inputs: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _reference: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def config_key(self) -> str:
-        return f"{self.size}-s{self.sparsity:g}-{self.pattern}-seq{self.seq_len}-seed{self.seed}"
+        layers = f"-L{self.layers}" if self.layers is not None else ""
+        return f"{self.size}{layers}-s{self.sparsity:g}-{self.pattern}-seq{self.seq_len}-seed{self.seed}"
 
     def inputs(self, batch: int) -> dict[str, torch.Tensor]:
         """Fixed random token ids for `batch` sequences of `seq_len` tokens, no padding (all engines get these)."""
@@ -84,16 +86,23 @@ def _weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def build_model(size: str, sparsity: float, pattern: str, *, seq_len: int = 128, seed: int = 0) -> BenchModel:
+def build_model(
+    size: str, sparsity: float, pattern: str, *, seq_len: int = 128, seed: int = 0, layers: int | None = None
+) -> BenchModel:
     """BertForSequenceClassification with seeded random weights, magnitude-pruned one-shot to `sparsity`.
 
     hf_sparse's defaults prune the 72 encoder Linears of BERT-base (not embeddings, pooler or classifier).
-    sparsity 0 leaves the model dense.
+    sparsity 0 leaves the model dense. `layers` replaces the size's number of encoder layers.
     """
     if size not in MODEL_SIZES:
         raise ValueError(f"Unknown model size {size!r}; known: {', '.join(MODEL_SIZES)}")
+    if layers is not None and layers < 1:
+        raise ValueError(f"layers={layers}: an encoder needs at least one layer")
     torch.manual_seed(seed)
-    model = BertForSequenceClassification(BertConfig(**MODEL_SIZES[size])).eval()
+    config = BertConfig(**MODEL_SIZES[size])
+    if layers is not None:
+        config.num_hidden_layers = layers
+    model = BertForSequenceClassification(config).eval()
     start = time.perf_counter()
     measured = 0.0
     if sparsity > 0:
@@ -112,4 +121,5 @@ def build_model(size: str, sparsity: float, pattern: str, *, seq_len: int = 128,
         measured_sparsity=measured,
         digest=_weights_digest(model),
         prune_s=time.perf_counter() - start,
+        layers=layers,
     )
