@@ -192,28 +192,36 @@ void pack_v(const float* v, int64_t ldv, int64_t s, int64_t d, const Layout& L, 
   }
 }
 
+// acc[r][c] = sum over w < n of a[r * a_rs + w * a_ws] (4 u8 codes, broadcast) . b[w * b_ws + 16c + lane] (4 s8
+// codes per lane): the int32 products of both attention products (Q K^T and P V), kRows rows x C vectors.
+template <int C>
+__attribute__((always_inline)) inline void dot_rows(const uint32_t* a, int64_t a_rs, int64_t a_ws, int64_t n,
+                                                    const uint32_t* b, int64_t b_ws, __m512i (&acc)[kRows][C]) {
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
+  }
+  for (int64_t w = 0; w < n; ++w) {
+    __m512i bv[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) bv[c] = _mm512_load_si512(b + w * b_ws + c * kVec);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i ab = _mm512_set1_epi32(static_cast<int>(a[r * a_rs + w * a_ws]));
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[r][c] = dpbusd(acc[r][c], ab, bv[c]);
+    }
+  }
+}
+
 // Scores of kRows query rows x C key vectors: sc[r][16c + lane] = (float(sum_w q[r][w] . kp[w][16c + lane] - kc) x
 // qs[r]) x ks[16c + lane], Q's word (r, w) at qw[r * q_rs + w * q_ws].
 template <int C>
 void qk_block(const uint32_t* qw, int64_t q_rs, int64_t q_ws, int64_t d4, const uint32_t* kp, int64_t sp,
               const int32_t* kc, const float* ks, const float* qs, float* sc) {
   __m512i acc[kRows][C];
-#pragma GCC unroll 4
-  for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
-  }
-  for (int64_t w = 0; w < d4; ++w) {
-    __m512i kv[C];
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) kv[c] = _mm512_load_si512(kp + w * sp + c * kVec);
-#pragma GCC unroll 4
-    for (int r = 0; r < kRows; ++r) {
-      const __m512i qb = _mm512_set1_epi32(static_cast<int>(qw[r * q_rs + w * q_ws]));
-#pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) acc[r][c] = dpbusd(acc[r][c], qb, kv[c]);
-    }
-  }
+  dot_rows<C>(qw, q_rs, q_ws, d4, kp, sp, acc);
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) {
     const __m512 rs = _mm512_set1_ps(qs[r]);
@@ -232,22 +240,7 @@ template <int C>
 void pv_block(const uint32_t* pw, int64_t pst, int64_t kw, const uint32_t* vp, int64_t dv, const float* div,
               const float* ps, int nrows, float* out, int64_t ldo, int64_t dleft) {
   __m512i acc[kRows][C];
-#pragma GCC unroll 4
-  for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
-  }
-  for (int64_t j4 = 0; j4 < kw; ++j4) {
-    __m512i vv[C];
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) vv[c] = _mm512_load_si512(vp + j4 * dv + c * kVec);
-#pragma GCC unroll 4
-    for (int r = 0; r < kRows; ++r) {
-      const __m512i pb = _mm512_set1_epi32(static_cast<int>(pw[r * pst + j4]));
-#pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) acc[r][c] = dpbusd(acc[r][c], pb, vv[c]);
-    }
-  }
+  dot_rows<C>(pw, pst, 1, kw, vp, dv, acc);
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) {
     if (r >= nrows) break;

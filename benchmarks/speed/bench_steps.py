@@ -30,10 +30,8 @@ from engine_from_pretrained import load_bench_model  # noqa: E402
 from models import build_model  # noqa: E402
 
 from hf_sparse.nn import FusedEncoderLayer  # noqa: E402
+from hf_sparse.ops import _extension as ext  # noqa: E402
 from hf_sparse.ops import attention_precision, set_attention_precision  # noqa: E402
-
-
-STEPS = ("qkv", "attention", "out", "norm1", "ffn", "norm2")
 
 
 def time_cell(model, inputs, iters: int) -> tuple[dict[str, float], float]:
@@ -86,17 +84,18 @@ def main() -> None:
                     results[cell].append(time_cell(model, bench.inputs(batch), iters[cell]))
     finally:
         set_attention_precision(before)
+    steps_named = ext._C.LAYER_STEPS  # the kernels' own step names, in order
     print(f"\n{args.size}, {args.sparsity:g} {args.pattern} int8, {args.threads} threads, {args.rounds} rounds")
     print("steps in us per sequence and layer; forward and outside in ms per sequence\n")
-    print("| layers | batch | attention | " + " | ".join(STEPS) + " | steps | forward | outside |")
-    print("|---|---:|---|" + "---:|" * (len(STEPS) + 3))
+    print("| layers | batch | attention | " + " | ".join(steps_named) + " | steps | forward | outside |")
+    print("|---|---:|---|" + "---:|" * (len(steps_named) + 3))
     for cell, runs in results.items():
         n, batch, attention = cell
         per_layer = 1e6 / (batch * n)
-        steps = {s: statistics.median(r[0].get(s, 0.0) for r in runs) * per_layer for s in STEPS}
+        steps = {s: statistics.median(r[0].get(s, 0.0) for r in runs) * per_layer for s in steps_named}
         forward = statistics.median(r[1] for r in runs) * 1e3 / batch
         inside = statistics.median(sum(r[0].values()) for r in runs) * 1e3 / batch
-        row = [str(n), str(batch), attention, *(f"{steps[s]:.1f}" for s in STEPS)]
+        row = [str(n), str(batch), attention, *(f"{steps[s]:.1f}" for s in steps_named)]
         row += [f"{sum(steps.values()):.1f}", f"{forward:.3f}", f"{forward - inside:.3f}"]
         print("| " + " | ".join(row) + " |")
 
