@@ -785,7 +785,7 @@ NB_MODULE(_C, m) {
       .def("run", &EncoderStackPlan::run, "x"_a, "y"_a, "scratch"_a, "batch"_a, "seq"_a, "mask_kind"_a, "mask"_a,
            "mask_sb"_a, "mask_sh"_a, "mask_sq"_a, "norms"_a, "eps"_a, "chunk_tokens"_a, "split_sequences"_a,
            "pack_qkv"_a, "feature_major"_a, "attention_int8"_a, "nthreads"_a, "profile"_a);
-  m.attr("LAYER_STEPS") = nb::make_tuple("qkv", "attention", "out", "norm1", "ffn", "norm2");
+  m.attr("LAYER_STEPS") = nb::make_tuple("qkv", "wait", "attention", "out", "norm1", "ffn", "norm2");
   m.attr("LAYER_PARALLELISM") = nb::make_tuple(nb::make_tuple("sequences", static_cast<int>(kSequenceParallel)),
                                                nb::make_tuple("tokens", static_cast<int>(kTokenParallel)),
                                                nb::make_tuple("steps", static_cast<int>(kStepParallel)));

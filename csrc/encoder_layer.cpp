@@ -134,6 +134,7 @@ AttnCall attention_call(const EncoderLayerCall& c, const float* qkv, float* ctx,
 // Per-thread profile rows: kLayerSteps counters, then a flag set by a thread that took part.
 constexpr int kJoined = kLayerSteps;
 constexpr int kProfileRow = 8;  // int64s per row (64 bytes)
+static_assert(kJoined < kProfileRow, "a profile row holds the step counters and the flag");
 
 // profile += the mean of the rows of the threads that took part (a pool worker may never join a job).
 template <class Row>
@@ -428,7 +429,7 @@ struct TokenJob {
 
   void run(int tid) {
     int64_t* row = prof ? prof + tid * kProfileRow : nullptr;
-    StepTimer timer(row);  // "qkv" includes the wait for the other blocks' Q/K/V
+    StepTimer timer(row);
     for (int l = 0; l < layers; ++l) {
       const EncoderLayerCall& c = calls[l];
       const ChunkBuffers buf(c, c.seq, bufs[l & 1]);
@@ -438,7 +439,11 @@ struct TokenJob {
         const int64_t i = next_a[l].fetch_add(1, std::memory_order_relaxed);
         if (i >= blocks) break;
         if (row) row[kJoined] = 1;  // (a thread that ran nothing stays out of the profile's mean)
-        if (l > 0) wait([&] { return done_b[(l - 1) * blocks + i].load(std::memory_order_acquire) != 0; });
+        if (l > 0) {
+          timer.done(kStepNorm2);  // (the loop's own time)
+          wait([&] { return done_b[(l - 1) * blocks + i].load(std::memory_order_acquire) != 0; });
+          timer.done(kStepWait);
+        }
         const int64_t r0 = i * block_rows, rows = std::min(block_rows, c.seq - r0);
         try {
           if (error.any()) {
@@ -455,9 +460,10 @@ struct TokenJob {
           error.capture();
         }
         done_a[l].fetch_add(1, std::memory_order_release);
+        timer.done(kStepQkv);
       }
       wait([&] { return done_a[l].load(std::memory_order_acquire) >= blocks; });
-      timer.done(kStepQkv);
+      timer.done(kStepWait);
       for (;;) {
         const int64_t i = next_b[l].fetch_add(1, std::memory_order_relaxed);
         if (i >= blocks) break;

@@ -22,8 +22,18 @@ using LinearStep = std::function<void(const float* x, int64_t m, float* y, int n
 // The Q/K/V step written straight into the attention's packed inputs (common.h, QkvPackedOut).
 using QkvPackedStep = std::function<void(const float* x, int64_t m, const QkvPackedOut& out, int nthreads)>;
 
-// Steps in the order they run; profile counters are indexed the same way.
-enum LayerStep : int { kStepQkv = 0, kStepAttention, kStepOut, kStepNorm1, kStepFfn, kStepNorm2, kLayerSteps };
+// Steps in the order they run (kStepWait: a token block's wait for the other blocks' K/V, token parallelism only);
+// profile counters are indexed the same way.
+enum LayerStep : int {
+  kStepQkv = 0,
+  kStepWait,
+  kStepAttention,
+  kStepOut,
+  kStepNorm1,
+  kStepFfn,
+  kStepNorm2,
+  kLayerSteps
+};
 
 // y = LN2(ffn(a) + a) with a = LN1(out(attention(qkv(x))) + x) over `batch` sequences of `seq` tokens.
 struct EncoderLayerCall {

@@ -7,8 +7,8 @@
 Models: the speed benchmark's (random weights, magnitude-pruned, `save_sparse` + `from_pretrained`), one per
 `--layers` value (BERT-base has 12). Each round runs every (model, batch, attention) cell once, `--iters` forwards
 back to back, cells interleaved so that all see the same machine state; the table gives medians over the rounds.
-Steps are `FusedEncoderLayer.step_times` (each step's mean over the threads that ran it; with token blocks "qkv"
-includes the wait for the other blocks' K/V), in microseconds per sequence and layer so that depths and batch sizes
+Steps are `FusedEncoderLayer.step_times` (each step's mean over the threads that ran it; "wait" is the token
+blocks' wait for each other's K/V at batch 1), in microseconds per sequence and layer so that depths and batch sizes
 compare; "forward" is the whole model call in ms per sequence, "outside" the forward minus the steps, also per
 sequence (Python, embeddings, pooler, classifier, and thread hand-offs outside any step).
 """

@@ -110,5 +110,8 @@ def test_profile_counts_every_step_once_per_call(layer, threads, batch):
         _run(layer, x, None, 2, split=False)
     finally:
         FusedEncoderLayer.step_times = None
-    assert set(first) == {"qkv", "attention", "out", "norm1", "ffn", "norm2"}
+    assert set(first) == {"qkv", "wait", "attention", "out", "norm1", "ffn", "norm2"}
+    # only token blocks (batch 1) wait for each other's K/V; split steps wait inside the steps
+    wait = first.pop("wait")
+    assert (wait > 0) == (batch == 1) and times["wait"] == wait
     assert all(v > 0 for v in first.values()) and all(times[k] > first[k] for k in first)

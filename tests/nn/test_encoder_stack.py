@@ -127,7 +127,9 @@ def test_profile_sums_the_steps_of_every_layer(layers, threads):
         FusedEncoderStack(layers)(x)
     finally:
         FusedEncoderLayer.step_times = None
-    assert set(times) == {"qkv", "attention", "out", "norm1", "ffn", "norm2"} and all(v > 0 for v in times.values())
+    assert set(times) == {"qkv", "wait", "attention", "out", "norm1", "ffn", "norm2"}
+    # whole sequences per thread: no thread waits for another's K/V
+    assert times.pop("wait") == 0 and all(v > 0 for v in times.values())
 
 
 def test_bad_layers_and_masks_are_refused(layers):

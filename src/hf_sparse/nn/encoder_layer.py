@@ -96,8 +96,9 @@ class FusedEncoderLayer:
     (`layer.ran_feature_major` says whether the last call did; `layer.feature_major = False` turns it off).
 
     `FusedEncoderLayer.step_times`, None normally, may be set by a profiler (benchmarks/speed) to a dict: every
-    fast-path call then adds each step's share of its wall time, in seconds, under the step's name ("qkv",
-    "attention", "out", "norm1", "ffn", "norm2"): the fast path has no modules for forward hooks to time.
+    fast-path call then adds each step's share of its wall time, in seconds, under the step's name ("qkv", "wait",
+    "attention", "out", "norm1", "ffn", "norm2"; "wait" is token blocks' wait for each other's K/V): the fast path
+    has no modules for forward hooks to time.
     """
 
     step_times: dict[str, float] | None = None
