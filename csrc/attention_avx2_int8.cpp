@@ -126,23 +126,31 @@ void pack_kv(const AttnItem& a, int64_t s, int64_t d, const Layout& L, uint32_t*
   }
 }
 
+// acc[r][c] = sum over w < n of a[r * a_rs + w] (2 s16 values, broadcast) . b[w * b_ws + 8c + lane] (2 s16 values
+// per lane): the int32 products of both attention products (Q K^T and P V), kRows rows x C vectors.
+template <int C>
+__attribute__((always_inline)) inline void dot_rows(const uint32_t* a, int64_t a_rs, int64_t n, const uint32_t* b,
+                                                    int64_t b_ws, __m256i (&acc)[kRows][C]) {
+  for (int r = 0; r < kRows; ++r) {
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_si256();
+  }
+  for (int64_t w = 0; w < n; ++w) {
+    __m256i bv[C];
+    for (int c = 0; c < C; ++c) bv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + w * b_ws + c * kVec));
+    for (int r = 0; r < kRows; ++r) {
+      const __m256i ab = _mm256_set1_epi32(static_cast<int>(a[r * a_rs + w]));
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(ab, bv[c]));
+    }
+  }
+}
+
 // Scores of kRows query rows x C key vectors: sc[r][8c + lane] = (float(sum_w q[r][w] . kp[w][8c + lane]) x qs[r])
 // x ks[8c + lane].
 template <int C>
 void qk_block(const uint32_t* qw, int64_t d2, const uint32_t* kp, int64_t sp, const float* ks, const float* qs,
               float* sc) {
   __m256i acc[kRows][C];
-  for (int r = 0; r < kRows; ++r) {
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_si256();
-  }
-  for (int64_t w = 0; w < d2; ++w) {
-    __m256i kv[C];
-    for (int c = 0; c < C; ++c) kv[c] = _mm256_load_si256(reinterpret_cast<const __m256i*>(kp + w * sp + c * kVec));
-    for (int r = 0; r < kRows; ++r) {
-      const __m256i qb = _mm256_set1_epi32(static_cast<int>(qw[r * d2 + w]));
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(qb, kv[c]));
-    }
-  }
+  dot_rows<C>(qw, d2, d2, kp, sp, acc);
   for (int r = 0; r < kRows; ++r) {
     const __m256 rs = _mm256_set1_ps(qs[r]);
     for (int c = 0; c < C; ++c) {
@@ -158,17 +166,7 @@ template <int C>
 void pv_block(const uint32_t* pw, int64_t pst, int64_t kw, const uint32_t* vp, int64_t dv, const float* div,
               const float* ps, int nrows, float* out, int64_t ldo, int64_t dleft) {
   __m256i acc[kRows][C];
-  for (int r = 0; r < kRows; ++r) {
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_si256();
-  }
-  for (int64_t j2 = 0; j2 < kw; ++j2) {
-    __m256i vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp + j2 * dv + c * kVec));
-    for (int r = 0; r < kRows; ++r) {
-      const __m256i pb = _mm256_set1_epi32(static_cast<int>(pw[r * pst + j2]));
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(pb, vv[c]));
-    }
-  }
+  dot_rows<C>(pw, pst, kw, vp, dv, acc);
   for (int r = 0; r < kRows && r < nrows; ++r) {
     const __m256 sc = _mm256_set1_ps(ps[r]), dv_ = _mm256_set1_ps(div[r]);
     for (int c = 0; c < C; ++c) {
