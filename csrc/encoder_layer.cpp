@@ -440,7 +440,6 @@ struct TokenJob {
         if (i >= blocks) break;
         if (row) row[kJoined] = 1;  // (a thread that ran nothing stays out of the profile's mean)
         if (l > 0) {
-          timer.done(kStepNorm2);  // (the loop's own time)
           wait([&] { return done_b[(l - 1) * blocks + i].load(std::memory_order_acquire) != 0; });
           timer.done(kStepWait);
         }
