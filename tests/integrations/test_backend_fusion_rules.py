@@ -16,6 +16,7 @@ from hf_sparse.integrations.fusion_rules import (
     EncoderStackFusion,
     FFNFusion,
     GeluFusion,
+    ModelFusion,
     Siblings,
 )
 
@@ -53,6 +54,8 @@ def test_rule_matches_the_class(key, rule):
         _check_encoder_stack(key, rule)
     elif isinstance(rule, EmbeddingsFusion):
         _check_embeddings(key, rule)
+    elif isinstance(rule, ModelFusion):
+        _check_model(key, rule)
     else:
         assert isinstance(rule, FFNFusion)
         lines = _lines(getattr(cls, rule.method))
@@ -250,3 +253,52 @@ def _check_embeddings(key: str, rule: EmbeddingsFusion) -> None:
     else:
         expected = _BERT_EMBEDDINGS
     assert _lines(cls.forward) == expected, f"{key}: not the embeddings the fused kernel computes"
+
+
+# What FusedModelForward repeats (for calls without cache, cross-attention or inputs_embeds) and skips (the
+# decorators' work and, without padding, the mask, which transformers' sdpa and eager mask functions make None)
+_BERT_MODEL = [
+    "if (input_ids is None) ^ (inputs_embeds is not None):",
+    'raise ValueError("You must specify exactly one of input_ids or inputs_embeds")', "if self.config.is_decoder:",
+    "use_cache = use_cache if use_cache is not None else self.config.use_cache", "else:", "use_cache = False",
+    "if use_cache and past_key_values is None:", "past_key_values = (",
+    "EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))",
+    "if encoder_hidden_states is not None or self.config.is_encoder_decoder", "else DynamicCache(config=self.config)",
+    ")", "past_key_values_length = past_key_values.get_seq_length() if past_key_values is not None else 0",
+    "embedding_output = self.embeddings(", "input_ids=input_ids,", "position_ids=position_ids,",
+    "token_type_ids=token_type_ids,", "inputs_embeds=inputs_embeds,",
+    "past_key_values_length=past_key_values_length,", ")",
+    "attention_mask, encoder_attention_mask = self._create_attention_masks(", "attention_mask=attention_mask,",
+    "encoder_attention_mask=encoder_attention_mask,", "embedding_output=embedding_output,",
+    "encoder_hidden_states=encoder_hidden_states,", "past_key_values=past_key_values,", ")",
+    "encoder_outputs = self.encoder(", "embedding_output,", "attention_mask=attention_mask,",
+    "encoder_hidden_states=encoder_hidden_states,", "encoder_attention_mask=encoder_attention_mask,",
+    "past_key_values=past_key_values,", "use_cache=use_cache,", "position_ids=position_ids,", "**kwargs,", ")",
+    "sequence_output = encoder_outputs.last_hidden_state",
+    "pooled_output = self.pooler(sequence_output) if self.pooler is not None else None",
+    "return BaseModelOutputWithPoolingAndCrossAttentions(", "last_hidden_state=sequence_output,",
+    "pooler_output=pooled_output,", "past_key_values=encoder_outputs.past_key_values,", ")",
+]  # fmt: skip
+_BERT_MODEL_MASKS = [
+    "if self.config.is_decoder:", "attention_mask = create_causal_mask(", "config=self.config,",
+    "inputs_embeds=embedding_output,", "attention_mask=attention_mask,", "past_key_values=past_key_values,", ")",
+    "else:", "attention_mask = create_bidirectional_mask(", "config=self.config,", "inputs_embeds=embedding_output,",
+    "attention_mask=attention_mask,", ")", "if encoder_attention_mask is not None:",
+    "encoder_attention_mask = create_bidirectional_mask(", "config=self.config,", "inputs_embeds=embedding_output,",
+    "attention_mask=encoder_attention_mask,", "encoder_hidden_states=encoder_hidden_states,", ")",
+    "return attention_mask, encoder_attention_mask",
+]  # fmt: skip
+
+
+def _check_model(key: str, rule: ModelFusion) -> None:
+    cls = _class(key)
+    assert tuple(inspect.signature(cls.forward).parameters)[1:] == (*rule.params, "kwargs"), f"{key}: parameters"
+    decorators = [line.strip() for line in inspect.getsource(cls.forward).splitlines() if line.strip()[:1] == "@"]
+    assert decorators == ["@merge_with_config_defaults", "@capture_outputs", "@auto_docstring"], key
+    assert _lines(cls.forward) == _BERT_MODEL, f"{key}: not the forward FusedModelForward repeats"
+    assert _lines(cls._create_attention_masks) == _BERT_MODEL_MASKS, f"{key}: masks made another way"
+    assert (rule.embeddings, rule.encoder, rule.pooler) == ("embeddings", "encoder", "pooler")
+    h, pooled = torch.ones(1), torch.zeros(1)
+    out = rule.output(h, pooled, None)
+    assert type(out).__name__ == "BaseModelOutputWithPoolingAndCrossAttentions"
+    assert out.last_hidden_state is h and out.pooler_output is pooled and out.past_key_values is None

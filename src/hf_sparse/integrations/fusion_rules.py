@@ -1,6 +1,6 @@
 """Which transformers modules let the backend fuse work, keyed by their exact class (never guessed from names).
 
-Six kinds of rule, each checked against the class's source when it was added (and by the tests):
+Seven kinds of rule, each checked against the class's source when it was added (and by the tests):
 
 - `GeluFusion`: the module computes `act(linear(x))` with nothing in between, and `act` is the exact (erf) GELU.
   The Linear is packed with `activation="gelu"` (the kernel's epilogue computes it) and `act` becomes Identity.
@@ -25,6 +25,12 @@ Six kinds of rule, each checked against the class's source when it was added (an
   with positions and default token types from its buffers. Its `forward` is replaced on the instance by a
   `hf_sparse.integrations.embeddings.FusedEmbeddingsForward`: one kernel call (`hf_sparse.ops.embed_layernorm`)
   when the call is one it computes (ids given, eval mode, no hooks inside), the class's forward otherwise.
+
+- `ModelFusion`: a base model whose forward is BertModel's: embeddings, the attention mask, the encoder, the
+  pooler, an output object, under transformers' config-default and output-capturing decorators. When its encoder
+  got a `FusedEncoderStackForward`, its `forward` is replaced on the instance by a
+  `hf_sparse.integrations.model_forward.FusedModelForward`: the same module calls without the decorators' and the
+  mask's code when the call needs neither (no padding, nothing captured), the class's forward otherwise.
 
 A class is named by `module.qualname` so that no modeling file is imported to build the table, and subclasses (which
 may override `forward`) never match. New architectures are one line each.
@@ -176,7 +182,34 @@ def _distilbert_output(h: torch.Tensor):
     return BaseModelOutput(last_hidden_state=h)
 
 
-Rule = GeluFusion | Siblings | FFNFusion | EncoderLayerFusion | EncoderStackFusion | EmbeddingsFusion
+@dataclass(frozen=True)
+class ModelFusion:
+    """A base model: `params` its forward's parameters in order; embeddings / encoder / pooler (None: none) child
+    module names; `output(last hidden state, pooled, past_key_values)` the forward's return value."""
+
+    params: tuple[str, ...]
+    output: Callable[[torch.Tensor, torch.Tensor | None, object], object]
+    embeddings: str = "embeddings"
+    encoder: str = "encoder"
+    pooler: str | None = "pooler"
+
+
+_BERT_MODEL_PARAMS = (
+    "input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "encoder_hidden_states",
+    "encoder_attention_mask", "past_key_values", "use_cache",
+)  # fmt: skip
+
+
+def _bert_model_output(hidden: torch.Tensor, pooled: torch.Tensor | None, past):
+    # BertModel.forward's return value
+    from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+    return BaseModelOutputWithPoolingAndCrossAttentions(
+        last_hidden_state=hidden, pooler_output=pooled, past_key_values=past
+    )
+
+
+Rule = GeluFusion | Siblings | FFNFusion | EncoderLayerFusion | EncoderStackFusion | EmbeddingsFusion | ModelFusion
 #: exact class -> rules
 RULES: dict[str, tuple[Rule, ...]] = {}
 
@@ -198,6 +231,8 @@ for _family, _prefix in [
     register_rules(f"{_TF}.{_family}.modeling_{_family}.{_prefix}Intermediate", _INTERMEDIATE)
     _module = f"{_TF}.{_family}.modeling_{_family}"
     register_rules(f"{_module}.{_prefix}Encoder", EncoderStackFusion("layer", _encoder_output))
+    if _family != "electra":  # (ElectraModel's forward projects the embeddings and has no pooler)
+        register_rules(f"{_module}.{_prefix}Model", ModelFusion(_BERT_MODEL_PARAMS, _bert_model_output))
     _positions = "buffer" if _family in ("bert", "electra") else "padding"
     register_rules(f"{_module}.{_prefix}Embeddings", EmbeddingsFusion(_BERT_EMBEDDINGS_PARAMS, _positions))
     register_rules(

@@ -32,13 +32,19 @@ from .fusion_rules import (
     FFNFusion,
     FusedFeedForward,
     GeluFusion,
+    ModelFusion,
     Siblings,
     is_exact_gelu,
     rules_for,
 )
+from .model_forward import FusedModelForward, fuse_model
 
 
 logger = logging.getLogger(__name__)
+# What pack_model installs as instance attributes (dequantize_model removes them)
+_FUSED_FORWARDS = (
+    FusedFeedForward, FusedEncoderForward, FusedEncoderStackForward, FusedEmbeddingsForward, FusedModelForward
+)  # fmt: skip
 
 
 class FusedActivation(nn.Module):
@@ -182,8 +188,9 @@ def pack_model(model: nn.Module, workload: str | None = None) -> dict[str, int]:
     """Pack every loaded `SparseLinear` of `model` for the kernels, in place: exact GELUs after a converted Linear
     are fused into its kernel, sibling Linears are packed side by side, the rest alone, then whole FFNs become one
     kernel call where the layouts allow, whole encoder layers as one call of six kernel steps (the attention
-    kernel included), encoders whose layers are all fused as one call for all the layers, and embedding modules
-    as one call (lookups, sums and LayerNorm). Automatic layouts
+    kernel included), encoders whose layers are all fused as one call for all the layers, embedding modules
+    as one call (lookups, sums and LayerNorm), and base models around a fused encoder without transformers' mask
+    and decorator code where a call needs none of it. Automatic layouts
     are chosen for `workload` (None: `model_workload(model)`). The dense loading copies are dropped, and parameters
     stop requiring gradients (the kernels have no backward). Returns counts of what was done."""
     workload = model_workload(model) if workload is None else workload
@@ -196,6 +203,7 @@ def pack_model(model: nn.Module, workload: str | None = None) -> dict[str, int]:
         "fused_layers": 0,
         "fused_stacks": 0,
         "fused_embeddings": 0,
+        "fused_models": 0,
     }
     for module in modules.values():  # before packing: the activation is part of the packed kernel
         for rule in rules_for(module):
@@ -237,6 +245,10 @@ def pack_model(model: nn.Module, workload: str | None = None) -> dict[str, int]:
         for rule in rules_for(module):
             if isinstance(rule, EmbeddingsFusion) and fuse_embeddings(module, rule):
                 counts["fused_embeddings"] += 1
+    for module in modules.values():  # (after the encoders: it needs a fused one)
+        for rule in rules_for(module):
+            if isinstance(rule, ModelFusion) and fuse_model(module, rule):
+                counts["fused_models"] += 1
     model.requires_grad_(False)
     return counts
 
@@ -277,11 +289,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
     if isinstance(dtype, str):  # a config's dtype ("float32")
         dtype = getattr(torch, dtype)
     for module in model.modules():
-        for key in [
-            k
-            for k, v in vars(module).items()
-            if isinstance(v, (FusedFeedForward, FusedEncoderForward, FusedEncoderStackForward, FusedEmbeddingsForward))
-        ]:
+        for key in [k for k, v in vars(module).items() if isinstance(v, _FUSED_FORWARDS)]:
             del module.__dict__[key]  # the class's own method again
     for name, module in list(model.named_modules()):
         if isinstance(module, FusedActivation):

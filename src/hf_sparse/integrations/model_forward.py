@@ -1,0 +1,197 @@
+"""Base models whose glue around a fused encoder is cut short (`ModelFusion` rules): installing it, and when it runs.
+
+Once the embeddings and the encoder run on the kernels, what is left of a batch-1 BERT-base forward outside them is
+transformers' own code around the encoder: the forward's decorators (config defaults, output capturing) and the
+attention mask, built through the mask interface even when no token is padded. After the encoder's one kernel call
+has streamed the model's weights through the caches, every object that code touches is a cache miss: ~0.3 ms of a
+~8.5 ms forward (`benchmarks/RESULTS.md`, "The base model's glue"). `pack_model` replaces the `forward` of a base
+model instance (BertModel, RobertaModel...) whose encoder got a `FusedEncoderStackForward` by a
+`FusedModelForward`, which makes the same module calls in the same order with the same arguments, and takes the
+mask transformers would build (None) without building it when no token is padded. It runs only for calls whose
+result it reproduces exactly; everything else (padding, caches, cross-attention, captured outputs, other
+attention implementations, compiling) goes to the class's forward.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..ops import _extension as ext
+from .fusion_rules import ModelFusion
+
+
+def _mask_functions() -> tuple[dict | None, dict]:
+    """(transformers' mask registry, the mask functions of "sdpa" and "eager" it ships), or (None, {})."""
+    try:
+        from transformers import masking_utils
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+    except ImportError:  # pragma: no cover - another transformers layout: never take the fast path
+        return None, {}
+    if getattr(masking_utils, "_is_torch_xpu_available", True):  # (XPU builds skip masks by other rules)
+        return None, {}
+    return ALL_MASK_ATTENTION_FUNCTIONS, {"sdpa": sdpa_mask, "eager": eager_mask}
+
+
+def _collector():
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover
+        return None
+    return _active_collector
+
+
+# The arguments the class's forward names (in order), and the keywords its decorators read
+_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states")
+
+
+def _all_set(mask: torch.Tensor) -> bool:
+    """Whether an integer or bool mask has no zero (no padding)."""
+    if not mask.is_contiguous():
+        return bool(mask.all())
+    return ext._C.all_nonzero_raw(mask.data_ptr(), mask.numel(), mask.element_size())
+
+
+class FusedModelForward:
+    """Stands in for `forward` on one base model instance. Not a Module; `dequantize_model` removes it. `calls`
+    counts the calls it ran itself.
+
+    It runs a call when: not compiling or tracing; the arguments are the forward's own (by position or name) plus
+    `return_dict` and false `output_attentions` / `output_hidden_states`; `input_ids` given, no `inputs_embeds`,
+    cache or cross-attention input; the config is not a decoder's, not causal and captures no outputs; and the mask
+    is one transformers' "sdpa" or "eager" mask function (the registry's own) turns into None: none, or one without
+    padding. Then: embeddings, encoder, pooler, each through its module's `__call__` (hooks run) with the class's
+    arguments, inside the same empty output collector the class's decorator sets."""
+
+    def __init__(self, model: nn.Module, rule: ModelFusion):
+        self.model, self.rule = model, rule
+        self.names = frozenset((*rule.params, "return_dict", *_OUTPUT_FLAGS))
+        self.registry, self.mask_functions = _mask_functions()
+        self.collector = _collector()
+        self.calls = 0
+
+    def __deepcopy__(self, memo):  # the copied model (it may be half-built here: no lookups in it)
+        new = copy.copy(self)
+        new.model = copy.deepcopy(self.model, memo)
+        return new
+
+    def __call__(self, *args, **kwargs):
+        call = self._bind(args, kwargs)
+        if call is None or self._call_problem(call) is not None:
+            return type(self.model).forward(self.model, *args, **kwargs)
+        self.calls += 1
+        model, rule = self.model, self.rule
+        ids, position_ids = call["input_ids"], call.get("position_ids")
+        flags = {k: call[k] for k in _OUTPUT_FLAGS if k in call}  # (the class passes them on to the encoder)
+        token = self.collector.set({})  # what the class's output-capturing decorator sets when nothing is captured
+        try:
+            embedded = getattr(model, rule.embeddings)(
+                input_ids=ids,
+                position_ids=position_ids,
+                token_type_ids=call.get("token_type_ids"),
+                inputs_embeds=None,
+                past_key_values_length=0,
+            )
+            mask = call.get("attention_mask")
+            if mask is not None and not _all_set(mask):  # padding: the mask the class builds
+                mask = model._create_attention_masks(
+                    attention_mask=mask,
+                    encoder_attention_mask=None,
+                    embedding_output=embedded,
+                    encoder_hidden_states=None,
+                    past_key_values=None,
+                )[0]
+            else:
+                mask = None  # what transformers' sdpa and eager mask functions return without padding
+            encoded = getattr(model, rule.encoder)(
+                embedded,
+                attention_mask=mask,
+                encoder_hidden_states=None,
+                encoder_attention_mask=None,
+                past_key_values=None,
+                use_cache=False,
+                position_ids=position_ids,
+                **flags,
+            )
+            hidden = encoded.last_hidden_state
+            pooler = getattr(model, rule.pooler) if rule.pooler else None
+            pooled = pooler(hidden) if pooler is not None else None
+        finally:
+            self.collector.reset(token)
+        out = rule.output(hidden, pooled, encoded.past_key_values)
+        return out.to_tuple() if call.get("return_dict", True) is False else out
+
+    def _bind(self, args: tuple, kwargs: dict) -> dict | None:
+        """The call's arguments by name, or None for a call this class does not take (the class's forward then does
+        whatever it does with it)."""
+        params = self.rule.params
+        if not args and self.names.issuperset(kwargs):
+            call = kwargs
+        elif len(args) > len(params):
+            return None
+        else:
+            call = dict(zip(params, args))
+            for key, value in kwargs.items():
+                if key not in self.names or key in call:
+                    return None
+                call[key] = value
+        if "return_dict" not in call:  # the class's default, read at each call as its decorator does
+            call = {**call, "return_dict": getattr(self.model.config, "return_dict", True)}
+        return call
+
+    def why_not(self, *args, **kwargs) -> str | None:
+        """None when the fast path takes a call with these arguments, else the reason it does not."""
+        call = self._bind(args, kwargs)
+        return "arguments the fast path does not take" if call is None else self._call_problem(call)
+
+    def _call_problem(self, call: dict) -> str | None:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return "compiling or tracing"
+        if self.collector is None or self.registry is None:
+            return "transformers' output collector or mask registry was not found"
+        ids = call.get("input_ids")
+        if type(ids) is not torch.Tensor or ids.dim() != 2:
+            return "input_ids: not a (batch, seq) tensor"
+        for key in ("inputs_embeds", "encoder_hidden_states", "encoder_attention_mask", "past_key_values"):
+            if call.get(key) is not None:
+                return f"{key} given"
+        config = self.model.config
+        if getattr(config, "is_decoder", False) or getattr(config, "is_causal", None) is not None:
+            return "decoder or causal config"
+        for key in _OUTPUT_FLAGS:
+            if call.get(key, getattr(config, key, False)):
+                return f"{key}: outputs are captured"
+        impl = getattr(config, "_attn_implementation", None)
+        if impl not in self.mask_functions or self.registry.get(impl) is not self.mask_functions[impl]:
+            return f"attention implementation {impl!r} (or its mask function replaced)"
+        mask = call.get("attention_mask")
+        if mask is not None and not (
+            type(mask) is torch.Tensor
+            and mask.shape == ids.shape
+            and mask.device == ids.device
+            and (mask.dtype is torch.bool or not (mask.is_floating_point() or mask.is_complex()))
+        ):
+            return "attention_mask: not an integer or bool (batch, seq) tensor like input_ids"
+        return None
+
+    def __repr__(self) -> str:
+        return f"FusedModelForward({type(self.model).__name__})"
+
+
+def fuse_model(model: nn.Module, rule: ModelFusion) -> bool:
+    """Install `FusedModelForward` on `model` when its encoder runs as one kernel call (a `FusedEncoderStackForward`).
+    Returns whether it was installed."""
+    from .encoder_stack import FusedEncoderStackForward
+
+    encoder = getattr(model, rule.encoder, None)
+    if not isinstance(encoder, nn.Module) or not isinstance(encoder.__dict__.get("forward"), FusedEncoderStackForward):
+        return False
+    if _collector() is None or _mask_functions()[0] is None:
+        return False
+    model.__dict__["forward"] = FusedModelForward(model, rule)  # an instance attribute, not a child
+    return True
+
+
+__all__ = ["FusedModelForward", "fuse_model"]
