@@ -77,12 +77,13 @@ def assert_matches_reference(layer, got, x, mask, attention: str = "bf16"):
 
 
 def output_on_isa(layer, x: torch.Tensor, isa: str) -> torch.Tensor:
-    """layer(x) on the kernels of `isa` (ops.set_isa; "auto" again afterwards)."""
+    """layer(x) on the kernels of `isa` (ops.set_isa; the one before afterwards)."""
+    previous = ops.isa()
     ops.set_isa(isa)
     try:
         return layer(x)
     finally:
-        ops.set_isa("auto")
+        ops.set_isa(previous)
 
 
 def run_with_poisoned_scratch(script: str, *args: str) -> None:

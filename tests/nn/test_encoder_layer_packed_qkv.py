@@ -172,11 +172,12 @@ def test_lower_instruction_sets_do_not_pack(threads, attention, isa):
     layer = make_encoder_layer(0, 64, 2, 96)
     x = torch.randn(2, 48, 64)
     ops.set_num_threads(1)
+    previous = ops.isa()
     ops.set_isa(isa)
     try:
         got = layer(x, None, attention)
     finally:
-        ops.set_isa("auto")
+        ops.set_isa(previous)
     assert not layer.qkv_packed
     assert_matches_reference(layer, got, x, None, attention)
 

@@ -14,16 +14,21 @@ ISAS = ops.available_isas() or ["reference"]
 PATTERNS = ("unstructured", "4-block", "dense")
 
 
+# The instruction set of the run (HF_SPARSE_ISA's, or the fastest): what a test that switches restores
+RUN_ISA = ops.isa()
+
+
 @contextlib.contextmanager
 def using_isa(name: str):
     if name == "reference":
         yield
         return
+    previous = ops.isa()  # (HF_SPARSE_ISA may have forced a lower one for the whole run)
     ops.set_isa(name)
     try:
         yield
     finally:
-        ops.set_isa("auto")
+        ops.set_isa(previous)
 
 
 def make_weight(n: int, k: int, sparsity: float, pattern: str, gen: torch.Generator) -> torch.Tensor:

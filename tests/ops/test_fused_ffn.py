@@ -12,7 +12,7 @@ import torch
 
 from hf_sparse import ops
 from hf_sparse.ops import FusedFFN, Layout, fuse_ffn, pack_linear
-from tests.ops.conftest import ISAS, assert_close, assert_same, make_weight
+from tests.ops.conftest import ISAS, RUN_ISA, assert_close, assert_same, make_weight
 
 
 needs_extension = pytest.mark.skipif(not ops.extension_available(), reason="needs the C++ extension")
@@ -76,7 +76,7 @@ def test_fused_equals_the_two_calls(i, m, k, hidden, n, sparsity, acts):
                 assert fused_calls in (1, 2), f"{isa}: {fused_calls} kernel calls"
         finally:
             ops.set_num_threads(None)
-            ops.set_isa("auto")
+            ops.set_isa(RUN_ISA)
 
 
 @needs_extension
@@ -110,7 +110,7 @@ def test_nonfinite_and_subnormal_tokens_match_the_two_calls():
         try:
             y, expected = ffn(x), ffn.second(ffn.first(x))
         finally:
-            ops.set_isa("auto")
+            ops.set_isa(RUN_ISA)
         assert torch.isnan(y[[3, 7]]).all(), f"{isa}: a token with inf/NaN must give NaN"
         assert_same(y, expected, f"non-finite and tiny tokens on {isa}")
 
