@@ -3,13 +3,14 @@
 Once the embeddings and the encoder run on the kernels, what is left of a batch-1 BERT-base forward outside them is
 transformers' own code around the encoder: the forward's decorators (config defaults, output capturing) and the
 attention mask, built through the mask interface even when no token is padded. After the encoder's one kernel call
-has streamed the model's weights through the caches, every object that code touches is a cache miss: ~0.3 ms of a
-~8.5 ms forward (`benchmarks/RESULTS.md`, "The base model's glue"). `pack_model` replaces the `forward` of a base
-model instance (BertModel, RobertaModel...) whose encoder got a `FusedEncoderStackForward` by a
-`FusedModelForward`, which makes the same module calls in the same order with the same arguments, and takes the
-mask transformers would build (None) without building it when no token is padded. It runs only for calls whose
-result it reproduces exactly; everything else (padding, caches, cross-attention, captured outputs, other
-attention implementations, compiling) goes to the class's forward.
+has streamed the model's weights through the caches, every object that code touches is a cache miss: skipping it
+saves ~0.16 ms of an ~8.6 ms BERT-base forward at batch 1 (`benchmarks/RESULTS.md`, "The base model's glue").
+`pack_model` replaces the `forward` of a base model instance (BertModel, RobertaModel...) whose encoder got a
+`FusedEncoderStackForward` by a `FusedModelForward`, which makes the same module calls in the same order with the
+same arguments, and takes the mask transformers would build (None) without building it when no token is padded
+(padded batches get the class's mask). It runs only for calls whose result it reproduces exactly; everything else
+(caches, cross-attention, captured outputs, other attention implementations, compiling) goes to the class's
+forward.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from ..ops import _extension as ext
+from .encoder_layer import _collector
+from .encoder_stack import FusedEncoderStackForward
 from .fusion_rules import ModelFusion
 
 
@@ -35,15 +38,7 @@ def _mask_functions() -> tuple[dict | None, dict]:
     return ALL_MASK_ATTENTION_FUNCTIONS, {"sdpa": sdpa_mask, "eager": eager_mask}
 
 
-def _collector():
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # pragma: no cover
-        return None
-    return _active_collector
-
-
-# The arguments the class's forward names (in order), and the keywords its decorators read
+# The keywords the class's output-capturing decorator reads (the fast path takes them only when false)
 _OUTPUT_FLAGS = ("output_attentions", "output_hidden_states")
 
 
@@ -121,7 +116,9 @@ class FusedModelForward:
         finally:
             self.collector.reset(token)
         out = rule.output(hidden, pooled, encoded.past_key_values)
-        return out.to_tuple() if call.get("return_dict", True) is False else out
+        # (the decorator's default for return_dict: the config's, read at each call)
+        return_dict = call.get("return_dict", getattr(model.config, "return_dict", True))
+        return out.to_tuple() if return_dict is False else out
 
     def _bind(self, args: tuple, kwargs: dict) -> dict | None:
         """The call's arguments by name, or None for a call this class does not take (the class's forward then does
@@ -137,8 +134,6 @@ class FusedModelForward:
                 if key not in self.names or key in call:
                     return None
                 call[key] = value
-        if "return_dict" not in call:  # the class's default, read at each call as its decorator does
-            call = {**call, "return_dict": getattr(self.model.config, "return_dict", True)}
         return call
 
     def why_not(self, *args, **kwargs) -> str | None:
@@ -149,8 +144,6 @@ class FusedModelForward:
     def _call_problem(self, call: dict) -> str | None:
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return "compiling or tracing"
-        if self.collector is None or self.registry is None:
-            return "transformers' output collector or mask registry was not found"
         ids = call.get("input_ids")
         if type(ids) is not torch.Tensor or ids.dim() != 2:
             return "input_ids: not a (batch, seq) tensor"
@@ -183,8 +176,6 @@ class FusedModelForward:
 def fuse_model(model: nn.Module, rule: ModelFusion) -> bool:
     """Install `FusedModelForward` on `model` when its encoder runs as one kernel call (a `FusedEncoderStackForward`).
     Returns whether it was installed."""
-    from .encoder_stack import FusedEncoderStackForward
-
     encoder = getattr(model, rule.encoder, None)
     if not isinstance(encoder, nn.Module) or not isinstance(encoder.__dict__.get("forward"), FusedEncoderStackForward):
         return False
