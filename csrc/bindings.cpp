@@ -98,7 +98,7 @@ void check_mask_kind(int kind, const char* where) {
 int clamp_threads(int nthreads) { return nthreads < 1 ? 1 : (nthreads > 1024 ? 1024 : nthreads); }
 
 Output make_output(uintptr_t out, int64_t ldy, int act, bool accum) {
-  if (act != kActNone && act != kActGelu) throw nb::value_error(("unknown activation code " + str(act)).c_str());
+  if (act != kActNone && act != kActGelu && act != kActTanh) throw nb::value_error(("unknown activation code " + str(act)).c_str());
   Output o;
   if (accum) {
     o.yi = reinterpret_cast<int32_t*>(out);
@@ -233,17 +233,26 @@ class Packed {
     if (accum && kind_ == kF32Sparse) throw nb::value_error("accumulators exist only for int8 weights");
     const Output o = make_output(out, n_, act, accum);
     nb::gil_scoped_release release;
-    forward(reinterpret_cast<const float*>(x), m, o, clamp_threads(nthreads));
+    forward(reinterpret_cast<const float*>(x), k_, m, o, clamp_threads(nthreads));
+  }
+
+  // run() for rows ldx floats apart (ldx >= in_features), e.g. the first token of every sequence (BERT's pooler).
+  void run_rows(uintptr_t x, int64_t ldx, int64_t m, uintptr_t out, int act, int nthreads) const {
+    if (m < 0) throw nb::value_error("number of rows must be >= 0");
+    if (ldx < k_) throw nb::value_error(("row stride " + str(ldx) + " < in_features " + str(k_)).c_str());
+    const Output o = make_output(out, n_, act, false);
+    nb::gil_scoped_release release;
+    forward(reinterpret_cast<const float*>(x), ldx, m, o, clamp_threads(nthreads));
   }
 
   // The product without the GIL or argument checks (callers checked them): also for worker threads.
-  void forward(const float* x, int64_t m, const Output& o, int nthreads) const {
+  void forward(const float* x, int64_t ldx, int64_t m, const Output& o, int nthreads) const {
     if (kind_ == kI8Sparse || kind_ == kI8Csr) {
-      linear_i8_sparse(si8_, x, k_, m, o, nthreads);
+      linear_i8_sparse(si8_, x, ldx, m, o, nthreads);
     } else if (kind_ == kI8Dense) {
-      linear_i8_dense(di8_, x, k_, m, o, nthreads);
+      linear_i8_dense(di8_, x, ldx, m, o, nthreads);
     } else {
-      linear_f32_sparse(sf32_, x, k_, m, o, nthreads);
+      linear_f32_sparse(sf32_, x, ldx, m, o, nthreads);
     }
   }
 
@@ -348,18 +357,18 @@ class EncoderLayerPlan {
     }
     if (ffn_fused) Packed::check_ffn(f1, f2);
     const Packed *pq = &q, *po = &o, *p1 = &f1, *p2 = &f2;
-    call_.qkv = [pq](const float* x, int64_t m, float* y, int nt) { pq->forward(x, m, plain(y, pq), nt); };
+    call_.qkv = [pq](const float* x, int64_t m, float* y, int nt) { pq->forward(x, pq->in_features(), m, plain(y, pq), nt); };
     if (q.kind() == kI8Sparse || q.kind() == kI8Csr) {  // the kernels that can write the attention's packed Q/K/V
       call_.qkv_packed = [pq](const float* x, int64_t m, const QkvPackedOut& p, int nt) {
         Output out;
         out.qkv = &p;
-        pq->forward(x, m, out, nt);
+        pq->forward(x, pq->in_features(), m, out, nt);
       };
     }
     call_.out = [po, act_out](const float* x, int64_t m, float* y, int nt) {
       Output out = plain(y, po);
       out.act = act_out;
-      po->forward(x, m, out, nt);
+      po->forward(x, po->in_features(), m, out, nt);
     };
     if (ffn_fused) {
       call_.ffn = [p1, p2, act1, act2](const float* x, int64_t m, float* y, int nt) {
@@ -372,10 +381,10 @@ class EncoderLayerPlan {
         float* h = reinterpret_cast<float*>(t_ffn_hidden.get(static_cast<size_t>(m * p1->out_features()) * 4));
         Output mid = plain(h, p1);
         mid.act = act1;
-        p1->forward(x, m, mid, nt);
+        p1->forward(x, p1->in_features(), m, mid, nt);
         Output out = plain(y, p2);
         out.act = act2;
-        p2->forward(h, m, out, nt);
+        p2->forward(h, p2->in_features(), m, out, nt);
       };
     }
     if (ffn_fused && q.kind() == kI8Sparse && o.kind() == kI8Sparse && f1.kind() == kI8Sparse &&
@@ -727,6 +736,7 @@ NB_MODULE(_C, m) {
   m.attr("PANEL") = kPanel;
   m.attr("ACT_NONE") = static_cast<int>(kActNone);
   m.attr("ACT_GELU") = static_cast<int>(kActGelu);
+  m.attr("ACT_TANH") = static_cast<int>(kActTanh);
   m.attr("KIND_INT8_SPARSE") = static_cast<int>(kI8Sparse);
   m.attr("KIND_INT8_DENSE") = static_cast<int>(kI8Dense);
   m.attr("KIND_FP32_SPARSE") = static_cast<int>(kF32Sparse);
@@ -781,6 +791,7 @@ NB_MODULE(_C, m) {
            "kind"_a, "out_features"_a, "in_features"_a, "ptr"_a, "cols"_a, "values"_a, "weight_sum"_a, "scale"_a,
            "bias"_a, "has_bias"_a)
       .def("run", &Packed::run, "x"_a, "m"_a, "out"_a, "act"_a, "nthreads"_a, "accumulators"_a)
+      .def("run_rows", &Packed::run_rows, "x"_a, "ldx"_a, "m"_a, "out"_a, "act"_a, "nthreads"_a)
       .def_static("run_ffn", &Packed::run_ffn, "first"_a, "second"_a, "x"_a, "m"_a, "out"_a, "act1"_a, "act2"_a,
                   "nthreads"_a)
       .def("tensors", [](nb::handle self) { return nb::cast<const Packed&>(self).tensors(self); })

@@ -14,7 +14,14 @@ namespace hf_sparse {
 enum Activation : int {
   kActNone = 0,
   kActGelu = 1,  // exact erf GELU: 0.5 * v * (1 + erf(v / sqrt(2)))
+  kActTanh = 2,  // tanh (BERT's pooler)
 };
+
+// tanh(a) = a + a^3 Q(a^2) for |a| < kTanhSmall (Q of degree 4 fitted to float32 Horner evaluation: relative error
+// 7.6e-8); above it (1 - e) / (1 + e) with e = exp(-2 |a|). Each ISA file writes this out itself (see above).
+constexpr float kTanhSmall = 0.625f;
+constexpr float kTanhQ[5] = {-0.3333328366279602f, 0.13331487774848938f, -0.05374295637011528f,
+                             0.020648276433348656f, -0.005714123137295246f};
 
 // Largest in_features the kernels take: with the +128 activation shift, 255 * 127 * K must fit in int32, and
 // column-block indices are uint16.

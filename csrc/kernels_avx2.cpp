@@ -10,6 +10,7 @@
 
 #include <cstring>
 
+#include "avx2_common.h"  // exp_ps
 #include "common.h"
 #include "gelu_table.h"
 
@@ -52,7 +53,25 @@ inline __m256 gelu_ps(__m256 v) {
   return _mm256_fmadd_ps(a, p, _mm256_mul_ps(v, _mm256_set1_ps(0.5f)));
 }
 
-inline __m256 activate(__m256 v, int act) { return act == kActGelu ? gelu_ps(v) : v; }
+// tanh as in avx512_common.h (common.h, kTanhQ); avx2_common.h's exp_ps is ~1 ulp.
+inline __m256 tanh_ps(__m256 v) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 a = _mm256_andnot_ps(sign, v);
+  const __m256 s = _mm256_mul_ps(a, a);
+  __m256 q = _mm256_set1_ps(kTanhQ[4]);
+#pragma GCC unroll 4
+  for (int i = 3; i >= 0; --i) q = _mm256_fmadd_ps(q, s, _mm256_set1_ps(kTanhQ[i]));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(a, s), q, a);
+  const __m256 e = exp_ps(_mm256_mul_ps(a, _mm256_set1_ps(-2.0f)));
+  const __m256 large = _mm256_div_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), e), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+  const __m256 t = _mm256_blendv_ps(large, small, _mm256_cmp_ps(a, _mm256_set1_ps(kTanhSmall), _CMP_LT_OQ));
+  const __m256 signed_t = _mm256_or_ps(t, _mm256_and_ps(v, sign));
+  return _mm256_blendv_ps(signed_t, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // NaN stays NaN
+}
+
+inline __m256 activate(__m256 v, int act) {
+  return act == kActGelu ? gelu_ps(v) : (act == kActTanh ? tanh_ps(v) : v);
+}
 
 // Stores 8 output channels (mask cm) of one token row: the exact int32 sums a, or ((a * sx) * sw) + bias rounded in
 // that order like the reference, then the activation.

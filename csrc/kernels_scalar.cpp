@@ -51,6 +51,7 @@ inline int8_t quantize(float v, float inv) {
 
 inline float activate(float v, int act) {
   if (act == kActGelu) return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+  if (act == kActTanh) return std::tanh(v);
   return v;
 }
 

@@ -17,6 +17,7 @@ from hf_sparse.integrations.fusion_rules import (
     FFNFusion,
     GeluFusion,
     ModelFusion,
+    PoolerFusion,
     Siblings,
 )
 
@@ -56,6 +57,15 @@ def test_rule_matches_the_class(key, rule):
         _check_embeddings(key, rule)
     elif isinstance(rule, ModelFusion):
         _check_model(key, rule)
+    elif isinstance(rule, PoolerFusion):
+        assert _lines(cls.forward) == [
+            f"first_token_tensor = hidden_states[:, {rule.token}]",
+            f"pooled_output = self.{rule.dense}(first_token_tensor)",
+            f"pooled_output = self.{rule.act}(pooled_output)",
+            "return pooled_output",
+        ]
+        module = cls(_class(key.removesuffix("Pooler") + "Config")(hidden_size=8))
+        assert type(getattr(module, rule.act)) is torch.nn.Tanh
     else:
         assert isinstance(rule, FFNFusion)
         lines = _lines(getattr(cls, rule.method))

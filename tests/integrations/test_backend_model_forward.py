@@ -4,6 +4,7 @@ bit for bit, and every call it does not take goes to the class's forward."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -163,6 +164,21 @@ def test_hooks_on_the_parts_still_run(bert):
         for handle in handles:
             handle.remove()
     assert seen[:3] == ["embeddings", "encoder", "pooler"]
+
+
+def test_the_encoder_output_object_is_skipped_only_without_hooks(bert):
+    model = copy.deepcopy(bert)
+    stack = model.bert.encoder.__dict__["forward"]
+    built = []
+    stack.rule = dataclasses.replace(stack.rule, output=lambda h: built.append(h) or stack_output(h))
+    stack_output = bert.bert.encoder.__dict__["forward"].rule.output
+    with torch.no_grad():
+        expected = bert.bert(input_ids=IDS, attention_mask=ONES)
+        _same(model.bert(input_ids=IDS, attention_mask=ONES), expected)
+        assert built == []  # the last hidden state straight from the kernels
+        model.bert.encoder.register_forward_pre_hook(lambda m, a: None)
+        _same(model.bert(input_ids=IDS, attention_mask=ONES), expected)
+    assert len(built) == 1  # through the encoder's __call__, its output object built
 
 
 def test_dequantize_removes_it(bert):

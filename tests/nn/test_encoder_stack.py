@@ -109,6 +109,27 @@ def test_inputs_the_kernels_do_not_take_run_the_layers_one_by_one(layers, thread
     assert plan.calls == 0
 
 
+def test_layernorm_parameters_are_read_at_every_call(threads):
+    threads(2)
+    layers = [make_encoder_layer(seed) for seed in (4, 5)]
+    x = torch.randn(2, 40, HIDDEN, generator=torch.Generator().manual_seed(8))
+    stack = FusedEncoderStack(layers)
+    plan = _counted(stack)
+    norm = layers[1].norm1
+    with torch.no_grad():
+        norm.weight.mul_(1.5)  # in place: the same address, new values
+    assert torch.equal(stack(x), _one_by_one(layers, x, None)) and plan.calls == 1
+    norm.eps = 1e-3
+    assert torch.equal(stack(x), _one_by_one(layers, x, None)) and plan.calls == 2
+    norm.bias = torch.nn.Parameter(torch.randn(HIDDEN))  # replaced
+    assert torch.equal(stack(x), _one_by_one(layers, x, None)) and plan.calls == 3
+    # float64, strided, missing: the layers one by one instead
+    for bad in (norm.bias.detach().double(), torch.randn(2 * HIDDEN)[::2], None):
+        norm._parameters["bias"] = bad
+        assert torch.equal(stack(x), _one_by_one(layers, x, None))
+        assert plan.calls == 3
+
+
 def test_close_to_the_reference(layers, threads):
     threads(2)
     x = torch.randn(3, 33, HIDDEN, generator=torch.Generator().manual_seed(7))

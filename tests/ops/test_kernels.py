@@ -3,7 +3,7 @@
 int8: outputs must be bit-identical to numerics.int8_linear_reference (no fused activation) and the int32 sums
 exact; fp32 and the fused GELU within tight tolerances. Shapes are odd on purpose (tails of every vector, tile,
 panel and pass), sparsity runs 0 .. 100%, patterns unstructured / 4-block / dense: 300 random cases for int8, 150
-for fp32, 100 for the GELU (~18 s on a busy 2-core machine, every instruction set).
+for fp32, 100 each for the fused GELU and tanh (~18 s on a busy 2-core machine, every instruction set).
 """
 
 from __future__ import annotations
@@ -81,19 +81,44 @@ def test_fp32_csr_kernel(i, m, n, k, sparsity, pattern):
         assert_close(y, expected.float(), f"fp32 CSR on {isa}", rtol=1e-5, atol=1e-6 * scale)
 
 
+# activation -> (float64 reference, rtol, atol)
+FUSED = {"gelu": (lambda v: F.gelu(v, approximate="none"), 2e-6, 2e-6), "tanh": (torch.tanh, 1e-6, 1e-7)}
+
+
+@pytest.mark.parametrize("activation", sorted(FUSED))
 @pytest.mark.parametrize("i, m, n, k, sparsity, pattern", CASES[1::3])
-def test_fused_gelu(i, m, n, k, sparsity, pattern):
+def test_fused_activation(i, m, n, k, sparsity, pattern, activation):
     w, x, bias = _inputs(i, m, n, k, sparsity, pattern)
+    fn, rtol, atol = FUSED[activation]
     layouts = [(Layout.INT8_BLOCK4, "int8"), (Layout.INT8_CSR, "int8"), (Layout.INT8_DENSE, "int8")]
     for layout, scheme in [*layouts, (Layout.FP32_CSR, "fp32")]:
         plain = ops.pack_linear(w, bias=bias, scheme=scheme, layout=layout)
-        fused = ops.pack_linear(w, bias=bias, scheme=scheme, layout=layout, activation="gelu")
+        fused = ops.pack_linear(w, bias=bias, scheme=scheme, layout=layout, activation=activation)
         for isa in ISAS:
             with using_isa(isa):
                 pre = plain(x)
                 y = fused(x)
-            expected = F.gelu(pre.double(), approximate="none").float()
-            assert_close(y, expected, f"GELU {layout.value} on {isa}", rtol=2e-6, atol=2e-6)
+            expected = fn(pre.double()).float()
+            assert_close(y, expected, f"{activation} {layout.value} on {isa}", rtol=rtol, atol=atol)
+
+
+def test_tanh_over_both_formulas_and_special_values():
+    """tanh alone (an identity fp32 weight) on a grid through the polynomial (|v| < 0.625), the exp quotient and
+    saturation, against float64 torch; inf, -inf and NaN give 1, -1 and NaN."""
+    n = 64
+    grid = torch.linspace(-12.0, 12.0, 4096 * n)
+    edges = torch.tensor([0.625, -0.625, 0.62499997, 0.6250001, 0.0, -0.0, 1e-30, -1e-30, 1e-40, 44.0, 90.0, -1e30])
+    special = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    v = torch.cat([grid, edges, special, torch.zeros(n - (len(edges) + len(special)) % n)])
+    identity = ops.pack_linear(torch.eye(n), scheme="fp32", layout=Layout.FP32_CSR, activation="tanh")
+    expected = torch.tanh(v.double())
+    for isa in ISAS:
+        with using_isa(isa):
+            y = identity(v.reshape(-1, n)).reshape(-1)
+        finite = torch.isfinite(v)
+        assert_close(y[finite], expected[finite].float(), f"tanh grid on {isa}", rtol=5e-7, atol=1e-30)
+        tail = y[len(grid) + len(edges) : len(grid) + len(edges) + 3]
+        assert tail[0].item() == 1.0 and tail[1].item() == -1.0 and tail[2].isnan(), f"tanh of inf, -inf, NaN: {tail}"
 
 
 def test_gelu_over_every_table_segment_and_special_values():

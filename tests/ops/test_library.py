@@ -66,8 +66,8 @@ def test_op_checks_hand_made_tensors():
     with pytest.raises(ValueError, match="cols must be contiguous"):
         cols = torch.stack([t["cols"], t["cols"]], 1)[:, 0]
         op(x, t["ptr"], cols, t["values"], t["weight_sum"], t["weight_scale"], None, 70, 48, "none")
-    with pytest.raises(ValueError, match="activation='tanh'"):
-        op(x, t["ptr"], t["cols"], t["values"], t["weight_sum"], t["weight_scale"], None, 70, 48, "tanh")
+    with pytest.raises(ValueError, match="activation='relu'"):
+        op(x, t["ptr"], t["cols"], t["values"], t["weight_sum"], t["weight_scale"], None, 70, 48, "relu")
     if ops.extension_available():
         bad = t["ptr"].clone()
         bad[-1] += 5  # claims entries past the end of cols: checked before any kernel runs

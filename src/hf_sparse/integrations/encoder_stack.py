@@ -51,9 +51,17 @@ class FusedEncoderStackForward:
         return FusedEncoderStackForward(copy.deepcopy(self.encoder, memo), layers, self.rule)
 
     def __call__(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
-        if self.why_not(hidden_states, attention_mask, args, kwargs) is None:
-            return self.rule.output(self.stack(hidden_states, attention_mask, attention_precision()))
+        y = self.run(hidden_states, attention_mask, args, kwargs)
+        if y is not None:
+            return self.rule.output(y)
         return type(self.encoder).forward(self.encoder, hidden_states, attention_mask, *args, **kwargs)
+
+    def run(self, x: torch.Tensor, mask: torch.Tensor | None, args: tuple = (), kwargs: dict | None = None):
+        """The last hidden state of the call `forward(x, mask, *args, **kwargs)` from one kernel call, without the
+        output object around it; None when the call is not one for the kernels (`why_not`)."""
+        if self.why_not(x, mask, args, kwargs) is None:
+            return self.stack(x, mask, attention_precision())
+        return None
 
     def why_not(self, x, mask, args: tuple = (), kwargs: dict | None = None) -> str | None:
         """None when one call may run every layer, else the reason it may not."""

@@ -1,6 +1,6 @@
 """Which transformers modules let the backend fuse work, keyed by their exact class (never guessed from names).
 
-Seven kinds of rule, each checked against the class's source when it was added (and by the tests):
+Eight kinds of rule, each checked against the class's source when it was added (and by the tests):
 
 - `GeluFusion`: the module computes `act(linear(x))` with nothing in between, and `act` is the exact (erf) GELU.
   The Linear is packed with `activation="gelu"` (the kernel's epilogue computes it) and `act` becomes Identity.
@@ -31,6 +31,11 @@ Seven kinds of rule, each checked against the class's source when it was added (
   got a `FusedEncoderStackForward`, its `forward` is replaced on the instance by a
   `hf_sparse.integrations.model_forward.FusedModelForward`: the same module calls without the decorators' and the
   mask's code when the call needs neither (no padding, nothing captured), the class's forward otherwise.
+
+- `PoolerFusion`: the module's forward is `act(dense(hidden_states[:, 0]))` with `act` an `nn.Tanh`. The tanh is
+  fused into the Linear's epilogue (as for `GeluFusion`), and the module's `forward` is replaced on the instance by
+  a `hf_sparse.integrations.pooler.FusedPoolerForward`: one kernel call reading each sequence's first token in
+  place, the class's forward whenever that would not give the same result.
 
 A class is named by `module.qualname` so that no modeling file is imported to build the table, and subclasses (which
 may override `forward`) never match. New architectures are one line each.
@@ -194,6 +199,15 @@ class ModelFusion:
     pooler: str | None = "pooler"
 
 
+@dataclass(frozen=True)
+class PoolerFusion:
+    """`act(dense(hidden_states[:, token]))`, `act` an `nn.Tanh`: dense / act are child module names."""
+
+    dense: str = "dense"
+    act: str = "activation"
+    token: int = 0
+
+
 _BERT_MODEL_PARAMS = (
     "input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "encoder_hidden_states",
     "encoder_attention_mask", "past_key_values", "use_cache",
@@ -209,7 +223,10 @@ def _bert_model_output(hidden: torch.Tensor, pooled: torch.Tensor | None, past):
     )
 
 
-Rule = GeluFusion | Siblings | FFNFusion | EncoderLayerFusion | EncoderStackFusion | EmbeddingsFusion | ModelFusion
+Rule = (
+    GeluFusion | Siblings | FFNFusion | EncoderLayerFusion | EncoderStackFusion | EmbeddingsFusion | ModelFusion
+    | PoolerFusion
+)  # fmt: skip
 #: exact class -> rules
 RULES: dict[str, tuple[Rule, ...]] = {}
 
@@ -233,6 +250,7 @@ for _family, _prefix in [
     register_rules(f"{_module}.{_prefix}Encoder", EncoderStackFusion("layer", _encoder_output))
     if _family != "electra":  # (ElectraModel's forward projects the embeddings and has no pooler)
         register_rules(f"{_module}.{_prefix}Model", ModelFusion(_BERT_MODEL_PARAMS, _bert_model_output))
+        register_rules(f"{_module}.{_prefix}Pooler", PoolerFusion())
     _positions = "buffer" if _family in ("bert", "electra") else "padding"
     register_rules(f"{_module}.{_prefix}Embeddings", EmbeddingsFusion(_BERT_EMBEDDINGS_PARAMS, _positions))
     register_rules(

@@ -33,17 +33,20 @@ from .fusion_rules import (
     FusedFeedForward,
     GeluFusion,
     ModelFusion,
+    PoolerFusion,
     Siblings,
     is_exact_gelu,
     rules_for,
 )
 from .model_forward import FusedModelForward, fuse_model
+from .pooler import FusedPoolerForward, fuse_pooler
 
 
 logger = logging.getLogger(__name__)
 # What pack_model installs as instance attributes (dequantize_model removes them)
 _FUSED_FORWARDS = (
-    FusedFeedForward, FusedEncoderForward, FusedEncoderStackForward, FusedEmbeddingsForward, FusedModelForward
+    FusedFeedForward, FusedEncoderForward, FusedEncoderStackForward, FusedEmbeddingsForward, FusedModelForward,
+    FusedPoolerForward,
 )  # fmt: skip
 
 
@@ -204,6 +207,7 @@ def pack_model(model: nn.Module, workload: str | None = None) -> dict[str, int]:
         "fused_stacks": 0,
         "fused_embeddings": 0,
         "fused_models": 0,
+        "fused_poolers": 0,
     }
     for module in modules.values():  # before packing: the activation is part of the packed kernel
         for rule in rules_for(module):
@@ -213,6 +217,11 @@ def pack_model(model: nn.Module, workload: str | None = None) -> dict[str, int]:
                     linear.activation = "gelu"
                     setattr(module, rule.act, FusedActivation(act).train(act.training))
                     counts["fused_gelu"] += 1
+            elif isinstance(rule, PoolerFusion):
+                linear, act = getattr(module, rule.dense, None), getattr(module, rule.act, None)
+                if isinstance(linear, SparseLinear) and not linear.is_packed and type(act) is nn.Tanh:
+                    linear.activation = "tanh"
+                    setattr(module, rule.act, FusedActivation(act).train(act.training))
     for name, module in modules.items():
         for rule in rules_for(module):
             if isinstance(rule, Siblings):
@@ -249,6 +258,10 @@ def pack_model(model: nn.Module, workload: str | None = None) -> dict[str, int]:
         for rule in rules_for(module):
             if isinstance(rule, ModelFusion) and fuse_model(module, rule):
                 counts["fused_models"] += 1
+    for module in modules.values():
+        for rule in rules_for(module):
+            if isinstance(rule, PoolerFusion) and fuse_pooler(module, rule):
+                counts["fused_poolers"] += 1
     model.requires_grad_(False)
     return counts
 

@@ -46,6 +46,21 @@ def norm_params_ok(params: list[torch.Tensor | None]) -> bool:
     return all(t is not None and t.dtype is f32 and t.is_contiguous() for t in params)
 
 
+def norm_args(norms: list[nn.LayerNorm]) -> tuple[list[int], list[float]] | None:
+    """The addresses of each LayerNorm's weight and bias, and its eps, as they are now; None when a parameter is
+    missing, not float32 or not contiguous (one pass over the modules: after a kernel call they are cold)."""
+    f32 = torch.float32
+    ptrs, eps = [], []
+    for norm in norms:
+        params = norm._parameters
+        for t in (params.get("weight"), params.get("bias")):
+            if t is None or t.dtype is not f32 or not t.is_contiguous():
+                return None
+            ptrs.append(t.data_ptr())
+        eps.append(norm.eps)
+    return ptrs, eps
+
+
 class _StepCounters:
     """The kernels' per-step nanosecond counters while `FusedEncoderLayer.step_times` is set (a profiler's dict),
     added to it on exit; `address` is 0 (no counters) otherwise."""

@@ -16,7 +16,7 @@ import torch
 
 from ..ops import _extension as ext
 from ..ops.attention import _mask_args
-from .encoder_layer import FusedEncoderLayer, _attention_int8, _StepCounters, norm_params_ok
+from .encoder_layer import FusedEncoderLayer, _attention_int8, _StepCounters, norm_args
 
 
 class FusedEncoderStack:
@@ -37,6 +37,7 @@ class FusedEncoderStack:
         if len(shapes) != 1:
             raise ValueError(f"FusedEncoderStack: layers of different shapes (hidden, heads, head_dim): {shapes}")
         self.layers = layers
+        self._norms = [norm for layer in layers for norm in (layer.norm1, layer.norm2)]
         self._plan = None
         if all(layer._plan is not None for layer in layers):
             self._plan = ext._C.EncoderStack([layer._plan for layer in layers])
@@ -45,8 +46,8 @@ class FusedEncoderStack:
         """`attention`: "bf16" or "int8", as for FusedEncoderLayer."""
         int8 = _attention_int8(attention, "FusedEncoderStack")
         first = self.layers[0]
-        params = [t for layer in self.layers for t in layer.norm_params()]
-        if not (self._plan is not None and first.takes(x, mask) and norm_params_ok(params)):
+        norms = norm_args(self._norms) if self._plan is not None and first.takes(x, mask) else None
+        if norms is None:
             for layer in self.layers:
                 x = layer(x, mask, attention)
             return x
@@ -54,11 +55,11 @@ class FusedEncoderStack:
         kind, mk, sb, sh, sq = _mask_args(mask, batch, first.heads, seq, "FusedEncoderStack")
         y = torch.empty_like(x)
         scratch = torch.empty_like(x) if len(self.layers) > 1 else y  # the layers' outputs alternate with y
-        eps = [e for layer in self.layers for e in (layer.norm1.eps, layer.norm2.eps)]
+        ptrs, eps = norms
         with _StepCounters() as counters:
             flags = self._plan.run(
                 x.data_ptr(), y.data_ptr(), scratch.data_ptr(), batch, seq, kind,
-                mk.data_ptr() if mk is not None else 0, sb, sh, sq, [t.data_ptr() for t in params], eps,
+                mk.data_ptr() if mk is not None else 0, sb, sh, sq, ptrs, eps,
                 first.chunk_tokens, first.split_sequences,
                 bool(first.pack_qkv), bool(first.feature_major), int8, ext._num_threads or torch.get_num_threads(),
                 counters.address,

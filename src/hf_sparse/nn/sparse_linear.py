@@ -36,7 +36,7 @@ class SparseLinear(nn.Module):
         scale_from: the module name of an int8 embedding whose `weight_scale` this (tied) head uses; it then has no
             `weight_scale` parameter of its own.
 
-    Attributes: `activation` ("none" or "gelu", fused into the kernel), `packed` (the `PackedLinear`, when packed
+    Attributes: `activation` ("none", "gelu" or "tanh", fused into the kernel), `packed` (the `PackedLinear`, when packed
     alone), `group` / `index` (the `SiblingGroup` and this module's place in it), `checkpoint_format` (the on-disk
     format it was loaded from, used when saving again).
     """

@@ -62,6 +62,7 @@ class Layout(str, enum.Enum):
 ACTIVATIONS: dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor] | None]] = {
     "none": (0, None),
     "gelu": (1, lambda y: F.gelu(y, approximate="none")),
+    "tanh": (2, torch.tanh),
 }
 
 

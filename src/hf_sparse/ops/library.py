@@ -5,7 +5,7 @@ contiguity, device; the C++ side checks the panel pointers), then runs the C++ k
 reference from `layouts.py` when the extension is missing. `PackedLinear` calls the extension directly when
 nothing is tracing, which saves the dispatcher's few microseconds per call; both paths run the same kernel.
 
-Ops (all return float32 (..., out_features); `activation` is "none" or "gelu"; tensors as in `Layout`):
+Ops (all return float32 (..., out_features); `activation` is "none", "gelu" or "tanh"; tensors as in `Layout`):
     int8_block4_linear(x, ptr, cols, values, weight_sum, weight_scale, bias?, in_features, out_features, activation)
     int8_csr_linear(x, ptr, cols, values, weight_sum, weight_scale, bias?, in_features, out_features, activation)
     int8_dense_linear(x, panels, weight_sum, weight_scale, bias?, in_features, out_features, activation)

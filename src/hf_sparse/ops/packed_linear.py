@@ -161,6 +161,25 @@ class PackedLinear:
             return torch.split(out, self.splits, dim=-1)
         return out
 
+    def token_rows(self, x: torch.Tensor, token: int = 0) -> torch.Tensor | None:
+        """`self(x[:, token])` for a contiguous float32 CPU tensor (batch, seq, in_features), the rows read in place
+        (one kernel call, no copy of the strided slice): BERT's pooler. The same values as slicing first. None where
+        the kernels do not take x (no C++ handle, split outputs, another dtype or layout, token out of range,
+        tracing): callers then slice and call."""
+        h = self._handle
+        if h is None or self.splits is not None or not can_call_directly(x):
+            return None
+        if x.dtype is not torch.float32 or x.dim() != 3 or x.shape[2] != self.in_features or not x.is_contiguous():
+            return None
+        batch, seq, k = x.shape
+        if not 0 <= token < seq:
+            return None
+        out = torch.empty((batch, self.out_features), dtype=torch.float32)
+        if batch:
+            nt = ext._num_threads or torch.get_num_threads()
+            h.run_rows(x.data_ptr() + token * k * x.element_size(), seq * k, batch, out.data_ptr(), self._act, nt)
+        return out
+
     def _call_op(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.device.type not in ("cpu", "meta"):
             as_rows(x, self.in_features, "PackedLinear")  # a clear error rather than the dispatcher's
@@ -445,7 +464,7 @@ def pack_linear(
             (`jit_available()`), INT8_BLOCK4_JIT_MAX_DENSITY and INT8_CSR_ENTRY_COST_JIT replace those two
             constants. fp32: FP32_CSR when at most FP32_CSR_MAX_DENSITY of the weights are nonzero, else
             FP32_DENSE.
-        activation: "none" or "gelu" (exact erf GELU fused into the kernel's epilogue).
+        activation: "none", "gelu" (exact erf GELU) or "tanh", fused into the kernel's epilogue.
         workload: what the automatic int8 layout is chosen for: "batch" (encoder batches, the rule above) or
             "decode" (token-by-token generation, 1-4 tokens per step: the few-token kernels against dense int8
             in a decoder whose weights stream from memory, costs INT8_DECODE_BLOCK4_COST and
