@@ -16,6 +16,7 @@ from hf_sparse.integrations.fusion_rules import (
     EncoderStackFusion,
     FFNFusion,
     GeluFusion,
+    HeadFusion,
     ModelFusion,
     PoolerFusion,
     Siblings,
@@ -57,6 +58,8 @@ def test_rule_matches_the_class(key, rule):
         _check_embeddings(key, rule)
     elif isinstance(rule, ModelFusion):
         _check_model(key, rule)
+    elif isinstance(rule, HeadFusion):
+        _check_head(key, rule)
     elif isinstance(rule, PoolerFusion):
         assert _lines(cls.forward) == [
             f"first_token_tensor = hidden_states[:, {rule.token}]",
@@ -312,3 +315,35 @@ def _check_model(key: str, rule: ModelFusion) -> None:
     out = rule.output(h, pooled, None)
     assert type(out).__name__ == "BaseModelOutputWithPoolingAndCrossAttentions"
     assert out.last_hidden_state is h and out.pooler_output is pooled and out.past_key_values is None
+
+
+def _check_head(key: str, rule: HeadFusion) -> None:
+    """BertForSequenceClassification.forward: what FusedHeadForward repeats without labels, under
+    `can_return_tuple` (its wrapper's code checked too: FusedHeadForward resolves return_dict the same way)."""
+    cls = _class(key)
+    forward = cls.forward
+    assert forward.__code__.co_qualname.startswith("can_return_tuple"), forward.__code__.co_qualname
+    assert _lines(forward.__code__) == [
+        'return_dict = self.config.return_dict if hasattr(self, "config") else True',
+        'return_dict_passed = kwargs.pop("return_dict", return_dict)',
+        "if return_dict_passed is not None:",
+        "return_dict = return_dict_passed",
+        "output = func(self, *args, **kwargs)",
+        "if not return_dict and not isinstance(output, tuple):",
+        "output = output.to_tuple()",
+        "return output",
+    ]
+    params = list(inspect.signature(inspect.unwrap(forward)).parameters)
+    assert tuple(params[1 : len(rule.params) + 1]) == rule.params and params[-1] == "kwargs"
+    body = _lines(inspect.unwrap(forward))
+    assert body[:16] == [
+        f"outputs = self.{rule.base}(", "input_ids,", "attention_mask=attention_mask,",
+        "token_type_ids=token_type_ids,", "position_ids=position_ids,", "inputs_embeds=inputs_embeds,",
+        "return_dict=True,", "**kwargs,", ")", "pooled_output = outputs[1]",
+        f"pooled_output = self.{rule.dropout}(pooled_output)", f"logits = self.{rule.classifier}(pooled_output)",
+        "loss = None", "if labels is not None:", "if self.config.problem_type is None:", "if self.num_labels == 1:",
+    ]  # fmt: skip
+    assert body[-6:] == [
+        "return SequenceClassifierOutput(", "loss=loss,", "logits=logits,", "hidden_states=outputs.hidden_states,",
+        "attentions=outputs.attentions,", ")",
+    ]  # fmt: skip

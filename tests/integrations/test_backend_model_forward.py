@@ -8,10 +8,12 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from hf_sparse import ops
+from hf_sparse.integrations.head_forward import FusedHeadForward
 from hf_sparse.integrations.model_forward import FusedModelForward, _all_set
 from hf_sparse.integrations.module_swap import dequantize_model
 from tests.integrations.backend_support import WORDS, bert_config, prune, save
@@ -201,3 +203,88 @@ def test_all_set_matches_torch(dtype):
     strided = torch.ones(4, 6, dtype=dtype)[:, ::2]
     strided[2, 1] = 0
     assert _all_set(strided) is False and _all_set(torch.ones(4, 6, dtype=dtype)[:, ::2]) is True
+
+
+# The classification head around it (`FusedHeadForward`)
+
+
+def _head_run(model, fused_expected: bool, *args, **kwargs):
+    """model(*args, **kwargs) with FusedHeadForward, checked against the class's forward (BertModel's too)."""
+    forward = model.__dict__["forward"]
+    assert isinstance(forward, FusedHeadForward)
+    calls = forward.calls
+    plain = _class_forward(model)
+    plain.__dict__.pop("forward")
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+        expected = plain(*args, **kwargs)
+    assert forward.calls == calls + fused_expected, "the call went the other way"
+    _same(out, expected)
+    return out
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"attention_mask": ONES},
+        {"attention_mask": PADDED, "token_type_ids": TYPES},
+        {"attention_mask": ONES, "return_dict": False},
+        {"attention_mask": ONES, "return_dict": None},
+        {"output_hidden_states": False, "output_attentions": False},
+    ],
+    ids=["ones", "padded-types", "tuple", "return-dict-none", "false-flags"],
+)
+def test_head_matches_the_class_forward(bert, kwargs):
+    out = _head_run(bert, True, input_ids=IDS, **kwargs)
+    assert isinstance(out, tuple) == (kwargs.get("return_dict") is False)
+
+
+def test_head_positional_arguments_and_config_return_dict(bert):
+    _head_run(bert, True, IDS, ONES, TYPES)
+    bert.config.return_dict = False
+    try:
+        assert isinstance(_head_run(bert, True, input_ids=IDS), tuple)
+        assert not isinstance(_head_run(bert, True, input_ids=IDS, return_dict=True), tuple)
+    finally:
+        bert.config.return_dict = True
+
+
+@pytest.mark.parametrize("case", ["labels", "hidden-states", "hook-on-bert", "unknown-keyword", "twice"])
+def test_head_other_calls_go_to_the_class_forward(bert, case):
+    kwargs = {"input_ids": IDS, "attention_mask": ONES}
+    model, handle = bert, None
+    if case == "labels":
+        kwargs["labels"] = torch.tensor([0, 1, 1])
+    elif case == "hidden-states":
+        kwargs["output_hidden_states"] = True
+    elif case == "hook-on-bert":
+        handle = bert.bert.register_forward_hook(lambda m, a, o: None)
+    elif case == "unknown-keyword":
+        kwargs["debug_io"] = False
+    args = (IDS,) if case == "twice" else ()  # input_ids by position and by name
+    try:
+        try:
+            _head_run(model, False, *args, **kwargs)
+        except TypeError:
+            assert case == "twice"
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def test_head_calls_a_dropout_that_is_not_the_identity(bert):
+    model = copy.deepcopy(bert)
+    seen = []
+    model.classifier.register_forward_pre_hook(lambda m, a: seen.append("classifier"))
+    model.dropout = nn.Dropout(0.0).train()  # training mode, p = 0: still the identity
+    _head_run(model, True, input_ids=IDS)
+    model.dropout = nn.Sequential(nn.Identity())  # another module: called
+    model.dropout.register_forward_hook(lambda m, a, o: seen.append("dropout"))
+    _head_run(model, True, input_ids=IDS)
+    # (each run: the fused forward, then the class's on a copy holding the same hooks)
+    assert seen == ["classifier", "classifier", "dropout", "classifier", "dropout", "classifier"]
+
+
+def test_dequantize_removes_the_head_forward(bert):
+    model = dequantize_model(copy.deepcopy(bert))
+    assert "forward" not in model.__dict__

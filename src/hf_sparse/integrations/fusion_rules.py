@@ -1,6 +1,6 @@
 """Which transformers modules let the backend fuse work, keyed by their exact class (never guessed from names).
 
-Eight kinds of rule, each checked against the class's source when it was added (and by the tests):
+Nine kinds of rule, each checked against the class's source when it was added (and by the tests):
 
 - `GeluFusion`: the module computes `act(linear(x))` with nothing in between, and `act` is the exact (erf) GELU.
   The Linear is packed with `activation="gelu"` (the kernel's epilogue computes it) and `act` becomes Identity.
@@ -36,6 +36,12 @@ Eight kinds of rule, each checked against the class's source when it was added (
   fused into the Linear's epilogue (as for `GeluFusion`), and the module's `forward` is replaced on the instance by
   a `hf_sparse.integrations.pooler.FusedPoolerForward`: one kernel call reading each sequence's first token in
   place, the class's forward whenever that would not give the same result.
+
+- `HeadFusion`: a sequence-classification model whose forward is BertForSequenceClassification's:
+  `classifier(dropout(base(...).pooler_output))`, a loss when labels are given, an output object, under
+  transformers' `can_return_tuple`. When its base model got a `FusedModelForward`, its `forward` is replaced on the
+  instance by a `hf_sparse.integrations.head_forward.FusedHeadForward`: the same module calls without the base
+  model's output object and `__call__` when nothing else would run in them, the class's forward otherwise.
 
 A class is named by `module.qualname` so that no modeling file is imported to build the table, and subclasses (which
 may override `forward`) never match. New architectures are one line each.
@@ -208,6 +214,28 @@ class PoolerFusion:
     token: int = 0
 
 
+@dataclass(frozen=True)
+class HeadFusion:
+    """A classification head around a base model: `params` its forward's parameters in order; base / dropout /
+    classifier child module names; `output(logits)` the forward's return value without labels."""
+
+    params: tuple[str, ...]
+    output: Callable[[torch.Tensor], object]
+    base: str = "bert"
+    dropout: str = "dropout"
+    classifier: str = "classifier"
+
+
+def _sequence_classifier_output(logits: torch.Tensor):
+    # BertForSequenceClassification.forward's return value without labels (nothing captured)
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    return SequenceClassifierOutput(loss=None, logits=logits, hidden_states=None, attentions=None)
+
+
+_BERT_HEAD_PARAMS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels")
+
+
 _BERT_MODEL_PARAMS = (
     "input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "encoder_hidden_states",
     "encoder_attention_mask", "past_key_values", "use_cache",
@@ -225,7 +253,7 @@ def _bert_model_output(hidden: torch.Tensor, pooled: torch.Tensor | None, past):
 
 Rule = (
     GeluFusion | Siblings | FFNFusion | EncoderLayerFusion | EncoderStackFusion | EmbeddingsFusion | ModelFusion
-    | PoolerFusion
+    | PoolerFusion | HeadFusion
 )  # fmt: skip
 #: exact class -> rules
 RULES: dict[str, tuple[Rule, ...]] = {}
@@ -268,6 +296,10 @@ for _family, _prefix in [
             "output.LayerNorm",
         ),  # fmt: skip
     )
+register_rules(
+    f"{_TF}.bert.modeling_bert.BertForSequenceClassification",
+    HeadFusion(_BERT_HEAD_PARAMS, _sequence_classifier_output),
+)
 register_rules(f"{_TF}.distilbert.modeling_distilbert.DistilBertSelfAttention", Siblings(("q_lin", "k_lin", "v_lin")))
 register_rules(
     f"{_TF}.distilbert.modeling_distilbert.FFN",

@@ -99,6 +99,22 @@ class FusedModelForward:
         call = self._bind(args, kwargs)
         if call is None or self._call_problem(call) is not None:
             return type(self.model).forward(self.model, *args, **kwargs)
+        hidden, pooled, past = self._run(call)
+        out = self.rule.output(hidden, pooled, past)
+        # (the decorator's default for return_dict: the config's, read at each call)
+        return_dict = call.get("return_dict", getattr(self.model.config, "return_dict", True))
+        return out.to_tuple() if return_dict is False else out
+
+    def outputs(self, args: tuple, kwargs: dict) -> tuple | None:
+        """(last hidden state, pooled output, past key values) of the call `forward(*args, **kwargs)` without its
+        output object (for a head around the model whose own forward reads them), or None for a call it does not
+        take."""
+        call = self._bind(args, kwargs)
+        if call is None or self._call_problem(call) is not None:
+            return None
+        return self._run(call)
+
+    def _run(self, call: dict) -> tuple:
         self.calls += 1
         model, rule = self.model, self.rule
         ids, position_ids = call["input_ids"], call.get("position_ids")
@@ -146,10 +162,7 @@ class FusedModelForward:
             pooled = pooler(hidden) if pooler is not None else None
         finally:
             self.collector.reset(token)
-        out = rule.output(hidden, pooled, past)
-        # (the decorator's default for return_dict: the config's, read at each call)
-        return_dict = call.get("return_dict", getattr(model.config, "return_dict", True))
-        return out.to_tuple() if return_dict is False else out
+        return hidden, pooled, past
 
     def _bind(self, args: tuple, kwargs: dict) -> dict | None:
         """The call's arguments by name, or None for a call this class does not take (the class's forward then does

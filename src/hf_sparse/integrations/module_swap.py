@@ -32,12 +32,14 @@ from .fusion_rules import (
     FFNFusion,
     FusedFeedForward,
     GeluFusion,
+    HeadFusion,
     ModelFusion,
     PoolerFusion,
     Siblings,
     is_exact_gelu,
     rules_for,
 )
+from .head_forward import FusedHeadForward, fuse_head
 from .model_forward import FusedModelForward, fuse_model
 from .pooler import FusedPoolerForward, fuse_pooler
 
@@ -46,7 +48,7 @@ logger = logging.getLogger(__name__)
 # What pack_model installs as instance attributes (dequantize_model removes them)
 _FUSED_FORWARDS = (
     FusedFeedForward, FusedEncoderForward, FusedEncoderStackForward, FusedEmbeddingsForward, FusedModelForward,
-    FusedPoolerForward,
+    FusedPoolerForward, FusedHeadForward,
 )  # fmt: skip
 
 
@@ -208,6 +210,7 @@ def pack_model(model: nn.Module, workload: str | None = None) -> dict[str, int]:
         "fused_embeddings": 0,
         "fused_models": 0,
         "fused_poolers": 0,
+        "fused_heads": 0,
     }
     for module in modules.values():  # before packing: the activation is part of the packed kernel
         for rule in rules_for(module):
@@ -262,6 +265,10 @@ def pack_model(model: nn.Module, workload: str | None = None) -> dict[str, int]:
         for rule in rules_for(module):
             if isinstance(rule, PoolerFusion) and fuse_pooler(module, rule):
                 counts["fused_poolers"] += 1
+    for module in modules.values():  # (after the base models: it needs a fused one)
+        for rule in rules_for(module):
+            if isinstance(rule, HeadFusion) and fuse_head(module, rule):
+                counts["fused_heads"] += 1
     model.requires_grad_(False)
     return counts
 
