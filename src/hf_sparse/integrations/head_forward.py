@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .fusion_rules import HeadFusion
-from .model_forward import _OUTPUT_FLAGS, FusedModelForward, plain_call
+from .model_forward import _OUTPUT_FLAGS, FusedModelForward, bind_call, plain_call
 
 
 def _identity(dropout: nn.Module) -> bool:
@@ -64,13 +64,8 @@ class FusedHeadForward:
 
     def _logits(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         params, model, rule = self.rule.params, self.model, self.rule
-        if len(args) > len(params) or not self.names.issuperset(kwargs):
-            return None
-        call = dict(zip(params, args))
-        if any(key in call for key in kwargs):
-            return None
-        call.update(kwargs)
-        if call.get("labels") is not None:
+        call = bind_call(params, self.names, args, kwargs)
+        if call is None or call.get("labels") is not None:
             return None
         modules = model._modules
         base = modules.get(rule.base)

@@ -43,6 +43,22 @@ def _mask_functions() -> tuple[dict | None, dict]:
 _OUTPUT_FLAGS = ("output_attentions", "output_hidden_states")
 
 
+def bind_call(params: tuple[str, ...], names: frozenset[str], args: tuple, kwargs: dict) -> dict | None:
+    """A call's arguments by name (`params` in order for the positional ones), or None for a call with more
+    positional arguments than `params`, a keyword outside `names` or an argument given twice (a fused forward does
+    not take those; the class's forward then does whatever it does with them)."""
+    if not args and names.issuperset(kwargs):
+        return kwargs
+    if len(args) > len(params):
+        return None
+    call = dict(zip(params, args))
+    for key, value in kwargs.items():
+        if key not in names or key in call:
+            return None
+        call[key] = value
+    return call
+
+
 def plain_call(module: nn.Module) -> bool:
     """Whether `module(...)` calls its `forward` and nothing else: no hook on the module nor global ones, not
     compiled by `Module.compile`, `__call__` not overridden."""
@@ -165,20 +181,7 @@ class FusedModelForward:
         return hidden, pooled, past
 
     def _bind(self, args: tuple, kwargs: dict) -> dict | None:
-        """The call's arguments by name, or None for a call this class does not take (the class's forward then does
-        whatever it does with it)."""
-        params = self.rule.params
-        if not args and self.names.issuperset(kwargs):
-            call = kwargs
-        elif len(args) > len(params):
-            return None
-        else:
-            call = dict(zip(params, args))
-            for key, value in kwargs.items():
-                if key not in self.names or key in call:
-                    return None
-                call[key] = value
-        return call
+        return bind_call(self.rule.params, self.names, args, kwargs)
 
     def why_not(self, *args, **kwargs) -> str | None:
         """None when the fast path takes a call with these arguments, else the reason it does not."""
