@@ -98,7 +98,9 @@ void check_mask_kind(int kind, const char* where) {
 int clamp_threads(int nthreads) { return nthreads < 1 ? 1 : (nthreads > 1024 ? 1024 : nthreads); }
 
 Output make_output(uintptr_t out, int64_t ldy, int act, bool accum) {
-  if (act != kActNone && act != kActGelu && act != kActTanh) throw nb::value_error(("unknown activation code " + str(act)).c_str());
+  if (act != kActNone && act != kActGelu && act != kActTanh) {
+    throw nb::value_error(("unknown activation code " + str(act)).c_str());
+  }
   Output o;
   if (accum) {
     o.yi = reinterpret_cast<int32_t*>(out);
@@ -357,7 +359,9 @@ class EncoderLayerPlan {
     }
     if (ffn_fused) Packed::check_ffn(f1, f2);
     const Packed *pq = &q, *po = &o, *p1 = &f1, *p2 = &f2;
-    call_.qkv = [pq](const float* x, int64_t m, float* y, int nt) { pq->forward(x, pq->in_features(), m, plain(y, pq), nt); };
+    call_.qkv = [pq](const float* x, int64_t m, float* y, int nt) {
+      pq->forward(x, pq->in_features(), m, plain(y, pq), nt);
+    };
     if (q.kind() == kI8Sparse || q.kind() == kI8Csr) {  // the kernels that can write the attention's packed Q/K/V
       call_.qkv_packed = [pq](const float* x, int64_t m, const QkvPackedOut& p, int nt) {
         Output out;

@@ -110,24 +110,32 @@ def test_inputs_the_kernels_do_not_take_run_the_layers_one_by_one(layers, thread
 
 
 def test_layernorm_parameters_are_read_at_every_call(threads):
+    """The stack and a layer alone (`norm_args`) read the LayerNorms as they are at each call: an in-place update,
+    a new eps and a replaced parameter change the output on the kernels; a float64, strided or missing one sends
+    both to the layers' composed path."""
     threads(2)
     layers = [make_encoder_layer(seed) for seed in (4, 5)]
     x = torch.randn(2, 40, HIDDEN, generator=torch.Generator().manual_seed(8))
     stack = FusedEncoderStack(layers)
     plan = _counted(stack)
+    layer_plan = layers[1]._plan = CountedPlan(layers[1]._plan)
     norm = layers[1].norm1
-    with torch.no_grad():
-        norm.weight.mul_(1.5)  # in place: the same address, new values
-    assert torch.equal(stack(x), _one_by_one(layers, x, None)) and plan.calls == 1
-    norm.eps = 1e-3
-    assert torch.equal(stack(x), _one_by_one(layers, x, None)) and plan.calls == 2
-    norm.bias = torch.nn.Parameter(torch.randn(HIDDEN))  # replaced
-    assert torch.equal(stack(x), _one_by_one(layers, x, None)) and plan.calls == 3
-    # float64, strided, missing: the layers one by one instead
+    before = stack(x)
+    changes = [
+        lambda: norm.weight.data.mul_(1.5),  # in place: the same address, new values
+        lambda: setattr(norm, "eps", 1e-3),
+        lambda: setattr(norm, "bias", torch.nn.Parameter(torch.randn(HIDDEN))),  # replaced
+    ]
+    for i, change in enumerate(changes, start=2):
+        change()
+        after = stack(x)
+        assert not torch.equal(after, before) and torch.equal(after, _one_by_one(layers, x, None))
+        assert plan.calls == i and layer_plan.calls == i - 1
+        before = after
     for bad in (norm.bias.detach().double(), torch.randn(2 * HIDDEN)[::2], None):
         norm._parameters["bias"] = bad
         assert torch.equal(stack(x), _one_by_one(layers, x, None))
-        assert plan.calls == 3
+        assert plan.calls == 4 and layer_plan.calls == 3
 
 
 def test_close_to_the_reference(layers, threads):

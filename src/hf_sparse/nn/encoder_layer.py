@@ -40,15 +40,10 @@ def _attention_int8(attention: str, where: str) -> bool:
     raise ValueError(f"{where}: attention={attention!r}; use 'bf16' or 'int8' (fp32 attention is the model's own)")
 
 
-def norm_params_ok(params: list[torch.Tensor | None]) -> bool:
-    """LayerNorm parameters the kernels read: present, float32 and contiguous."""
-    f32 = torch.float32
-    return all(t is not None and t.dtype is f32 and t.is_contiguous() for t in params)
-
-
 def norm_args(norms: list[nn.LayerNorm]) -> tuple[list[int], list[float]] | None:
-    """The addresses of each LayerNorm's weight and bias, and its eps, as they are now; None when a parameter is
-    missing, not float32 or not contiguous (one pass over the modules: after a kernel call they are cold)."""
+    """The addresses of each LayerNorm's weight and bias, and its eps, as they are now (the kernels read them at every
+    call); None when a parameter is missing, not float32 or not contiguous (a model cast to another dtype: the
+    composed path runs). One pass over the modules: after a kernel call they are cold."""
     f32 = torch.float32
     ptrs, eps = [], []
     for norm in norms:
@@ -163,16 +158,17 @@ class FusedEncoderLayer:
     def __call__(self, x: torch.Tensor, mask: torch.Tensor | None = None, attention: str = "bf16") -> torch.Tensor:
         """`attention`: "bf16" or "int8", the attention's numerics (`hf_sparse.ops.attention`'s `precision`)."""
         int8 = _attention_int8(attention, "FusedEncoderLayer")
-        params = self.norm_params()
-        if not (self._plan is not None and self.takes(x, mask) and norm_params_ok(params)):
+        norms = norm_args([self.norm1, self.norm2]) if self._plan is not None and self.takes(x, mask) else None
+        if norms is None:
             return self._composed(x, mask, attention)
+        ptrs, (eps1, eps2) = norms
         batch, seq, _ = x.shape
         kind, mk, sb, sh, sq = _mask_args(mask, batch, self.heads, seq, "FusedEncoderLayer")
         y = torch.empty_like(x)
         with _StepCounters() as counters:
             self._split_flags = self._plan.run(
                 x.data_ptr(), y.data_ptr(), batch, seq, kind, mk.data_ptr() if mk is not None else 0, sb, sh, sq,
-                [t.data_ptr() for t in params], self.norm1.eps, self.norm2.eps, self.chunk_tokens,
+                ptrs, eps1, eps2, self.chunk_tokens,
                 self.split_sequences, bool(self.pack_qkv), bool(self.feature_major), int8,
                 ext._num_threads or torch.get_num_threads(),
                 counters.address,
@@ -180,7 +176,7 @@ class FusedEncoderLayer:
         return y
 
     def takes(self, x: torch.Tensor, mask: torch.Tensor | None) -> bool:
-        """Whether the kernels take this input as it is (the LayerNorms are checked by `norm_params_ok`)."""
+        """Whether the kernels take this input as it is (the LayerNorms are checked by `norm_args`)."""
         return (
             can_call_directly(x) and x.dtype is torch.float32 and x.dim() == 3 and x.shape[2] == self.hidden
             and x.is_contiguous() and (mask is None or can_call_directly(mask))
@@ -202,12 +198,6 @@ class FusedEncoderLayer:
         """Whether the last fast-path call ran its steps on feature-major tiles (see above; after a FusedEncoderStack
         call: whether it did for the stack)."""
         return bool(self._split_flags & ext._C.LAYER_FEATURE_MAJOR)
-
-    def norm_params(self) -> list[torch.Tensor | None]:
-        """gamma1, beta1, gamma2, beta2 as they are now (the kernels read them at every call; a model cast to another
-        dtype fails `norm_params_ok` and runs the composed path)."""
-        p1, p2 = self.norm1._parameters, self.norm2._parameters
-        return [p1.get("weight"), p1.get("bias"), p2.get("weight"), p2.get("bias")]
 
     def _norm(self, norm: nn.LayerNorm, vp: int, rp: int, yp: int, m: int, nt: int) -> None:
         """y = norm(v + r) over m rows (addresses of float32 rows, hidden wide)."""
