@@ -8,6 +8,7 @@ for fp32, 100 each for the fused GELU and tanh (~18 s on a busy 2-core machine, 
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import subprocess
@@ -102,42 +103,41 @@ def test_fused_activation(i, m, n, k, sparsity, pattern, activation):
             assert_close(y, expected, f"{activation} {layout.value} on {isa}", rtol=rtol, atol=atol)
 
 
-def test_tanh_over_both_formulas_and_special_values():
-    """tanh alone (an identity fp32 weight) on a grid through the polynomial (|v| < 0.625), the exp quotient and
-    saturation, against float64 torch; inf, -inf and NaN give 1, -1 and NaN."""
+def _activation_grid(activation, grid, edges, reference, rtol, atol):
+    """`activation` alone (an identity fp32 weight: each output is its input, exactly) over grid, edges and inf,
+    -inf, NaN, on every instruction set: the finite values against float64 `reference`; yields (isa, the outputs of
+    inf, -inf, NaN)."""
     n = 64
-    grid = torch.linspace(-12.0, 12.0, 4096 * n)
-    edges = torch.tensor([0.625, -0.625, 0.62499997, 0.6250001, 0.0, -0.0, 1e-30, -1e-30, 1e-40, 44.0, 90.0, -1e30])
     special = torch.tensor([float("inf"), float("-inf"), float("nan")])
     v = torch.cat([grid, edges, special, torch.zeros(n - (len(edges) + len(special)) % n)])
-    identity = ops.pack_linear(torch.eye(n), scheme="fp32", layout=Layout.FP32_CSR, activation="tanh")
-    expected = torch.tanh(v.double())
+    identity = ops.pack_linear(torch.eye(n), scheme="fp32", layout=Layout.FP32_CSR, activation=activation)
+    expected = reference(v.double())
+    finite = torch.isfinite(v)
     for isa in ISAS:
         with using_isa(isa):
             y = identity(v.reshape(-1, n)).reshape(-1)
-        finite = torch.isfinite(v)
-        assert_close(y[finite], expected[finite].float(), f"tanh grid on {isa}", rtol=5e-7, atol=1e-30)
-        tail = y[len(grid) + len(edges) : len(grid) + len(edges) + 3]
-        assert tail[0].item() == 1.0 and tail[1].item() == -1.0 and tail[2].isnan(), f"tanh of inf, -inf, NaN: {tail}"
+        assert_close(y[finite], expected[finite].float(), f"{activation} grid on {isa}", rtol=rtol, atol=atol)
+        yield isa, y[len(grid) + len(edges) : len(grid) + len(edges) + 3]
+
+
+def test_tanh_over_both_formulas_and_special_values():
+    """tanh on a grid through the polynomial (|v| < 0.625), the exp quotient and saturation, against float64 torch;
+    inf, -inf and NaN give 1, -1 and NaN."""
+    grid = torch.linspace(-12.0, 12.0, 4096 * 64)
+    edges = torch.tensor([0.625, -0.625, 0.62499997, 0.6250001, 0.0, -0.0, 1e-30, -1e-30, 1e-40, 44.0, 90.0, -1e30])
+    for isa, tail in _activation_grid("tanh", grid, edges, torch.tanh, rtol=5e-7, atol=1e-30):
+        assert tail[0].item() == 1.0 and tail[1].item() == -1.0 and tail[2].isnan(), (
+            f"tanh of inf, -inf, NaN on {isa}: {tail}"
+        )
 
 
 def test_gelu_over_every_table_segment_and_special_values():
-    """The GELU alone (an identity fp32 weight: each output is its input, exactly) on a grid through every segment
-    of the kernels' tables and past their ends, against float64 torch; inf, -inf and NaN as float64 torch gives
-    them (inf, NaN, NaN)."""
-    n = 64
-    grid = torch.linspace(-8.0, 8.0, 4096 * n)
+    """The GELU on a grid through every segment of the kernels' tables and past their ends, against float64 torch;
+    inf, -inf and NaN as float64 torch gives them (inf, NaN, NaN)."""
+    grid = torch.linspace(-8.0, 8.0, 4096 * 64)
     edges = torch.tensor([6.0, -6.0, 5.625, -5.625, 5.63, -5.63, 0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30])
-    special = torch.tensor([float("inf"), float("-inf"), float("nan")])
-    v = torch.cat([grid, edges, special, torch.zeros(n - (len(edges) + len(special)) % n)])
-    identity = ops.pack_linear(torch.eye(n), scheme="fp32", layout=Layout.FP32_CSR, activation="gelu")
-    expected = F.gelu(v.double(), approximate="none")
-    for isa in ISAS:
-        with using_isa(isa):
-            y = identity(v.reshape(-1, n)).reshape(-1)
-        finite = torch.isfinite(v)
-        assert_close(y[finite], expected[finite].float(), f"GELU grid on {isa}", rtol=1e-6, atol=1e-6)
-        tail = y[len(grid) + len(edges) : len(grid) + len(edges) + 3]
+    reference = functools.partial(F.gelu, approximate="none")
+    for isa, tail in _activation_grid("gelu", grid, edges, reference, rtol=1e-6, atol=1e-6):
         assert tail[0].item() == float("inf") and tail[1:].isnan().all(), f"GELU of inf, -inf, NaN on {isa}: {tail}"
 
 

@@ -12,13 +12,11 @@ the class's forward.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from .fusion_rules import HeadFusion
-from .model_forward import _OUTPUT_FLAGS, FusedModelForward, bind_call, plain_call
+from .model_forward import _OUTPUT_FLAGS, BoundForward, FusedModelForward, bind_call, plain_call
 
 
 def _identity(dropout: nn.Module) -> bool:
@@ -31,7 +29,7 @@ def _identity(dropout: nn.Module) -> bool:
     )
 
 
-class FusedHeadForward:
+class FusedHeadForward(BoundForward):
     """Stands in for `forward` on one classification model instance. Not a Module; `dequantize_model` removes it.
     `calls` counts the calls it ran itself.
 
@@ -40,16 +38,6 @@ class FusedHeadForward:
     would run nothing else (no hooks, not compiled). Then: the base model's pooled output, the dropout (skipped
     when it is the identity), the classifier through its `__call__`, and the class's output object (a tuple when
     `return_dict` is false in the call, or unset there and false in the config, as `can_return_tuple` does)."""
-
-    def __init__(self, model: nn.Module, rule: HeadFusion):
-        self.model, self.rule = model, rule
-        self.names = frozenset((*rule.params, "return_dict", *_OUTPUT_FLAGS))
-        self.calls = 0
-
-    def __deepcopy__(self, memo):  # the copied model (it may be half-built here: no lookups in it)
-        new = copy.copy(self)
-        new.model = copy.deepcopy(self.model, memo)
-        return new
 
     def __call__(self, *args, **kwargs):
         logits = self._logits(args, kwargs)

@@ -87,7 +87,22 @@ def _all_set(mask: torch.Tensor) -> bool:
     return ext._C.all_nonzero_raw(mask.data_ptr(), mask.numel(), mask.element_size())
 
 
-class FusedModelForward:
+class BoundForward:
+    """What a `forward` standing in on one model instance holds: the model, its rule, the argument names its calls
+    may use (the rule's parameters, `return_dict`, the output flags) and `calls`, the calls it ran itself."""
+
+    def __init__(self, model: nn.Module, rule):
+        self.model, self.rule = model, rule
+        self.names = frozenset((*rule.params, "return_dict", *_OUTPUT_FLAGS))
+        self.calls = 0
+
+    def __deepcopy__(self, memo):  # the copied model (it may be half-built here: no lookups in it)
+        new = copy.copy(self)
+        new.model = copy.deepcopy(self.model, memo)
+        return new
+
+
+class FusedModelForward(BoundForward):
     """Stands in for `forward` on one base model instance. Not a Module; `dequantize_model` removes it. `calls`
     counts the calls it ran itself.
 
@@ -100,16 +115,9 @@ class FusedModelForward:
     run nothing but its FusedEncoderStackForward gives its last hidden state without the output object."""
 
     def __init__(self, model: nn.Module, rule: ModelFusion):
-        self.model, self.rule = model, rule
-        self.names = frozenset((*rule.params, "return_dict", *_OUTPUT_FLAGS))
+        super().__init__(model, rule)
         self.registry, self.mask_functions = _mask_functions()
         self.collector = _collector()
-        self.calls = 0
-
-    def __deepcopy__(self, memo):  # the copied model (it may be half-built here: no lookups in it)
-        new = copy.copy(self)
-        new.model = copy.deepcopy(self.model, memo)
-        return new
 
     def __call__(self, *args, **kwargs):
         call = self._bind(args, kwargs)
