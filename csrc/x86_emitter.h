@@ -51,6 +51,14 @@ class X86Emitter {
     byte(0x15);
     u32(static_cast<uint32_t>(disp));
   }
+  // prefetcht1 [base + disp32] (base not rsp/r12: no SIB)
+  void prefetcht1_base(int base, int32_t disp) {
+    if (base & 8) byte(0x41);
+    byte(0x0F);
+    byte(0x18);
+    byte(static_cast<uint8_t>(0x80 | (2 << 3) | (base & 7)));
+    u32(static_cast<uint32_t>(disp));
+  }
   // mov dst, src (64-bit)
   void mov(int dst, int src) {
     byte(0x48 | (src & 8 ? 4 : 0) | (dst & 8 ? 1 : 0));
