@@ -62,9 +62,10 @@ def vnni_peak(reps: int) -> dict[str, float]:
 
 
 def linear_multiplies(model: torch.nn.Module, batch: int, seq: int) -> tuple[float, float]:
-    """vpdpbusd per forward of (the encoder layers' products, the others (pooler, classifier: one row per
-    sequence)), from the packed weights."""
+    """vpdpbusd per forward of (the encoder's products, every token a row; the others (pooler, classifier: one row
+    per sequence)), from the packed weights (int8 CSR: its entries of 4 nonzeros, counted as blocks)."""
     encoder = other = 0.0
+    encoder_modules = {id(m) for m in model.base_model.encoder.modules()}
     seen = set()
     for name, module in model.named_modules():
         if not isinstance(module, SparseLinear):
@@ -79,7 +80,7 @@ def linear_multiplies(model: torch.nn.Module, batch: int, seq: int) -> tuple[flo
             blocks = packed.out_features * math.ceil(packed.in_features / 4)
         else:
             raise SystemExit(f"bench_roofline: {name} is {packed.layout.value}, not an int8 layout")
-        in_encoder = ".encoder." in f".{name}."
+        in_encoder = id(module) in encoder_modules
         count = blocks * math.ceil((batch * seq if in_encoder else batch) / 16)
         encoder, other = (encoder + count, other) if in_encoder else (encoder, other + count)
     return encoder, other
