@@ -27,23 +27,24 @@ static double reg_rate(long n) {
       "vpternlogd $0xff, %%zmm12, %%zmm12, %%zmm12\n\t"
       "vpternlogd $0xff, %%zmm13, %%zmm13, %%zmm13\n\t"
       "1:\n\t"
-"vpdpbusd %%zmm13, %%zmm12, %%zmm0\n\t"
-"vpdpbusd %%zmm13, %%zmm12, %%zmm1\n\t"
-"vpdpbusd %%zmm13, %%zmm12, %%zmm2\n\t"
-"vpdpbusd %%zmm13, %%zmm12, %%zmm3\n\t"
-"vpdpbusd %%zmm13, %%zmm12, %%zmm4\n\t"
-"vpdpbusd %%zmm13, %%zmm12, %%zmm5\n\t"
-"vpdpbusd %%zmm13, %%zmm12, %%zmm6\n\t"
-"vpdpbusd %%zmm13, %%zmm12, %%zmm7\n\t"
-"vpdpbusd %%zmm13, %%zmm12, %%zmm8\n\t"
-"vpdpbusd %%zmm13, %%zmm12, %%zmm9\n\t"
-"vpdpbusd %%zmm13, %%zmm12, %%zmm10\n\t"
-"vpdpbusd %%zmm13, %%zmm12, %%zmm11\n\t"
+      "vpdpbusd %%zmm13, %%zmm12, %%zmm0\n\t"
+      "vpdpbusd %%zmm13, %%zmm12, %%zmm1\n\t"
+      "vpdpbusd %%zmm13, %%zmm12, %%zmm2\n\t"
+      "vpdpbusd %%zmm13, %%zmm12, %%zmm3\n\t"
+      "vpdpbusd %%zmm13, %%zmm12, %%zmm4\n\t"
+      "vpdpbusd %%zmm13, %%zmm12, %%zmm5\n\t"
+      "vpdpbusd %%zmm13, %%zmm12, %%zmm6\n\t"
+      "vpdpbusd %%zmm13, %%zmm12, %%zmm7\n\t"
+      "vpdpbusd %%zmm13, %%zmm12, %%zmm8\n\t"
+      "vpdpbusd %%zmm13, %%zmm12, %%zmm9\n\t"
+      "vpdpbusd %%zmm13, %%zmm12, %%zmm10\n\t"
+      "vpdpbusd %%zmm13, %%zmm12, %%zmm11\n\t"
       "dec %0\n\t"
       "jnz 1b\n\t"
       : "+r"(n)
       :
-      : "zmm0", "zmm1", "zmm2", "zmm3", "zmm4", "zmm5", "zmm6", "zmm7", "zmm8", "zmm9", "zmm10", "zmm11", "zmm12", "zmm13", "cc");
+      : "zmm0", "zmm1", "zmm2", "zmm3", "zmm4", "zmm5", "zmm6", "zmm7", "zmm8", "zmm9", "zmm10", "zmm11", "zmm12",
+        "zmm13", "cc");
   return now() - t;
 }
 
@@ -53,23 +54,24 @@ static double bcst_rate(long n) {
   __asm__ volatile(
       "vpternlogd $0xff, %%zmm12, %%zmm12, %%zmm12\n\t"
       "1:\n\t"
-"vpdpbusd 0(%1)%{1to16%}, %%zmm12, %%zmm0\n\t"
-"vpdpbusd 4(%1)%{1to16%}, %%zmm12, %%zmm1\n\t"
-"vpdpbusd 8(%1)%{1to16%}, %%zmm12, %%zmm2\n\t"
-"vpdpbusd 12(%1)%{1to16%}, %%zmm12, %%zmm3\n\t"
-"vpdpbusd 16(%1)%{1to16%}, %%zmm12, %%zmm4\n\t"
-"vpdpbusd 20(%1)%{1to16%}, %%zmm12, %%zmm5\n\t"
-"vpdpbusd 24(%1)%{1to16%}, %%zmm12, %%zmm6\n\t"
-"vpdpbusd 28(%1)%{1to16%}, %%zmm12, %%zmm7\n\t"
-"vpdpbusd 32(%1)%{1to16%}, %%zmm12, %%zmm8\n\t"
-"vpdpbusd 36(%1)%{1to16%}, %%zmm12, %%zmm9\n\t"
-"vpdpbusd 40(%1)%{1to16%}, %%zmm12, %%zmm10\n\t"
-"vpdpbusd 44(%1)%{1to16%}, %%zmm12, %%zmm11\n\t"
+      "vpdpbusd 0(%1)%{1to16%}, %%zmm12, %%zmm0\n\t"
+      "vpdpbusd 4(%1)%{1to16%}, %%zmm12, %%zmm1\n\t"
+      "vpdpbusd 8(%1)%{1to16%}, %%zmm12, %%zmm2\n\t"
+      "vpdpbusd 12(%1)%{1to16%}, %%zmm12, %%zmm3\n\t"
+      "vpdpbusd 16(%1)%{1to16%}, %%zmm12, %%zmm4\n\t"
+      "vpdpbusd 20(%1)%{1to16%}, %%zmm12, %%zmm5\n\t"
+      "vpdpbusd 24(%1)%{1to16%}, %%zmm12, %%zmm6\n\t"
+      "vpdpbusd 28(%1)%{1to16%}, %%zmm12, %%zmm7\n\t"
+      "vpdpbusd 32(%1)%{1to16%}, %%zmm12, %%zmm8\n\t"
+      "vpdpbusd 36(%1)%{1to16%}, %%zmm12, %%zmm9\n\t"
+      "vpdpbusd 40(%1)%{1to16%}, %%zmm12, %%zmm10\n\t"
+      "vpdpbusd 44(%1)%{1to16%}, %%zmm12, %%zmm11\n\t"
       "dec %0\n\t"
       "jnz 1b\n\t"
       : "+r"(n)
       : "r"(w)
-      : "zmm0", "zmm1", "zmm2", "zmm3", "zmm4", "zmm5", "zmm6", "zmm7", "zmm8", "zmm9", "zmm10", "zmm11", "zmm12", "zmm13", "cc", "memory");
+      : "zmm0", "zmm1", "zmm2", "zmm3", "zmm4", "zmm5", "zmm6", "zmm7", "zmm8", "zmm9", "zmm10", "zmm11", "zmm12",
+        "zmm13", "cc", "memory");
   return now() - t;
 }
 
@@ -83,7 +85,7 @@ static double clock_ghz(long n) {
 int main(int argc, char** argv) {
   const int reps = argc > 1 ? atoi(argv[1]) : 5;
   const long n = 10000000;  /* x 12 multiplies: ~0.1 s */
-  for (int i = 0; i < 64; i++) weights[i] = i * 16777619;
+  for (int i = 0; i < 64; i++) weights[i] = (int32_t)(i * 16777619u);
   double reg = 0, bcst = 0, ghz = 0, r;
   for (int i = 0; i < reps; i++) {
     if ((r = 12.0 * n / reg_rate(n)) > reg) reg = r;
