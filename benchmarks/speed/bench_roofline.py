@@ -75,7 +75,7 @@ def linear_multiplies(model: torch.nn.Module, batch: int, seq: int) -> tuple[flo
             continue
         seen.add(id(packed))
         if packed.layout in (Layout.INT8_BLOCK4, Layout.INT8_CSR):
-            blocks = packed._tensors["values"].numel()
+            blocks = packed.tensors["values"].numel()
         elif packed.layout is Layout.INT8_DENSE:
             blocks = packed.out_features * math.ceil(packed.in_features / 4)
         else:

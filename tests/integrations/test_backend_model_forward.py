@@ -59,18 +59,24 @@ def _same(a, b) -> None:
         assert a == b
 
 
+def _compared(forward, fused_expected: bool, call, reference, args: tuple, kwargs: dict):
+    """call(*args, **kwargs), checked equal to reference(*args, **kwargs), and `forward` (the fused forward `call`
+    reaches) counting the call exactly when fused_expected."""
+    calls = forward.calls
+    with torch.no_grad():
+        out = call(*args, **kwargs)
+        expected = reference(*args, **kwargs)
+    assert forward.calls == calls + fused_expected, "the call went the other way"
+    _same(out, expected)
+    return out
+
+
 def _run(model, fused_expected: bool, *args, **kwargs):
     """model.bert(*args, **kwargs) with FusedModelForward, checked against the class's forward."""
     forward = model.bert.__dict__["forward"]
     assert isinstance(forward, FusedModelForward)
-    calls = forward.calls
     assert (forward.why_not(*args, **kwargs) is None) == fused_expected
-    with torch.no_grad():
-        out = model.bert(*args, **kwargs)
-        expected = _class_forward(model).bert(*args, **kwargs)
-    assert forward.calls == calls + fused_expected, "the call went the other way"
-    _same(out, expected)
-    return out
+    return _compared(forward, fused_expected, model.bert, _class_forward(model).bert, args, kwargs)
 
 
 @pytest.mark.parametrize(
@@ -212,15 +218,9 @@ def _head_run(model, fused_expected: bool, *args, **kwargs):
     """model(*args, **kwargs) with FusedHeadForward, checked against the class's forward (BertModel's too)."""
     forward = model.__dict__["forward"]
     assert isinstance(forward, FusedHeadForward)
-    calls = forward.calls
     plain = _class_forward(model)
     plain.__dict__.pop("forward")
-    with torch.no_grad():
-        out = model(*args, **kwargs)
-        expected = plain(*args, **kwargs)
-    assert forward.calls == calls + fused_expected, "the call went the other way"
-    _same(out, expected)
-    return out
+    return _compared(forward, fused_expected, model, plain, args, kwargs)
 
 
 @pytest.mark.parametrize(

@@ -241,34 +241,11 @@ def pack_model(model: nn.Module, workload: str | None = None) -> dict[str, int]:
             if not module.is_packed:
                 module.pack(module.activation, weight_scale=_tied_scale(modules, name, module), workload=workload)
             counts["linears"] += 1
-    for module in modules.values():
-        for rule in rules_for(module):
-            if isinstance(rule, FFNFusion) and _fuse_ffn(module, rule):
-                counts["fused_ffn"] += 1
-    for module in modules.values():
-        for rule in rules_for(module):
-            if isinstance(rule, EncoderLayerFusion) and fuse_encoder_layer(module, rule):
-                counts["fused_layers"] += 1
-    for module in modules.values():
-        for rule in rules_for(module):
-            if isinstance(rule, EncoderStackFusion) and fuse_encoder_stack(module, rule):
-                counts["fused_stacks"] += 1
-    for module in modules.values():
-        for rule in rules_for(module):
-            if isinstance(rule, EmbeddingsFusion) and fuse_embeddings(module, rule):
-                counts["fused_embeddings"] += 1
-    for module in modules.values():  # (after the encoders: it needs a fused one)
-        for rule in rules_for(module):
-            if isinstance(rule, ModelFusion) and fuse_model(module, rule):
-                counts["fused_models"] += 1
-    for module in modules.values():
-        for rule in rules_for(module):
-            if isinstance(rule, PoolerFusion) and fuse_pooler(module, rule):
-                counts["fused_poolers"] += 1
-    for module in modules.values():  # (after the base models: it needs a fused one)
-        for rule in rules_for(module):
-            if isinstance(rule, HeadFusion) and fuse_head(module, rule):
-                counts["fused_heads"] += 1
+    for kind, fuse, key in _FUSION_PASSES:
+        for module in modules.values():
+            for rule in rules_for(module):
+                if isinstance(rule, kind) and fuse(module, rule):
+                    counts[key] += 1
     model.requires_grad_(False)
     return counts
 
@@ -301,6 +278,20 @@ def _fuse_ffn(module: nn.Module, rule: FFNFusion) -> bool:
         return False
     module.__dict__[rule.method] = FusedFeedForward(module, ffn, rule.tail)  # an instance attribute, not a child
     return True
+
+
+# The fusions after packing, one pass each over the model, in this order: each may need the ones before it (a
+# stack its fused layers, a base model its fused encoder, a head its fused base model). (rule type, the function
+# that installs it on a module, the count it adds to)
+_FUSION_PASSES = (
+    (FFNFusion, _fuse_ffn, "fused_ffn"),
+    (EncoderLayerFusion, fuse_encoder_layer, "fused_layers"),
+    (EncoderStackFusion, fuse_encoder_stack, "fused_stacks"),
+    (EmbeddingsFusion, fuse_embeddings, "fused_embeddings"),
+    (ModelFusion, fuse_model, "fused_models"),
+    (PoolerFusion, fuse_pooler, "fused_poolers"),
+    (HeadFusion, fuse_head, "fused_heads"),
+)
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
