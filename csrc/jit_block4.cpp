@@ -8,7 +8,7 @@
 // per row that has a block there: the accumulators stay in registers over the whole row, the column indices are
 // baked into displacements, and the load is shared by the ~2.7 rows (at 90% sparsity) that use the column. The
 // code loops over the tile's four 16-token vectors, so it is fetched from memory once per 64-token tile and then
-// runs from L1. It prefetches itself (prefetcht1 8 KB ahead every 48 bytes): the code of a whole model is tens
+// runs from L1. It prefetches itself (prefetcht1 8 KB ahead, once per 64-byte line): the code of a whole model is tens
 // of MB and comes from L3 or memory, which the instruction fetch alone reads too slowly; and it prefetches its
 // values, a line at a time 2 KB ahead, which the hardware prefetchers alone bring too late at batch 1.
 // Measured (benchmarks/RESULTS.md, "Generated 4-block code"): the multiply ~1.45x the loops' speed on BERT shapes
@@ -45,7 +45,10 @@ constexpr int kActReg = 31;           // the activation vector
 constexpr int32_t kTileStride = 256;  // bytes per 4-block column in a 64-token tile
 constexpr int32_t kLoadDispMax = 127 * 64;  // largest compressed disp8 of a 64-byte load
 constexpr int32_t kPrefetchAhead = 8192;
-constexpr size_t kPrefetchEvery = 48;  // bytes of code between two prefetches
+// One code prefetch per 64-byte line, emitted as the code enters the line: every line 8 KB ahead is asked for once.
+// (Every 48 bytes, as before, asked for some lines twice: 0.9% more code, batch 1 ~0.7% slower; RESULTS.md, session
+// 22.) Lines are counted in the emitter's buffer, whose start is page-aligned in the mapping.
+constexpr size_t kCodeLine = 64;
 // The values a group reads are a second stream beside the code (4 bytes per block): one prefetcht1 per 64-byte line
 // of them, 2 KB ahead (into the next group's, for the narrower products). benchmarks/RESULTS.md, "Prefetching the
 // generated code's values": a BERT-base forward ~2.5% faster at batch 1, the same at batch 16.
@@ -76,7 +79,7 @@ void emit_group(const SparseI8& w, int64_t r0, int rows, X86Emitter& e, std::vec
   int32_t act = 0;  // r9 - rdi: moved on so that tile loads keep the compressed disp8 range (7 bytes, not 10)
   for (int i = 0; i < rows; ++i) e.vpxord_zero(i);
   int32_t off = 0;  // of the next value from rsi, kept in [-512, 508]: the compressed disp8 range
-  size_t last_prefetch = e.size();
+  size_t prefetched_line = e.size() / kCodeLine;
   int64_t last_col = -1;
   for (const auto& [col, i, value] : blocks) {
     if (static_cast<int64_t>(col) != last_col) {
@@ -96,9 +99,9 @@ void emit_group(const SparseI8& w, int64_t r0, int rows, X86Emitter& e, std::vec
     if (weights.size() % kValuesPerLine == 0) e.prefetcht1_base(kRsi, off + kValuesAhead);
     off += 4;
     weights.push_back(value);
-    if (e.size() - last_prefetch >= kPrefetchEvery) {
+    if (e.size() / kCodeLine != prefetched_line) {
       e.prefetcht1_rip(kPrefetchAhead);
-      last_prefetch = e.size();
+      prefetched_line = e.size() / kCodeLine;
     }
   }
   for (int i = 0; i < rows; ++i) e.vmovdqa32_store(kRdx, i * 256, i);
