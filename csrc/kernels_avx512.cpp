@@ -374,7 +374,20 @@ void jit_rows(const SparseI8& w, const uint8_t* tile, int64_t n0, int64_t n1, Ep
     w.jit[g].fn(tile, w.jit[g].weights, &sums[0][0][0]);
     const int64_t r0 = g * kJitRows;
     const int rows = static_cast<int>(w.n - r0 < kJitRows ? w.n - r0 : kJitRows);
-    for (int i = 0; i < rows; ++i) {
+    int i = 0;
+    if constexpr (Epi::kPairs) {  // (see HiddenOut::pair)
+      for (; i + 1 < rows; i += 2) {
+        __m512i acc[2][4];
+#pragma GCC unroll 2
+        for (int r = 0; r < 2; ++r) {
+          const __m512i corr = _mm512_set1_epi32(-128 * w.weight_sum[r0 + i + r]);
+#pragma GCC unroll 4
+          for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_add_epi32(_mm512_load_si512(sums[i + r][t]), corr);
+        }
+        epi.pair(r0 + i, acc[0], acc[1]);
+      }
+    }
+    for (; i < rows; ++i) {
       const __m512i corr = _mm512_set1_epi32(-128 * w.weight_sum[r0 + i]);
       __m512i acc[4];
 #pragma GCC unroll 4
@@ -429,6 +442,7 @@ struct TransposedOut {
   int rows;
   int64_t n0, n1;
   Staging<T> st;
+  static constexpr bool kPairs = false;  // rows one at a time (HiddenOut::pair)
   TransposedOut(const SparseI8& w_, const Output& out_, const float* sx, int rows_, int64_t n0_, int64_t n1_)
       : w(w_), out(out_), dq(sx, rows_), rows(rows_), n0(n0_), n1(n1_) {}
   __attribute__((always_inline)) void row(int64_t n, const __m512i* acc) {
@@ -506,11 +520,29 @@ struct HiddenOut {
   __attribute__((always_inline)) void row(int64_t n, const __m512i* acc) {
     __m512 y[T];
     dq.apply(w, n, act, acc, y);
+    store(n, y, T);
+  }
+  // Rows n and n + 1 at once (the generated code's path, whole groups of rows): the GELU is a ~40-cycle chain per
+  // vector, and with two rows' chains in one block the out-of-order core overlaps them (a BERT-base forward ~2%
+  // faster at batch 16, ~1% at batch 1; four rows at once were no faster: benchmarks/RESULTS.md, session 22). Same
+  // arithmetic, same h.
+  static constexpr bool kPairs = true;
+  __attribute__((always_inline)) void pair(int64_t n, const __m512i* acc0, const __m512i* acc1) {
+    __m512 y[2 * T];
+    dq.apply(w, n, kActNone, acc0, y);
+    dq.apply(w, n + 1, kActNone, acc1, y + T);
+#pragma GCC unroll 8
+    for (int k = 0; k < 2 * T; ++k) y[k] = activate(y[k], act);
+    store(n, y, 2 * T);  // row n + 1 follows row n in h ([n][16 T])
+  }
+
+ private:
+  __attribute__((always_inline)) void store(int64_t n, const __m512* y, int vectors) {
     const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
 #pragma GCC unroll 8
-    for (int t = 0; t < T; ++t) {
-      _mm512_store_ps(h + (n * T + t) * kVec, y[t]);
-      amax_bits[t] = _mm512_max_epu32(amax_bits[t], _mm512_and_si512(_mm512_castps_si512(y[t]), abs_mask));
+    for (int k = 0; k < vectors; ++k) {
+      _mm512_store_ps(h + (n * T + k) * kVec, y[k]);
+      amax_bits[k % T] = _mm512_max_epu32(amax_bits[k % T], _mm512_and_si512(_mm512_castps_si512(y[k]), abs_mask));
     }
   }
 };
