@@ -358,6 +358,8 @@ bool any_nan(const float* vs, int64_t nvec) {
 // Padding keys (seq .. sp - 1): V's scales 0, written with the sequence's last token (their probabilities are 0, and
 // 0 x NaN would not be); K's codes, scales and sums are left as they are (their scores are masked), V's codes too or
 // written with whatever the lanes past the sequence held (they meet probability code 0 in exact integer sums).
+void write_qkv_head(const QkvPackedOut& p, const float* head, int T, int64_t n, int64_t m0, int rows);
+
 bool qkv_layout(QkvPackedOut& p) {
   if (p.d % kVec != 0) return false;
   p.sp = p.sp2 = round_up(p.seq, kVec);
@@ -369,6 +371,7 @@ bool qkv_layout(QkvPackedOut& p) {
   p.seq_words = p.v_off + p.heads * p.v_head;
   p.granule = p.d;  // per-(token, head) scales: the writer sees each head whole
   p.token_granule = 4;
+  p.write_head = write_qkv_head;
   return true;
 }
 
@@ -403,9 +406,11 @@ thread_local float* t_head = nullptr;
 // channel): a vpshufb per channel gathers each 4 keys' codes into a word (one per 128-bit lane), placed by channel
 // mod 4, and a 4x4 transpose of lanes puts 16 channels of one key group in a vector; where a vector's keys are not
 // 4-aligned (a sequence boundary inside it, seq not a multiple of 4), each token's bytes go by byte-masked stores.
+void quantize_head(const QkvPackedOut& p, const float* st, const float* maxima, int T, int64_t n, int64_t m0,
+                   int rows);
+
 void write_qkv_group(const QkvPackedOut& p, const float* staged, int T, int64_t n, int64_t m0, int rows) {
-  const int64_t d = p.d, width = p.heads * d;
-  const int64_t part = n / width, f = n % width, h = f / d, e0 = f % d;
+  const int64_t d = p.d, e0 = n % (p.heads * d) % d;
   const int64_t ld = 16 * T;
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   if (e0 == 0) t_head = qkv_stage(static_cast<size_t>((d + 1) * ld));
@@ -422,6 +427,32 @@ void write_qkv_group(const QkvPackedOut& p, const float* staged, int T, int64_t 
     _mm512_store_si512(maxima + t * kVec, m);
   }
   if (e0 + 16 < d) return;
+  quantize_head(p, st, maxima, T, n - e0, m0, rows);
+}
+
+// QkvPackedOut::write_head for this layout: the caller (the AVX-512 Linear kernels) staged the whole head in
+// head[c][16 T] itself, so no copy: the tokens' maxima are read off it, then quantize_head as above.
+void write_qkv_head(const QkvPackedOut& p, const float* head, int T, int64_t n, int64_t m0, int rows) {
+  const int64_t ld = 16 * T;
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  alignas(64) float maxima[4 * kVec];
+  for (int t = 0; t < T; ++t) {
+    __m512i m = _mm512_setzero_si512();
+    for (int64_t c = 0; c < p.d; ++c) {
+      m = _mm512_max_epu32(m, _mm512_and_si512(_mm512_load_si512(head + c * ld + t * kVec), abs_mask));
+    }
+    _mm512_store_si512(maxima + t * kVec, m);
+  }
+  quantize_head(p, head, maxima, T, n, m0, rows);
+}
+
+// Channels n .. n + d - 1 (one whole head of Q, K or V) staged in st[c][16 T] with the tokens' |x| maxima: each
+// token vector quantized and stored in the layout above.
+void quantize_head(const QkvPackedOut& p, const float* st, const float* maxima, int T, int64_t n, int64_t m0,
+                   int rows) {
+  const int64_t d = p.d, width = p.heads * d;
+  const int64_t part = n / width, h = n % width / d;
+  const int64_t ld = 16 * T;
   // within each 128-bit lane: bytes (channel j, token k) at 4 j + k -> 4 k + j
   alignas(64) static const int8_t kTokenWords[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
   const __m512i token_words = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kTokenWords)));

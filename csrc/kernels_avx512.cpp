@@ -443,9 +443,21 @@ struct TransposedOut {
   int64_t n0, n1;
   Staging<T> st;
   static constexpr bool kPairs = false;  // rows one at a time (HiddenOut::pair)
+  float* head = nullptr;  // with QkvPackedOut::write_head: this thread's whole head, [d][16 T]
   TransposedOut(const SparseI8& w_, const Output& out_, const float* sx, int rows_, int64_t n0_, int64_t n1_)
-      : w(w_), out(out_), dq(sx, rows_), rows(rows_), n0(n0_), n1(n1_) {}
+      : w(w_), out(out_), dq(sx, rows_), rows(rows_), n0(n0_), n1(n1_) {
+    if (out.qkv && out.qkv->write_head && !out.yi) head = qkv_stage(static_cast<size_t>(out.qkv->d * 16 * T));
+  }
   __attribute__((always_inline)) void row(int64_t n, const __m512i* acc) {
+    if (head) {  // Q/K/V rows straight into the head the writer quantizes (no staging group, no copy)
+      __m512 y[T];
+      dq.apply(w, n, out.act, acc, y);
+      const int64_t d = out.qkv->d, c = n % d;
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) _mm512_store_ps(head + (c * T + t) * kVec, y[t]);
+      if (c == d - 1) out.qkv->write_head(*out.qkv, head, T, n - c, out.m0, rows);
+      return;
+    }
     const int r = static_cast<int>((n - n0) & 15);
     if (out.yi) {
 #pragma GCC unroll 8
