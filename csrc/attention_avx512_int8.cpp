@@ -258,17 +258,20 @@ void pv_block(const uint32_t* pw, int64_t pst, int64_t kw, const uint32_t* vp, i
 // 255)) into pc + r * ld bytes (nvec x 16 of them). Sets div[r], the sum of p (+inf when every key is masked, NaN
 // when a score or a w is NaN; the row comes out 0 or NaN), and scale[r] = max w / 255. R rows at once give the
 // out-of-order core R independent chains through the three passes and their reductions. NaN checks cost no pass of
-// their own: w is NaN only where vs is (p is finite), which vs_nan says for all rows, and a NaN score makes the
-// row's sum of scores NaN (as do +inf and -inf scores together: that row's p would be 0 / 0 anyway).
+// their own: w is NaN only where vs is (p is finite), which vs_nan says for all rows, and a NaN score shows in the
+// row's largest |score| bits (integer ops beside the multiplies; a +inf score gives the row p = 0 everywhere, so
+// 0 / 0 = NaN outputs, as torch's softmax gives).
 template <int R>
 void softmax_rows(float* sc, int64_t ld, int64_t nvec, int64_t keys, int mask_kind, const void* const* mask,
                   const float* vs, bool vs_nan, uint8_t* pc, float* div, float* scale) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 m[R], total[R];
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512 m[R];
+  __m512i bits[R];  // running max of |s|'s bits: above inf's, the row holds a NaN
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     m[r] = ninf;
-    total[r] = _mm512_setzero_ps();
+    bits[r] = _mm512_setzero_si512();
   }
   for (int64_t c = 0; c < nvec; ++c) {
     const __mmask16 valid = mask16(keys - c * kVec);
@@ -277,7 +280,7 @@ void softmax_rows(float* sc, int64_t ld, int64_t nvec, int64_t keys, int mask_ki
     for (int r = 0; r < R; ++r) {
       float* row = sc + r * ld + c * kVec;
       const __m512 v = masked_scores(_mm512_load_ps(row), valid, mask_kind, mask[r], c * kVec);
-      total[r] = _mm512_fmadd_ps(v, _mm512_set1_ps(0x1p-126f), total[r]);  // (scaled: finite scores cannot overflow)
+      bits[r] = _mm512_max_epu32(bits[r], _mm512_and_si512(_mm512_castps_si512(v), abs_mask));
       m[r] = _mm512_max_ps(m[r], v);
       if (!same) _mm512_store_ps(row, v);
     }
@@ -305,7 +308,7 @@ void softmax_rows(float* sc, int64_t ld, int64_t nvec, int64_t keys, int mask_ki
   for (int r = 0; r < R; ++r) {
     const float mx = _mm512_cvtss_f32(vm[r]);
     const float wmax = _mm512_reduce_max_ps(wm[r]);
-    const bool nan = vs_nan || std::isnan(_mm512_reduce_add_ps(total[r]));
+    const bool nan = vs_nan || _mm512_reduce_max_epu32(bits[r]) > 0x7f800000u;
     const bool skip = nan || mx == -std::numeric_limits<float>::infinity();
     scale[r] = skip ? 0.0f : wmax / 255.0f;
     div[r] = skip ? (nan ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity())
