@@ -188,9 +188,9 @@ void add_layernorm(const float* x, int64_t ldx, const float* res, int64_t ldr, i
 }
 
 void add_layernorm_fm(const AttnKernels& kernels, const float* x, const float* sums, int64_t n, int mtp,
-                      const float* gamma, const float* beta, float eps, float* y, bool stream) {
+                      const float* gamma, const float* beta, float eps, float* y, bool stream, uint32_t* amax) {
   count(g_ln_calls, kernels);
-  kernels.layernorm_fm(x, sums, n, mtp, gamma, beta, eps, y, stream);
+  kernels.layernorm_fm(x, sums, n, mtp, gamma, beta, eps, y, stream, amax);
 }
 
 std::vector<std::pair<std::string, int64_t>> attention_calls(bool layernorm) {

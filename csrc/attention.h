@@ -59,9 +59,10 @@ struct AttnKernels {
   // Optional: add_layernorm over feature-major tiles ([n][mtp] floats, token r in column r; n a multiple of 16),
   // giving add_layernorm's results bit for bit: x holds x + res already and sums the first pass's per-token sums
   // (kFmSums floats, both from a product's epilogue: Output::fm_res). y may alias x, or (stream) be written with
-  // non-temporal stores (64-byte aligned).
+  // non-temporal stores (64-byte aligned). amax, when given: each token's max of |y|'s bits (mtp uint32, lane-wise
+  // over the features), what IsaKernels::quant_fm would find by reading y again.
   void (*layernorm_fm)(const float* x, const float* sums, int64_t n, int mtp, const float* gamma, const float* beta,
-                       float eps, float* y, bool stream) = nullptr;
+                       float eps, float* y, bool stream, uint32_t* amax) = nullptr;
   // int8 attention (docs/kernels.md, "int8 attention"): item and the Q/K/V writer only (the LayerNorm entries are
   // null; the encoder layer takes them from the float table of the same instruction set).
   bool int8 = false;
@@ -119,7 +120,8 @@ void add_layernorm(const float* x, int64_t ldx, const float* res, int64_t ldr, i
 
 // The same on one feature-major tile with kernels' layernorm_fm, on the calling thread (counted with add_layernorm).
 void add_layernorm_fm(const AttnKernels& kernels, const float* x, const float* sums, int64_t n, int mtp,
-                      const float* gamma, const float* beta, float eps, float* y, bool stream);
+                      const float* gamma, const float* beta, float eps, float* y, bool stream,
+                      uint32_t* amax = nullptr);
 
 // Calls so far per attention kernel name (of attention, or of add_layernorm).
 std::vector<std::pair<std::string, int64_t>> attention_calls(bool layernorm);

@@ -450,7 +450,7 @@ void add_layernorm(const float* x, int64_t ldx, const float* res, int64_t ldr, i
 // than L1, and streams from L2), with the accumulators in L1.
 template <int T>
 void layernorm_fm_t(const float* x, const float* sums, int64_t n, const float* gamma, const float* beta, float eps,
-                    float* y, bool stream) {
+                    float* y, bool stream, uint32_t* amax) {
   constexpr int kMtp = kVec * T;
   const int64_t pairs = n / (2 * kVec);
   const auto set_of = [&](int64_t f) { return f >= 2 * pairs * kVec ? 0 : static_cast<int>((f / kVec) & 1); };
@@ -488,12 +488,17 @@ void layernorm_fm_t(const float* x, const float* sums, int64_t n, const float* g
   for (int t = 0; t < T; ++t) {
     rstd[t] = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_sqrt_ps(_mm512_add_ps(rstd[t], _mm512_set1_ps(eps))));
   }
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512i top[T];  // |o|'s bits, lane-wise max (integer ops beside the multiplies: free here)
+#pragma GCC unroll 4
+  for (int t = 0; t < T; ++t) top[t] = _mm512_setzero_si512();
   for (int64_t f = 0; f < n; ++f) {
     const __m512 g = _mm512_set1_ps(gamma[f]), b = _mm512_set1_ps(beta[f]);
 #pragma GCC unroll 4
     for (int t = 0; t < T; ++t) {
       const int64_t at = f * kMtp + t * kVec;
       const __m512 o = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(x + at), mean[t]), rstd[t]), g, b);
+      if (amax) top[t] = _mm512_max_epu32(top[t], _mm512_and_si512(_mm512_castps_si512(o), abs_mask));
       if (stream) {
         _mm512_stream_ps(y + at, o);
       } else {
@@ -502,15 +507,19 @@ void layernorm_fm_t(const float* x, const float* sums, int64_t n, const float* g
     }
   }
   if (stream) _mm_sfence();
+  if (amax) {
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) _mm512_storeu_si512(amax + t * kVec, top[t]);
+  }
 }
 
 void layernorm_fm(const float* x, const float* sums, int64_t n, int mtp, const float* gamma, const float* beta,
-                  float eps, float* y, bool stream) {
+                  float eps, float* y, bool stream, uint32_t* amax) {
   switch (mtp / kVec) {
-    case 1: return layernorm_fm_t<1>(x, sums, n, gamma, beta, eps, y, stream);
-    case 2: return layernorm_fm_t<2>(x, sums, n, gamma, beta, eps, y, stream);
-    case 3: return layernorm_fm_t<3>(x, sums, n, gamma, beta, eps, y, stream);
-    default: return layernorm_fm_t<4>(x, sums, n, gamma, beta, eps, y, stream);
+    case 1: return layernorm_fm_t<1>(x, sums, n, gamma, beta, eps, y, stream, amax);
+    case 2: return layernorm_fm_t<2>(x, sums, n, gamma, beta, eps, y, stream, amax);
+    case 3: return layernorm_fm_t<3>(x, sums, n, gamma, beta, eps, y, stream, amax);
+    default: return layernorm_fm_t<4>(x, sums, n, gamma, beta, eps, y, stream, amax);
   }
 }
 

@@ -198,8 +198,9 @@ struct IsaKernels {
   // Feature-major tiles, optional (null: i8_sparse ignores Output::feature_major; the encoder layer then keeps its
   // activations token-major). An fm tile of `mtp` tokens is [k][mtp] floats, token r in column r (f32_tile's
   // layout); mtp a multiple of tile_tokens, at most max_tile, with no padding tokens.
-  // quant_fm: quant_tile from an fm tile, the same codes and scales bit for bit.
-  void (*quant_fm)(const float* x, int64_t k, int mtp, void* tile, float* sx) = nullptr;
+  // quant_fm: quant_tile from an fm tile, the same codes and scales bit for bit; amax, when given, is each token's
+  // max of |x|'s bits (AttnKernels::layernorm_fm's), so the tile is read once instead of twice.
+  void (*quant_fm)(const float* x, int64_t k, int mtp, void* tile, float* sx, const uint32_t* amax) = nullptr;
   // f32_untile: y[r][i] = tile[i][r] for r < mtp, i < k (row stride ldy): an fm tile back to token rows.
   void (*f32_untile)(const float* tile, int mtp, int64_t k, float* y, int64_t ldy) = nullptr;
 };

@@ -221,7 +221,7 @@ void fm_qkv(const EncoderLayerCall& c, const CallKernels& k, bool fm_in, const f
   for (int64_t t0 = 0; t0 < m; t0 += mt) {
     const int rows = static_cast<int>(std::min(mt, m - t0));
     if (fm_in) {
-      isa.quant_fm(x + t0 * c.hidden, c.hidden, rows, s.tile1, s.sx1);
+      isa.quant_fm(x + t0 * c.hidden, c.hidden, rows, s.tile1, s.sx1, nullptr);
     } else {
       isa.quant_tile(x + t0 * c.hidden, c.hidden, rows, c.hidden, rows, s.tile1, s.sx1);
     }
@@ -263,9 +263,12 @@ void fm_finish(const EncoderLayerCall& c, const CallKernels& k, const float* ctx
     std::fill_n(s.sums, kFmSums, 0.0f);
     isa.i8_sparse(*c.w_out, s.tile1, rows, rows, s.sx1, 0, hidden, o);
     timer.done(kStepOut);
-    add_layernorm_fm(*k.attn, s.a, s.sums, hidden, rows, c.gamma1, c.beta1, c.eps1, s.a, false);
+    // each token's max |x| for the FFN's quantization, found by the LayerNorm as it writes x (one read less)
+    alignas(64) uint32_t amax_buf[64];
+    uint32_t* amax = rows <= 64 ? amax_buf : nullptr;
+    add_layernorm_fm(*k.attn, s.a, s.sums, hidden, rows, c.gamma1, c.beta1, c.eps1, s.a, false, amax);
     timer.done(kStepNorm1);
-    isa.quant_fm(s.a, hidden, rows, s.tile1, s.sx1);
+    isa.quant_fm(s.a, hidden, rows, s.tile1, s.sx1, amax);
     isa.i8_ffn_hidden(*c.w_ffn1, s.tile1, rows, rows, s.sx1, c.act1, s.h, s.tile2, s.sx2);
     o.y = s.f;
     o.act = c.act2;

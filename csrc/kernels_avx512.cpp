@@ -636,9 +636,14 @@ void i8_ffn_hidden(const SparseI8& w1, const void* tile1, int mtp, int rows, con
 }
 
 template <int T>
-void quant_fm_t(const float* x, int64_t k, uint8_t* tile, float* sx) {
+void quant_fm_t(const float* x, int64_t k, uint8_t* tile, float* sx, const uint32_t* given) {
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   __m512i amax[T];
+  if (given) {
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) amax[t] = _mm512_loadu_si512(given + t * kVec);
+    return fm_codes<T>(x, k, amax, tile, sx);
+  }
 #pragma GCC unroll 8
   for (int t = 0; t < T; ++t) amax[t] = _mm512_setzero_si512();
   for (int64_t i = 0; i < k; ++i) {
@@ -651,13 +656,13 @@ void quant_fm_t(const float* x, int64_t k, uint8_t* tile, float* sx) {
   fm_codes<T>(x, k, amax, tile, sx);
 }
 
-void quant_fm(const float* x, int64_t k, int mtp, void* tile_, float* sx) {
+void quant_fm(const float* x, int64_t k, int mtp, void* tile_, float* sx, const uint32_t* amax) {
   uint8_t* tile = static_cast<uint8_t*>(tile_);
   switch (mtp / kVec) {
-    case 1: return quant_fm_t<1>(x, k, tile, sx);
-    case 2: return quant_fm_t<2>(x, k, tile, sx);
-    case 3: return quant_fm_t<3>(x, k, tile, sx);
-    default: return quant_fm_t<4>(x, k, tile, sx);
+    case 1: return quant_fm_t<1>(x, k, tile, sx, amax);
+    case 2: return quant_fm_t<2>(x, k, tile, sx, amax);
+    case 3: return quant_fm_t<3>(x, k, tile, sx, amax);
+    default: return quant_fm_t<4>(x, k, tile, sx, amax);
   }
 }
 
