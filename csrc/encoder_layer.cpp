@@ -194,12 +194,13 @@ thread_local ScratchBuffer t_fm;
 struct FmScratch {
   uint8_t *tile1, *tile2;
   float *sx1, *sx2, *h, *a, *f, *sums;
+  uint32_t* amax;  // each token's max |x| bits, from the LayerNorm before the FFN to its quantization
   FmScratch(const EncoderLayerCall& c, int64_t mt) {
     const size_t q1 = align64(static_cast<size_t>((std::max(c.hidden, c.width) + 3) / 4 * 4 * mt));
     const size_t q2 = align64(static_cast<size_t>((c.w_ffn1->n + 3) / 4 * 4 * mt));
     const size_t s = align64(static_cast<size_t>(mt) * 4), h_bytes = static_cast<size_t>(c.w_ffn1->n * mt) * 4;
     const size_t rows = static_cast<size_t>(c.hidden * mt) * 4;
-    char* p = t_fm.get(q1 + q2 + 2 * s + h_bytes + 2 * rows + kFmSums * 4);
+    char* p = t_fm.get(q1 + q2 + 3 * s + h_bytes + 2 * rows + kFmSums * 4);
     tile1 = reinterpret_cast<uint8_t*>(p);
     tile2 = tile1 + q1;
     sx1 = reinterpret_cast<float*>(p + q1 + q2);
@@ -208,6 +209,7 @@ struct FmScratch {
     a = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes);
     f = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes + rows);
     sums = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes + 2 * rows);
+    amax = reinterpret_cast<uint32_t*>(p + q1 + q2 + 2 * s + h_bytes + 2 * rows + kFmSums * 4);
   }
 };
 
@@ -263,12 +265,10 @@ void fm_finish(const EncoderLayerCall& c, const CallKernels& k, const float* ctx
     std::fill_n(s.sums, kFmSums, 0.0f);
     isa.i8_sparse(*c.w_out, s.tile1, rows, rows, s.sx1, 0, hidden, o);
     timer.done(kStepOut);
-    // each token's max |x| for the FFN's quantization, found by the LayerNorm as it writes x (one read less)
-    alignas(64) uint32_t amax_buf[64];
-    uint32_t* amax = rows <= 64 ? amax_buf : nullptr;
-    add_layernorm_fm(*k.attn, s.a, s.sums, hidden, rows, c.gamma1, c.beta1, c.eps1, s.a, false, amax);
+    // (the LayerNorm finds each token's max |x| as it writes x: the quantization reads x once)
+    add_layernorm_fm(*k.attn, s.a, s.sums, hidden, rows, c.gamma1, c.beta1, c.eps1, s.a, false, s.amax);
     timer.done(kStepNorm1);
-    isa.quant_fm(s.a, hidden, rows, s.tile1, s.sx1, amax);
+    isa.quant_fm(s.a, hidden, rows, s.tile1, s.sx1, s.amax);
     isa.i8_ffn_hidden(*c.w_ffn1, s.tile1, rows, rows, s.sx1, c.act1, s.h, s.tile2, s.sx2);
     o.y = s.f;
     o.act = c.act2;

@@ -374,24 +374,24 @@ void jit_rows(const SparseI8& w, const uint8_t* tile, int64_t n0, int64_t n1, Ep
     w.jit[g].fn(tile, w.jit[g].weights, &sums[0][0][0]);
     const int64_t r0 = g * kJitRows;
     const int rows = static_cast<int>(w.n - r0 < kJitRows ? w.n - r0 : kJitRows);
+    // row i's sums, -128 * weight_sum added (the +128 shift of the u8 activations taken back)
+    const auto sums_of = [&](int i, __m512i* acc) {
+      const __m512i corr = _mm512_set1_epi32(-128 * w.weight_sum[r0 + i]);
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) acc[t] = _mm512_add_epi32(_mm512_load_si512(sums[i][t]), corr);
+    };
     int i = 0;
     if constexpr (Epi::kPairs) {  // (see HiddenOut::pair)
       for (; i + 1 < rows; i += 2) {
         __m512i acc[2][4];
-#pragma GCC unroll 2
-        for (int r = 0; r < 2; ++r) {
-          const __m512i corr = _mm512_set1_epi32(-128 * w.weight_sum[r0 + i + r]);
-#pragma GCC unroll 4
-          for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_add_epi32(_mm512_load_si512(sums[i + r][t]), corr);
-        }
+        sums_of(i, acc[0]);
+        sums_of(i + 1, acc[1]);
         epi.pair(r0 + i, acc[0], acc[1]);
       }
     }
     for (; i < rows; ++i) {
-      const __m512i corr = _mm512_set1_epi32(-128 * w.weight_sum[r0 + i]);
       __m512i acc[4];
-#pragma GCC unroll 4
-      for (int t = 0; t < 4; ++t) acc[t] = _mm512_add_epi32(_mm512_load_si512(sums[i][t]), corr);
+      sums_of(i, acc);
       epi.row(r0 + i, acc);
     }
   }
