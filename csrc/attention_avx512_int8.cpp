@@ -40,7 +40,7 @@ inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 struct Layout {
   int64_t d4, qst, sp, dv, dq;  // words per K row (4 features each), per Q row (d4 rounded to 16), keys and
                                 // features padded to 16, features padded to 64
-  size_t k_off, kc_off, ks_off, v_off, vs_off, q_off, qs_off, s_off, p_off, l_off, ps_off, c_off, bytes;
+  size_t k_off, kc_off, ks_off, v_off, vs_off, q_off, qs_off, s_off, m_off, p_off, l_off, ps_off, c_off, bytes;
   Layout(int64_t d, int64_t s) {
     d4 = (d + 3) / 4;
     qst = round_up(d4, kVec);
@@ -56,7 +56,8 @@ struct Layout {
     q_off = vs_off + a64(sp * 4);         // V scales (per key)
     qs_off = q_off + a64(kBlock * qst * 4);  // Q codes + 128: [kBlock][qst] words
     s_off = qs_off + a64(kBlock * 4);     // Q scale x the call's scale, per row
-    p_off = s_off + a64(kBlock * sp * 4);  // scores, then p x V's scale: [kBlock][sp] floats
+    m_off = s_off + a64(kBlock * sp * 4);  // scores, then p x V's scale: [kBlock][sp] floats
+    p_off = m_off + a64(kBlock * kVec * 4);  // each row's running max of scores, 16 lanes (unmasked rows)
     l_off = p_off + a64(kBlock * sp);     // probability codes: [kBlock][sp] bytes
     ps_off = l_off + a64(kBlock * 4);     // row sums of p
     c_off = ps_off + a64(kBlock * 4);     // probability scales
@@ -216,21 +217,32 @@ __attribute__((always_inline)) inline void dot_rows(const uint32_t* a, int64_t a
 }
 
 // Scores of kRows query rows x C key vectors: sc[r][16c + lane] = (float(sum_w q[r][w] . kp[w][16c + lane] - kc) x
-// qs[r]) x ks[16c + lane], Q's word (r, w) at qw[r * q_rs + w * q_ws].
+// qs[r]) x ks[16c + lane], Q's word (r, w) at qw[r * q_rs + w * q_ws]. With rmax (rows without a mask): lanes of
+// the last vector outside `tail` (keys past the sequence) are stored as -inf, and rmax[r][lane] keeps the row's
+// running max (starting from -inf at first), so the softmax needs no pass of its own to find it.
 template <int C>
 void qk_block(const uint32_t* qw, int64_t q_rs, int64_t q_ws, int64_t d4, const uint32_t* kp, int64_t sp,
-              const int32_t* kc, const float* ks, const float* qs, float* sc) {
+              const int32_t* kc, const float* ks, const float* qs, float* sc, float* rmax, bool first,
+              __mmask16 tail) {
   __m512i acc[kRows][C];
   dot_rows<C>(qw, q_rs, q_ws, d4, kp, sp, acc);
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) {
     const __m512 rs = _mm512_set1_ps(qs[r]);
+    __m512 m = ninf;
+    if (rmax != nullptr && !first) m = _mm512_load_ps(rmax + r * kVec);
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) {
       const __m512i exact = _mm512_sub_epi32(acc[r][c], _mm512_load_si512(kc + c * kVec));
-      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), rs);
-      _mm512_store_ps(sc + r * sp + c * kVec, _mm512_mul_ps(v, _mm512_load_ps(ks + c * kVec)));
+      __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(exact), rs), _mm512_load_ps(ks + c * kVec));
+      if (rmax != nullptr) {
+        if (c == C - 1) v = _mm512_mask_mov_ps(ninf, tail, v);
+        m = _mm512_max_ps(m, v);
+      }
+      _mm512_store_ps(sc + r * sp + c * kVec, v);
     }
+    if (rmax != nullptr) _mm512_store_ps(rmax + r * kVec, m);
   }
 }
 
@@ -260,10 +272,13 @@ void pv_block(const uint32_t* pw, int64_t pst, int64_t kw, const uint32_t* vp, i
 // out-of-order core R independent chains through the three passes and their reductions. NaN checks cost no pass of
 // their own: w is NaN only where vs is (p is finite), which vs_nan says for all rows, and a NaN score shows in the
 // row's largest |score| bits (integer ops beside the multiplies; a +inf score gives the row p = 0 everywhere, so
-// 0 / 0 = NaN outputs, as torch's softmax gives).
+// 0 / 0 = NaN outputs, as torch's softmax gives). Rows without a mask come with rmax (qk_block's 16-lane running
+// max, masked past the keys) and nan_rows (bit r: row r's scores hold a NaN, i.e. its Q scale or a key's scale is
+// NaN: an int32 product times finite scales is never NaN), and skip the first pass.
 template <int R>
 void softmax_rows(float* sc, int64_t ld, int64_t nvec, int64_t keys, int mask_kind, const void* const* mask,
-                  const float* vs, bool vs_nan, uint8_t* pc, float* div, float* scale) {
+                  const float* vs, bool vs_nan, uint8_t* pc, float* div, float* scale, const float* rmax,
+                  int nan_rows) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
   __m512 m[R];
@@ -273,7 +288,7 @@ void softmax_rows(float* sc, int64_t ld, int64_t nvec, int64_t keys, int mask_ki
     m[r] = ninf;
     bits[r] = _mm512_setzero_si512();
   }
-  for (int64_t c = 0; c < nvec; ++c) {
+  for (int64_t c = 0; c < nvec && rmax == nullptr; ++c) {
     const __mmask16 valid = mask16(keys - c * kVec);
     const bool same = mask_kind == kMaskNone && valid == 0xffff;  // masking changes nothing: no store
 #pragma GCC unroll 4
@@ -288,7 +303,7 @@ void softmax_rows(float* sc, int64_t ld, int64_t nvec, int64_t keys, int mask_ki
   __m512 vm[R], l[R], wm[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-    vm[r] = _mm512_set1_ps(_mm512_reduce_max_ps(m[r]));
+    vm[r] = _mm512_set1_ps(_mm512_reduce_max_ps(rmax != nullptr ? _mm512_load_ps(rmax + r * kVec) : m[r]));
     l[r] = wm[r] = _mm512_setzero_ps();
   }
   for (int64_t c = 0; c < nvec; ++c) {
@@ -308,7 +323,8 @@ void softmax_rows(float* sc, int64_t ld, int64_t nvec, int64_t keys, int mask_ki
   for (int r = 0; r < R; ++r) {
     const float mx = _mm512_cvtss_f32(vm[r]);
     const float wmax = _mm512_reduce_max_ps(wm[r]);
-    const bool nan = vs_nan || _mm512_reduce_max_epu32(bits[r]) > 0x7f800000u;
+    const bool nan = vs_nan || (rmax != nullptr ? (nan_rows >> r & 1) != 0
+                                                : _mm512_reduce_max_epu32(bits[r]) > 0x7f800000u);
     const bool skip = nan || mx == -std::numeric_limits<float>::infinity();
     scale[r] = skip ? 0.0f : wmax / 255.0f;
     div[r] = skip ? (nan ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity())
@@ -579,6 +595,19 @@ void item(const AttnItem& a, void* scratch) {
     vs = vsbuf;
   }
   const int64_t pst = L.sp / 4;  // words per probability row
+  // Without a mask (nor causality) every row sees keys 0..s-1: qk_block finds the rows' maxima as it writes the
+  // scores, and a NaN score can only come from a NaN scale (Q's per row, K's over the keys)
+  const bool unmasked = !a.causal && a.mask_kind == kMaskNone;
+  float* rmax = reinterpret_cast<float*>(base + L.m_off);
+  bool ks_nan = false;
+  if (unmasked) {
+    __mmask16 nan = 0;
+    for (int64_t c = 0; c * kVec < s; ++c) {
+      const __m512 v = _mm512_maskz_load_ps(mask16(s - c * kVec), ks + c * kVec);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    ks_nan = nan != 0;
+  }
   for (int64_t i0 = a.q0; i0 < a.q1; i0 += kBlock) {
     const int nb = static_cast<int>(a.q1 - i0 < kBlock ? a.q1 - i0 : kBlock);
     const int nbp = static_cast<int>(round_up(nb, kRows));
@@ -611,11 +640,14 @@ void item(const AttnItem& a, void* scratch) {
         const uint32_t* kk = kp + c0 * kVec;
         const int32_t* kcc = kc + c0 * kVec;
         const float* kss = ks + c0 * kVec;
-        switch (nvec - c0 < kCols ? nvec - c0 : kCols) {
-          case 1: qk_block<1>(q, q_rs, q_ws, L.d4, kk, L.sp, kcc, kss, qs + r0, so); break;
-          case 2: qk_block<2>(q, q_rs, q_ws, L.d4, kk, L.sp, kcc, kss, qs + r0, so); break;
-          case 3: qk_block<3>(q, q_rs, q_ws, L.d4, kk, L.sp, kcc, kss, qs + r0, so); break;
-          default: qk_block<4>(q, q_rs, q_ws, L.d4, kk, L.sp, kcc, kss, qs + r0, so); break;
+        float* rm = unmasked ? rmax + r0 * kVec : nullptr;
+        const int64_t nc = nvec - c0 < kCols ? nvec - c0 : kCols;
+        const __mmask16 tail = mask16(keys_blk - (c0 + nc - 1) * kVec);
+        switch (nc) {
+          case 1: qk_block<1>(q, q_rs, q_ws, L.d4, kk, L.sp, kcc, kss, qs + r0, so, rm, c0 == 0, tail); break;
+          case 2: qk_block<2>(q, q_rs, q_ws, L.d4, kk, L.sp, kcc, kss, qs + r0, so, rm, c0 == 0, tail); break;
+          case 3: qk_block<3>(q, q_rs, q_ws, L.d4, kk, L.sp, kcc, kss, qs + r0, so, rm, c0 == 0, tail); break;
+          default: qk_block<4>(q, q_rs, q_ws, L.d4, kk, L.sp, kcc, kss, qs + r0, so, rm, c0 == 0, tail); break;
         }
       }
     }
@@ -637,10 +669,13 @@ void item(const AttnItem& a, void* scratch) {
       // (L.sp floats per score row and L.sp bytes per code row: one stride serves both, in their own units)
       float* srow = sc + r * L.sp;
       uint8_t* prow = pc + r * L.sp;
+      const float* rm = unmasked ? rmax + r * kVec : nullptr;
+      int nan_rows = 0;
+      for (int t = 0; t < R && unmasked; ++t) nan_rows |= (ks_nan || std::isnan(qs[r + t])) << t;
       if (R == 4) {
-        softmax_rows<4>(srow, L.sp, nvec, keys, a.mask_kind, mrows, vs, vs_nan, prow, div + r, ps + r);
+        softmax_rows<4>(srow, L.sp, nvec, keys, a.mask_kind, mrows, vs, vs_nan, prow, div + r, ps + r, rm, nan_rows);
       } else {
-        softmax_rows<1>(srow, L.sp, nvec, keys, a.mask_kind, mrows, vs, vs_nan, prow, div + r, ps + r);
+        softmax_rows<1>(srow, L.sp, nvec, keys, a.mask_kind, mrows, vs, vs_nan, prow, div + r, ps + r, rm, nan_rows);
       }
       r += R;
     }

@@ -131,9 +131,31 @@ def test_masked_rows_zero_v_and_nan():
 
 
 @needs_extension
-def test_huge_finite_scores_stay_finite():
+@pytest.mark.parametrize("seq", [20, 32])
+def test_nan_rows_without_a_mask(seq):
+    """Without a mask the AVX-512 kernel finds each row's max as it writes the scores and takes NaN rows from the
+    scales (a NaN Q scale: that query's row; a NaN K scale: the head's rows), not from the scores: the same NaN rows
+    and values as the reference, keys past the sequence (seq 20: a partial vector) never counted."""
+    gen = torch.Generator().manual_seed(9)
+    batch, heads, d = 2, 3, 16
+    q, k, v = (torch.randn(batch * seq, heads * d, generator=gen) for _ in range(3))
+    k[4, d : 2 * d] = float("nan")  # sequence 0, head 1, key 4
+    q[seq + 3, :d] = float("inf")  # sequence 1, token 3, head 0: scale NaN
+    expected = attention_int8_reference(q, k, v, batch, heads)
+    rows = expected.reshape(batch, seq, heads, d)
+    assert torch.isnan(rows[0, :, 1]).all() and torch.isnan(rows[1, 3, 0]).all()
+    for isa in ISAS:
+        with using_isa(isa):
+            out = attention((q, k, v), heads=heads, batch=batch, precision="int8")
+        assert_int8_close(out, expected, v, batch, heads, f"NaN rows without a mask, {isa}")
+
+
+@needs_extension
+@pytest.mark.parametrize("masked", [True, False])
+def test_huge_finite_scores_stay_finite(masked):
     """Scores near float32's limit (q = k = 7e18: each ~2e38) are finite, so are the outputs: the kernels' NaN
-    check (the AVX-512 one sums each row's scores) must not overflow into a false NaN."""
+    check (the AVX-512 one: an integer max of |score| bits with a mask, the scales without) must not see a false
+    NaN."""
     gen = torch.Generator().manual_seed(8)
     batch, seq, heads, d = 1, 32, 1, 16
     q = torch.full((seq, d), 7e18)
@@ -141,6 +163,7 @@ def test_huge_finite_scores_stay_finite():
     v = torch.randn(seq, d, generator=gen)
     keep = torch.ones(batch, seq, dtype=torch.bool)
     keep[0, -3:] = False  # masked keys (-inf) beside the huge ones
+    keep = keep if masked else None
     expected = attention_int8_reference(q, k, v, batch, heads, mask=keep)
     assert torch.isfinite(expected).all()
     for isa in ISAS:
