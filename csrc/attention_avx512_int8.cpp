@@ -377,7 +377,8 @@ bool any_nan(const float* vs, int64_t nvec) {
 // Padding keys (seq .. sp - 1): V's scales 0, written with the sequence's last token (their probabilities are 0, and
 // 0 x NaN would not be); K's codes, scales and sums are left as they are (their scores are masked), V's codes too or
 // written with whatever the lanes past the sequence held (they meet probability code 0 in exact integer sums).
-void write_qkv_head(const QkvPackedOut& p, const float* head, int T, int64_t n, int64_t m0, int rows);
+void write_qkv_head(const QkvPackedOut& p, const float* head, const uint32_t* maxima, int T, int64_t n, int64_t m0,
+                    int rows);
 
 bool qkv_layout(QkvPackedOut& p) {
   if (p.d % kVec != 0) return false;
@@ -450,19 +451,10 @@ void write_qkv_group(const QkvPackedOut& p, const float* staged, int T, int64_t 
 }
 
 // QkvPackedOut::write_head for this layout: the caller (the AVX-512 Linear kernels) staged the whole head in
-// head[c][16 T] itself, so no copy: the tokens' maxima are read off it, then quantize_head as above.
-void write_qkv_head(const QkvPackedOut& p, const float* head, int T, int64_t n, int64_t m0, int rows) {
-  const int64_t ld = 16 * T;
-  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
-  alignas(64) float maxima[4 * kVec];
-  for (int t = 0; t < T; ++t) {
-    __m512i m = _mm512_setzero_si512();
-    for (int64_t c = 0; c < p.d; ++c) {
-      m = _mm512_max_epu32(m, _mm512_and_si512(_mm512_load_si512(head + c * ld + t * kVec), abs_mask));
-    }
-    _mm512_store_si512(maxima + t * kVec, m);
-  }
-  quantize_head(p, head, maxima, T, n, m0, rows);
+// head[c][16 T] itself, with the tokens' maxima, so no copy and no pass to find them: quantize_head as above.
+void write_qkv_head(const QkvPackedOut& p, const float* head, const uint32_t* maxima, int T, int64_t n, int64_t m0,
+                    int rows) {
+  quantize_head(p, head, reinterpret_cast<const float*>(maxima), T, n, m0, rows);
 }
 
 // Channels n .. n + d - 1 (one whole head of Q, K or V) staged in st[c][16 T] with the tokens' |x| maxima: each

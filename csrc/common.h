@@ -118,8 +118,11 @@ struct QkvPackedOut {
   // Channels n .. n + 15 (n a multiple of 16) of tokens m0 .. m0 + rows - 1 of the call (T token vectors).
   void (*write_group)(const QkvPackedOut& p, const float* staged, int T, int64_t n, int64_t m0, int rows) = nullptr;
   // Optional, for kernels that stage a whole head themselves (granule d): channels n .. n + d - 1 (n a multiple of
-  // d) of tokens m0 .. m0 + rows - 1, channel c's token vector t at head[c * 16 T + 16 t]. Saves write_group's copy.
-  void (*write_head)(const QkvPackedOut& p, const float* head, int T, int64_t n, int64_t m0, int rows) = nullptr;
+  // d) of tokens m0 .. m0 + rows - 1, channel c's token vector t at head[c * 16 T + 16 t], and each token's max |x|
+  // over the head as float bits (token vector t at maxima[16 t]), which the kernel keeps as it stages the rows.
+  // Saves write_group's copy and a pass over the head.
+  void (*write_head)(const QkvPackedOut& p, const float* head, const uint32_t* maxima, int T, int64_t n, int64_t m0,
+                     int rows) = nullptr;
   // The Linear kernels that write it: the caller's snapshot, so that another thread switching the instruction set
   // (hf_sparse.ops.set_isa) mid-call cannot pair this layout with kernels that do not write it.
   const IsaKernels* isa = nullptr;

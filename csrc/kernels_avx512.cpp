@@ -444,6 +444,7 @@ struct TransposedOut {
   Staging<T> st;
   static constexpr bool kPairs = false;  // rows one at a time (HiddenOut::pair)
   float* head = nullptr;  // with QkvPackedOut::write_head: this thread's whole head, [d][16 T]
+  __m512i head_max[T];    // and its tokens' running max |x| bits
   TransposedOut(const SparseI8& w_, const Output& out_, const float* sx, int rows_, int64_t n0_, int64_t n1_)
       : w(w_), out(out_), dq(sx, rows_), rows(rows_), n0(n0_), n1(n1_) {
     if (out.qkv && out.qkv->write_head && !out.yi) head = qkv_stage(static_cast<size_t>(out.qkv->d * 16 * T));
@@ -453,9 +454,19 @@ struct TransposedOut {
       __m512 y[T];
       dq.apply(w, n, out.act, acc, y);
       const int64_t d = out.qkv->d, c = n % d;
+      const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
 #pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) _mm512_store_ps(head + (c * T + t) * kVec, y[t]);
-      if (c == d - 1) out.qkv->write_head(*out.qkv, head, T, n - c, out.m0, rows);
+      for (int t = 0; t < T; ++t) {
+        _mm512_store_ps(head + (c * T + t) * kVec, y[t]);
+        const __m512i a = _mm512_and_si512(_mm512_castps_si512(y[t]), abs_mask);
+        head_max[t] = c == 0 ? a : _mm512_max_epu32(head_max[t], a);
+      }
+      if (c == d - 1) {
+        alignas(64) uint32_t maxima[T * kVec];
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) _mm512_store_si512(maxima + t * kVec, head_max[t]);
+        out.qkv->write_head(*out.qkv, head, maxima, T, n - c, out.m0, rows);
+      }
       return;
     }
     const int r = static_cast<int>((n - n0) & 15);
