@@ -127,9 +127,9 @@ void count(std::atomic<int64_t>* counters, const AttnKernels& k) {
 
 }  // namespace
 
-float* qkv_stage(size_t floats) {
-  thread_local ScratchBuffer stage;
-  return reinterpret_cast<float*>(stage.get(floats * sizeof(float)));
+float* qkv_stage(size_t floats, int slot) {
+  thread_local ScratchBuffer stage[2];
+  return reinterpret_cast<float*>(stage[slot].get(floats * sizeof(float)));
 }
 
 void attention(const AttnCall& c, int nthreads) {

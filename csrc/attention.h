@@ -80,8 +80,9 @@ const AttnKernels& active_attn_kernels();
 const AttnKernels& active_attn_int8_kernels();
 
 // This thread's staging for a Q/K/V writer (write_qkv_group): `floats` floats, 64-byte aligned, valid until the
-// thread's next call (baseline code: the per-ISA files must not define ScratchBuffer's inline functions).
-float* qkv_stage(size_t floats);
+// thread's next call with the same slot (baseline code: the per-ISA files must not define ScratchBuffer's inline
+// functions). Slot 1: the second tile of a pair (IsaKernels::i8_sparse_pair).
+float* qkv_stage(size_t floats, int slot = 0);
 
 // Keys and head features an int8 attention sums exactly in int32 (255 x 127 x 65536 < 2^31).
 constexpr int64_t kInt8AttnMax = 65536;

@@ -770,6 +770,7 @@ NB_MODULE(_C, m) {
   m.def("jit_enabled", &jit_enabled);
   m.def("jit_available", &jit_available, "Whether int8 4-block weights packed now get generated code.");
   m.def("jit_calls", &jit_calls, "Tiles run through generated 4-block code so far.");
+  m.def("jit_pair_calls", &jit_pair_calls, "Products that ran two tiles through each group's generated code.");
   m.def("set_spin_us", &set_spin_us, "us"_a);
   m.def("spin_us", &spin_us);
   m.def("pool_size", &pool_size);

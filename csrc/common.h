@@ -42,15 +42,18 @@ constexpr int64_t kPanel = 128;
 // Code generated for one int8 4-block weight (jit_block4.cpp, AVX-512 VNNI): group g computes the raw int32 sums of
 // output rows g * kJitRows .. g * kJitRows + kJitRows - 1 (fewer in the last group) for one 64-token tile
 // ([kb][64][4] u8, quant_tile's layout), written to sums[row][4][16] (token 16 t + j at [row][t][j]); `weights` is
-// the group's block values in the order its code reads them.
+// the group's block values in the order its code reads them. With tile2 (else null), the same for a second tile
+// right after, into sums + kJitSums: the group's code and values are then fetched once for 128 tokens.
 constexpr int kJitRows = 28;  // accumulators per group: 28 zmm registers, one more for the activations
-using JitGroupFn = void (*)(const uint8_t* tile, const int32_t* weights, int32_t* sums);
+constexpr int kJitSums = kJitRows * 4 * 16;  // int32 sums of one group for one tile
+using JitGroupFn = void (*)(const uint8_t* tile, const int32_t* weights, int32_t* sums, const uint8_t* tile2);
 struct JitGroup {
   JitGroupFn fn;
   const int32_t* weights;
 };
 bool jit_enabled();     // the run-time switch (set_jit); defined in jit_block4.cpp
 void count_jit_call();  // one call of the generated code per tile, for kernel_calls("jit")
+void count_jit_pair_call();  // one product over two tiles at once, for kernel_calls("jit_pairs")
 
 // int8 4-block sparse weight: block b covers input features 4*cols[b] .. 4*cols[b]+3 and holds 4 int8 codes
 // packed little-endian in values[b]. With `quads` (int8 CSR, for unstructured weights) entry e holds 4 nonzeros
@@ -206,6 +209,15 @@ struct IsaKernels {
   void (*quant_fm)(const float* x, int64_t k, int mtp, void* tile, float* sx, const uint32_t* amax) = nullptr;
   // f32_untile: y[r][i] = tile[i][r] for r < mtp, i < k (row stride ldy): an fm tile back to token rows.
   void (*f32_untile)(const float* tile, int mtp, int64_t k, float* y, int64_t ldy) = nullptr;
+  // Two full-size tiles (max_tile tokens each, rows_a / rows_b of them real) through one weight, optional (null: one
+  // call per tile, the same results): i8_sparse for all rows of w into out_a and out_b, and
+  // i8_ffn_hidden for each tile. Kernels with generated code fetch it once for both tiles.
+  // (Output::qkv of a pair: the packed writer's tokens at out_a.m0 and out_b.m0, through write_head.)
+  void (*i8_sparse_pair)(const SparseI8& w, const void* tile_a, int rows_a, const float* sx_a, const Output& out_a,
+                         const void* tile_b, int rows_b, const float* sx_b, const Output& out_b) = nullptr;
+  void (*i8_ffn_hidden_pair)(const SparseI8& w1, int act, const void* tile1_a, int rows_a, const float* sx1_a,
+                             float* h_a, void* tile2_a, float* sx2_a, const void* tile1_b, int rows_b,
+                             const float* sx1_b, float* h_b, void* tile2_b, float* sx2_b) = nullptr;
 };
 
 // Tokens per tile (mtp) for `rows` tokens of a quads weight on `isa`: the vector kernel takes one vector or a full

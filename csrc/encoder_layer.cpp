@@ -190,97 +190,137 @@ FmLayer fm_layer(bool on, int l, int layers) { return FmLayer{on, on && l > 0, o
 
 thread_local ScratchBuffer t_fm;
 
-// One thread's scratch for tiles of up to mt tokens of layer c.
+// One thread's scratch for tiles of up to mt tokens of layer c; `sets` (1 or 2) of it for tile pairs (index 0, 1).
 struct FmScratch {
-  uint8_t *tile1, *tile2;
-  float *sx1, *sx2, *h, *a, *f, *sums;
-  uint32_t* amax;  // each token's max |x| bits, from the LayerNorm before the FFN to its quantization
-  FmScratch(const EncoderLayerCall& c, int64_t mt) {
+  uint8_t *tile1[2] = {}, *tile2[2] = {};
+  float *sx1[2] = {}, *sx2[2] = {}, *h[2] = {}, *a[2] = {}, *f[2] = {}, *sums[2] = {};
+  uint32_t* amax[2] = {};  // each token's max |x| bits, from the LayerNorm before the FFN to its quantization
+  FmScratch(const EncoderLayerCall& c, int64_t mt, int sets = 1) {
     const size_t q1 = align64(static_cast<size_t>((std::max(c.hidden, c.width) + 3) / 4 * 4 * mt));
     const size_t q2 = align64(static_cast<size_t>((c.w_ffn1->n + 3) / 4 * 4 * mt));
     const size_t s = align64(static_cast<size_t>(mt) * 4), h_bytes = static_cast<size_t>(c.w_ffn1->n * mt) * 4;
     const size_t rows = static_cast<size_t>(c.hidden * mt) * 4;
-    char* p = t_fm.get(q1 + q2 + 3 * s + h_bytes + 2 * rows + kFmSums * 4);
-    tile1 = reinterpret_cast<uint8_t*>(p);
-    tile2 = tile1 + q1;
-    sx1 = reinterpret_cast<float*>(p + q1 + q2);
-    sx2 = reinterpret_cast<float*>(p + q1 + q2 + s);
-    h = reinterpret_cast<float*>(p + q1 + q2 + 2 * s);
-    a = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes);
-    f = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes + rows);
-    sums = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes + 2 * rows);
-    amax = reinterpret_cast<uint32_t*>(p + q1 + q2 + 2 * s + h_bytes + 2 * rows + kFmSums * 4);
+    const size_t set = q1 + q2 + 3 * s + h_bytes + 2 * rows + kFmSums * 4;
+    char* p = t_fm.get(set * static_cast<size_t>(sets));
+    for (int i = 0; i < sets; ++i, p += set) {
+      tile1[i] = reinterpret_cast<uint8_t*>(p);
+      tile2[i] = tile1[i] + q1;
+      sx1[i] = reinterpret_cast<float*>(p + q1 + q2);
+      sx2[i] = reinterpret_cast<float*>(p + q1 + q2 + s);
+      h[i] = reinterpret_cast<float*>(p + q1 + q2 + 2 * s);
+      a[i] = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes);
+      f[i] = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes + rows);
+      sums[i] = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes + 2 * rows);
+      amax[i] = reinterpret_cast<uint32_t*>(p + q1 + q2 + 2 * s + h_bytes + 2 * rows + kFmSums * 4);
+    }
   }
 };
 
 // Q/K/V of m tokens at x (fm tiles or token rows) into the packed layout (tokens of the call from 0) or into float
-// rows at qkv (3 * width per token).
+// rows at qkv (3 * width per token); two full tiles at a time where the kernels take pairs (as fm_finish).
 void fm_qkv(const EncoderLayerCall& c, const CallKernels& k, bool fm_in, const float* x, int64_t m,
             const QkvPackedOut* packed, float* qkv) {
   const IsaKernels& isa = *k.linear;
   const int64_t mt = isa.max_tile;
-  FmScratch s(c, mt);
-  for (int64_t t0 = 0; t0 < m; t0 += mt) {
-    const int rows = static_cast<int>(std::min(mt, m - t0));
-    if (fm_in) {
-      isa.quant_fm(x + t0 * c.hidden, c.hidden, rows, s.tile1, s.sx1, nullptr);
-    } else {
-      isa.quant_tile(x + t0 * c.hidden, c.hidden, rows, c.hidden, rows, s.tile1, s.sx1);
+  const bool pairs = isa.i8_sparse_pair && m >= 2 * mt;
+  FmScratch s(c, mt, pairs ? 2 : 1);
+  for (int64_t t0 = 0; t0 < m;) {
+    const int n = pairs && m - t0 >= 2 * mt ? 2 : 1;  // tiles this step
+    int rows[2] = {};
+    Output o[2];
+    for (int j = 0; j < n; ++j) {
+      const int64_t tj = t0 + j * mt;
+      rows[j] = static_cast<int>(std::min(mt, m - tj));
+      if (fm_in) {
+        isa.quant_fm(x + tj * c.hidden, c.hidden, rows[j], s.tile1[j], s.sx1[j], nullptr);
+      } else {
+        isa.quant_tile(x + tj * c.hidden, c.hidden, rows[j], c.hidden, rows[j], s.tile1[j], s.sx1[j]);
+      }
+      if (packed) {
+        o[j].qkv = packed;
+      } else {
+        o[j].y = qkv;
+        o[j].ldy = 3 * c.width;
+      }
+      o[j].m0 = tj;
     }
-    Output o;
-    if (packed) {
-      o.qkv = packed;
+    if (n == 2) {
+      isa.i8_sparse_pair(*c.w_qkv, s.tile1[0], rows[0], s.sx1[0], o[0], s.tile1[1], rows[1], s.sx1[1], o[1]);
     } else {
-      o.y = qkv;
-      o.ldy = 3 * c.width;
+      isa.i8_sparse(*c.w_qkv, s.tile1[0], rows[0], rows[0], s.sx1[0], 0, c.w_qkv->n, o[0]);
     }
-    o.m0 = t0;
-    isa.i8_sparse(*c.w_qkv, s.tile1, rows, rows, s.sx1, 0, c.w_qkv->n, o);
+    t0 += n * mt;
   }
   count_kernel_call(isa);
 }
 
-// The steps after the attention for m tokens (ctx rows; x and y fm tiles or token rows), tile by tile.
+// The steps after the attention for m tokens (ctx rows; x and y fm tiles or token rows), tile by tile, or two full
+// tiles at a time where the kernels take pairs (IsaKernels::i8_sparse_pair: the generated code of the three
+// products is fetched once per 128 tokens).
 void fm_finish(const EncoderLayerCall& c, const CallKernels& k, const float* ctx, FmLayer fm, const float* x,
                float* y, int64_t m, StepTimer& timer) {
   const IsaKernels& isa = *k.linear;
   const int64_t mt = isa.max_tile, hidden = c.hidden;
-  FmScratch s(c, mt);
-  for (int64_t t0 = 0; t0 < m; t0 += mt) {
-    const int rows = static_cast<int>(std::min(mt, m - t0));
-    const float* res = x + t0 * hidden;
-    if (!fm.in) {
-      isa.f32_tile(res, hidden, rows, hidden, rows, s.f);
-      res = s.f;
+  const bool pairs = isa.i8_sparse_pair && isa.i8_ffn_hidden_pair && m >= 2 * mt;
+  FmScratch s(c, mt, pairs ? 2 : 1);
+  for (int64_t t0 = 0; t0 < m;) {
+    const int n = pairs && m - t0 >= 2 * mt ? 2 : 1;  // tiles this step
+    int rows[2] = {};
+    Output o[2];
+    for (int j = 0; j < n; ++j) {
+      const int64_t tj = t0 + j * mt;
+      rows[j] = static_cast<int>(std::min(mt, m - tj));
+      const float* res = x + tj * hidden;
+      if (!fm.in) {
+        isa.f32_tile(res, hidden, rows[j], hidden, rows[j], s.f[j]);
+        res = s.f[j];
+      }
+      isa.quant_tile(ctx + tj * c.width, c.width, rows[j], c.width, rows[j], s.tile1[j], s.sx1[j]);
+      // Both products add the residual in their epilogue and sum for the LayerNorm after them (Output::fm_res).
+      o[j].y = s.a[j];
+      o[j].ldy = rows[j];
+      o[j].feature_major = true;
+      o[j].act = c.act_out;
+      o[j].fm_res = res;
+      o[j].fm_sums = s.sums[j];
+      std::fill_n(s.sums[j], kFmSums, 0.0f);
     }
-    isa.quant_tile(ctx + t0 * c.width, c.width, rows, c.width, rows, s.tile1, s.sx1);
-    // Both products add the residual in their epilogue and sum for the LayerNorm after them (Output::fm_res).
-    Output o;
-    o.y = s.a;
-    o.ldy = rows;
-    o.feature_major = true;
-    o.act = c.act_out;
-    o.fm_res = res;
-    o.fm_sums = s.sums;
-    std::fill_n(s.sums, kFmSums, 0.0f);
-    isa.i8_sparse(*c.w_out, s.tile1, rows, rows, s.sx1, 0, hidden, o);
+    const auto product = [&](const SparseI8& w, uint8_t* const* tiles, float* const* sx) {
+      if (n == 2) return isa.i8_sparse_pair(w, tiles[0], rows[0], sx[0], o[0], tiles[1], rows[1], sx[1], o[1]);
+      isa.i8_sparse(w, tiles[0], rows[0], rows[0], sx[0], 0, hidden, o[0]);
+    };
+    product(*c.w_out, s.tile1, s.sx1);
     timer.done(kStepOut);
     // (the LayerNorm finds each token's max |x| as it writes x: the quantization reads x once)
-    add_layernorm_fm(*k.attn, s.a, s.sums, hidden, rows, c.gamma1, c.beta1, c.eps1, s.a, false, s.amax);
+    for (int j = 0; j < n; ++j) {
+      add_layernorm_fm(*k.attn, s.a[j], s.sums[j], hidden, rows[j], c.gamma1, c.beta1, c.eps1, s.a[j], false,
+                       s.amax[j]);
+    }
     timer.done(kStepNorm1);
-    isa.quant_fm(s.a, hidden, rows, s.tile1, s.sx1, s.amax);
-    isa.i8_ffn_hidden(*c.w_ffn1, s.tile1, rows, rows, s.sx1, c.act1, s.h, s.tile2, s.sx2);
-    o.y = s.f;
-    o.act = c.act2;
-    o.fm_res = s.a;
-    std::fill_n(s.sums, kFmSums, 0.0f);
-    isa.i8_sparse(*c.w_ffn2, s.tile2, rows, rows, s.sx2, 0, hidden, o);
+    for (int j = 0; j < n; ++j) isa.quant_fm(s.a[j], hidden, rows[j], s.tile1[j], s.sx1[j], s.amax[j]);
+    if (n == 2) {
+      isa.i8_ffn_hidden_pair(*c.w_ffn1, c.act1, s.tile1[0], rows[0], s.sx1[0], s.h[0], s.tile2[0], s.sx2[0],
+                             s.tile1[1], rows[1], s.sx1[1], s.h[1], s.tile2[1], s.sx2[1]);
+    } else {
+      isa.i8_ffn_hidden(*c.w_ffn1, s.tile1[0], rows[0], rows[0], s.sx1[0], c.act1, s.h[0], s.tile2[0], s.sx2[0]);
+    }
+    for (int j = 0; j < n; ++j) {
+      o[j].y = s.f[j];
+      o[j].act = c.act2;
+      o[j].fm_res = s.a[j];
+      std::fill_n(s.sums[j], kFmSums, 0.0f);
+    }
+    product(*c.w_ffn2, s.tile2, s.sx2);
     timer.done(kStepFfn);
-    // (an fm output is read again only once the thread's other chunks are through this layer: no need to cache it)
-    add_layernorm_fm(*k.attn, s.f, s.sums, hidden, rows, c.gamma2, c.beta2, c.eps2, fm.out ? y + t0 * hidden : s.f,
-                     fm.out);
-    if (!fm.out) isa.f32_untile(s.f, rows, hidden, y + t0 * hidden, hidden);
+    for (int j = 0; j < n; ++j) {
+      const int64_t tj = t0 + j * mt;
+      // (an fm output is read again only once the thread's other chunks are through this layer: no need to cache it)
+      add_layernorm_fm(*k.attn, s.f[j], s.sums[j], hidden, rows[j], c.gamma2, c.beta2, c.eps2,
+                       fm.out ? y + tj * hidden : s.f[j], fm.out);
+      if (!fm.out) isa.f32_untile(s.f[j], rows[j], hidden, y + tj * hidden, hidden);
+    }
     timer.done(kStepNorm2);
+    t0 += n * mt;
   }
   count_kernel_call(isa);  // out
   count_kernel_call(isa);  // FFN

@@ -34,5 +34,6 @@ void set_jit_enabled(bool on);
 // Whether packing generates code here (CPU, platform, HF_SPARSE_JIT; not whether the memory will be granted).
 bool jit_available();
 int64_t jit_calls();
+int64_t jit_pair_calls();  // products that ran two tiles through each group's code
 
 }  // namespace hf_sparse

@@ -361,42 +361,56 @@ void sparse_rows_loops(const SparseI8& w, const uint8_t* tile, int64_t n0, int64
 }
 
 // Rows n0..n1-1 through the weight's generated code (jit_block4.cpp) for the groups of kJitRows rows that lie
-// inside the range, the loops above for the rows around them; epi.row sees every row in order either way.
+// inside the range, the loops above for the rows around them; epi.row sees every row in order either way. With
+// tile2 (and epi2), a second tile through each group's code right after the first (jit_rows_pair).
 template <class Epi>
-void jit_rows(const SparseI8& w, const uint8_t* tile, int64_t n0, int64_t n1, Epi& epi) {
+void jit_rows(const SparseI8& w, const uint8_t* tile, int64_t n0, int64_t n1, Epi& epi,
+              const uint8_t* tile2 = nullptr, Epi* epi2 = nullptr) {
+  const auto loops = [&](int64_t r0, int64_t r1) {
+    sparse_rows_loops<4>(w, tile, r0, r1, epi);
+    if (tile2) sparse_rows_loops<4>(w, tile2, r0, r1, *epi2);
+  };
   const int64_t g0 = (n0 + kJitRows - 1) / kJitRows;
   const int64_t g1 = n1 == w.n ? (n1 + kJitRows - 1) / kJitRows : n1 / kJitRows;  // the last group may be short
-  if (g1 <= g0) return sparse_rows_loops<4>(w, tile, n0, n1, epi);
+  if (g1 <= g0) return loops(n0, n1);
   const int64_t a = g0 * kJitRows, b = g1 * kJitRows < w.n ? g1 * kJitRows : w.n;
-  if (n0 < a) sparse_rows_loops<4>(w, tile, n0, a, epi);
-  alignas(64) int32_t sums[kJitRows][4][16];
+  if (n0 < a) loops(n0, a);
+  alignas(64) int32_t sums[2][kJitRows][4][16];
   for (int64_t g = g0; g < g1; ++g) {
-    w.jit[g].fn(tile, w.jit[g].weights, &sums[0][0][0]);
+    w.jit[g].fn(tile, w.jit[g].weights, &sums[0][0][0][0], tile2);
     const int64_t r0 = g * kJitRows;
     const int rows = static_cast<int>(w.n - r0 < kJitRows ? w.n - r0 : kJitRows);
     // row i's sums, -128 * weight_sum added (the +128 shift of the u8 activations taken back)
-    const auto sums_of = [&](int i, __m512i* acc) {
-      const __m512i corr = _mm512_set1_epi32(-128 * w.weight_sum[r0 + i]);
+    const auto rows_of = [&](const int32_t (*s)[4][16], Epi& e) {
+      const auto sums_of = [&](int i, __m512i* acc) {
+        const __m512i corr = _mm512_set1_epi32(-128 * w.weight_sum[r0 + i]);
 #pragma GCC unroll 4
-      for (int t = 0; t < 4; ++t) acc[t] = _mm512_add_epi32(_mm512_load_si512(sums[i][t]), corr);
-    };
-    int i = 0;
-    if constexpr (Epi::kPairs) {  // (see HiddenOut::pair)
-      for (; i + 1 < rows; i += 2) {
-        __m512i acc[2][4];
-        sums_of(i, acc[0]);
-        sums_of(i + 1, acc[1]);
-        epi.pair(r0 + i, acc[0], acc[1]);
+        for (int t = 0; t < 4; ++t) acc[t] = _mm512_add_epi32(_mm512_load_si512(s[i][t]), corr);
+      };
+      int i = 0;
+      if constexpr (Epi::kPairs) {  // (see HiddenOut::pair)
+        for (; i + 1 < rows; i += 2) {
+          __m512i acc[2][4];
+          sums_of(i, acc[0]);
+          sums_of(i + 1, acc[1]);
+          e.pair(r0 + i, acc[0], acc[1]);
+        }
       }
-    }
-    for (; i < rows; ++i) {
-      __m512i acc[4];
-      sums_of(i, acc);
-      epi.row(r0 + i, acc);
-    }
+      for (; i < rows; ++i) {
+        __m512i acc[4];
+        sums_of(i, acc);
+        e.row(r0 + i, acc);
+      }
+    };
+    rows_of(sums[0], epi);
+    if (tile2) rows_of(sums[1], *epi2);
   }
-  if (b < n1) sparse_rows_loops<4>(w, tile, b, n1, epi);
+  if (b < n1) loops(b, n1);
   count_jit_call();
+  if (tile2) {
+    count_jit_call();
+    count_jit_pair_call();
+  }
 }
 
 // Rows n0..n1-1 of the sparse product for one tile (see sparse_rows_loops): 4-block weights with generated code
@@ -445,9 +459,12 @@ struct TransposedOut {
   static constexpr bool kPairs = false;  // rows one at a time (HiddenOut::pair)
   float* head = nullptr;  // with QkvPackedOut::write_head: this thread's whole head, [d][16 T]
   __m512i head_max[T];    // and its tokens' running max |x| bits
-  TransposedOut(const SparseI8& w_, const Output& out_, const float* sx, int rows_, int64_t n0_, int64_t n1_)
+  TransposedOut(const SparseI8& w_, const Output& out_, const float* sx, int rows_, int64_t n0_, int64_t n1_,
+                int slot = 0)
       : w(w_), out(out_), dq(sx, rows_), rows(rows_), n0(n0_), n1(n1_) {
-    if (out.qkv && out.qkv->write_head && !out.yi) head = qkv_stage(static_cast<size_t>(out.qkv->d * 16 * T));
+    if (out.qkv && out.qkv->write_head && !out.yi) {
+      head = qkv_stage(static_cast<size_t>(out.qkv->d * 16 * T), slot);
+    }
   }
   __attribute__((always_inline)) void row(int64_t n, const __m512i* acc) {
     if (head) {  // Q/K/V rows straight into the head the writer quantizes (no staging group, no copy)
@@ -520,6 +537,23 @@ void i8_sparse(const SparseI8& w, const void* tile, int mtp, int rows, const flo
     case 3: return i8_sparse_t<3>(w, t, rows, sx, n0, n1, out);
     default: return i8_sparse_t<4>(w, t, rows, sx, n0, n1, out);
   }
+}
+
+// Two 64-token tiles through one weight (IsaKernels::i8_sparse_pair), each with its own output: with generated code,
+// each group's code runs over both tiles back to back, so it and its values are fetched once for 128 tokens.
+void i8_sparse_pair(const SparseI8& w, const void* tile_a, int rows_a, const float* sx_a, const Output& out_a,
+                    const void* tile_b, int rows_b, const float* sx_b, const Output& out_b) {
+  const uint8_t* ta = static_cast<const uint8_t*>(tile_a);
+  const uint8_t* tb = static_cast<const uint8_t*>(tile_b);
+  // (Q/K/V: write_head only, whose head staging has a slot per tile; write_group's has one)
+  const bool groups = (out_a.qkv && !out_a.qkv->write_head) || (out_b.qkv && !out_b.qkv->write_head);
+  if (!w.jit || w.quads || !jit_enabled() || groups) {
+    i8_sparse_t<4>(w, ta, rows_a, sx_a, 0, w.n, out_a);
+    return i8_sparse_t<4>(w, tb, rows_b, sx_b, 0, w.n, out_b);
+  }
+  TransposedOut<4> a(w, out_a, sx_a, rows_a, 0, w.n), b(w, out_b, sx_b, rows_b, 0, w.n, 1);
+  jit_rows(w, ta, 0, w.n, a, tb, &b);
+  if (out_a.stream || out_b.stream) _mm_sfence();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -632,6 +666,23 @@ void ffn_hidden_t(const SparseI8& w1, const uint8_t* tile1, int rows, const floa
   HiddenOut<T> epi(w1, sx1, rows, act, h);
   sparse_rows<T>(w1, tile1, 0, w1.n, epi);
   fm_codes<T>(h, w1.n, epi.amax_bits, tile2, sx2);
+}
+
+// Two 64-token tiles through the FFN's first layer (IsaKernels::i8_ffn_hidden_pair), as i8_sparse_pair.
+void i8_ffn_hidden_pair(const SparseI8& w1, int act, const void* tile1_a, int rows_a, const float* sx1_a, float* h_a,
+                        void* tile2_a, float* sx2_a, const void* tile1_b, int rows_b, const float* sx1_b, float* h_b,
+                        void* tile2_b, float* sx2_b) {
+  const uint8_t* ta = static_cast<const uint8_t*>(tile1_a);
+  const uint8_t* tb = static_cast<const uint8_t*>(tile1_b);
+  HiddenOut<4> a(w1, sx1_a, rows_a, act, h_a), b(w1, sx1_b, rows_b, act, h_b);
+  if (w1.jit && !w1.quads && jit_enabled()) {
+    jit_rows(w1, ta, 0, w1.n, a, tb, &b);
+  } else {
+    sparse_rows_loops<4>(w1, ta, 0, w1.n, a);
+    sparse_rows_loops<4>(w1, tb, 0, w1.n, b);
+  }
+  fm_codes<4>(h_a, w1.n, a.amax_bits, static_cast<uint8_t*>(tile2_a), sx2_a);
+  fm_codes<4>(h_b, w1.n, b.amax_bits, static_cast<uint8_t*>(tile2_b), sx2_b);
 }
 
 void i8_ffn_hidden(const SparseI8& w1, const void* tile1, int mtp, int rows, const float* sx1, int act, float* h,
@@ -1003,7 +1054,7 @@ void f32_sparse(const SparseF32& w, const float* tile, int mtp, int rows, int64_
 const IsaKernels kTable = {
     "avx512_vnni", kVec, kVec * kMaxT, 1, 128, quant_tile, quant_rows, i8_sparse, i8_dense, kFewRows,
     i8_sparse_few, f32_tile, f32_sparse, i8_ffn_hidden, quads_tile, kQuadsFewRowsWords, quads_few, true,
-    quant_fm, f32_untile,
+    quant_fm, f32_untile, i8_sparse_pair, i8_ffn_hidden_pair,
 };
 
 }  // namespace

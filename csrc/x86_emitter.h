@@ -12,7 +12,9 @@
 
 namespace hf_sparse {
 
-enum Gpr : int { kRax = 0, kRcx = 1, kRdx = 2, kRbx = 3, kRsp = 4, kRbp = 5, kRsi = 6, kRdi = 7, kR8 = 8, kR9 = 9 };
+enum Gpr : int {
+  kRax = 0, kRcx = 1, kRdx = 2, kRbx = 3, kRsp = 4, kRbp = 5, kRsi = 6, kRdi = 7, kR8 = 8, kR9 = 9, kR10 = 10
+};
 
 class X86Emitter {
  public:
@@ -64,6 +66,12 @@ class X86Emitter {
     byte(0x48 | (src & 8 ? 4 : 0) | (dst & 8 ? 1 : 0));
     byte(0x89);
     byte(0xC0 | ((src & 7) << 3) | (dst & 7));
+  }
+  // test a, b (64-bit)
+  void test(int a, int b) {
+    byte(0x48 | (b & 8 ? 4 : 0) | (a & 8 ? 1 : 0));
+    byte(0x85);
+    byte(0xC0 | ((b & 7) << 3) | (a & 7));
   }
   // add dst, imm32 (64-bit, sign-extended)
   void add(int dst, int32_t imm) {

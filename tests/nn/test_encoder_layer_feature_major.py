@@ -91,6 +91,32 @@ def test_fm_layer_equals_token_rows(threads, shape, seq):
                 assert torch.equal(rows, fm), where
 
 
+@pytest.mark.skipif(not FM_KERNELS or not ops.jit_available(), reason="tile pairs run the generated code")
+@pytest.mark.parametrize("attention, products", [("bf16", 3), ("int8", 4)])
+def test_two_full_tiles_share_each_products_code(threads, attention, products):
+    """A work unit of 128 tokens or more runs its products on two 64-token tiles at once (IsaKernels::
+    i8_sparse_pair, i8_ffn_hidden_pair), 144 tokens as a pair and a tile of 16, bit for bit the token-row output:
+    all four with the int8 attention, whose packed Q/K/V writer stages each tile's heads apart; three with bf16
+    (its writer takes 16-channel groups into one staging per thread: Q/K/V one tile at a time)."""
+    hidden, heads, ffn = SHAPES["h64"]
+    gen = torch.Generator().manual_seed(12)
+    threads(1)
+    for seq, mask in ((128, None), (144, _mask(1, 144, gen))):
+        layer = make_encoder_layer(seq, hidden, heads, ffn)
+        x = torch.randn(1, seq, hidden, generator=gen)
+        try:
+            layer.feature_major = False
+            rows = layer(x, mask, attention=attention)
+            layer.feature_major = True
+            layer(torch.randn_like(x), mask, attention=attention)
+            pairs = ops.kernel_calls("jit_pairs")["avx512_vnni"]
+            fm = layer(x, mask, attention=attention)
+        finally:
+            layer.feature_major = True
+        assert layer.ran_feature_major and torch.equal(rows, fm), seq
+        assert ops.kernel_calls("jit_pairs")["avx512_vnni"] == pairs + products, seq
+
+
 @pytest.mark.parametrize("depth", [2, 3])
 def test_fm_stack_equals_token_rows(threads, depth):
     """A stack keeps its intermediate outputs as fm tiles: deeper stacks read them back."""

@@ -135,15 +135,17 @@ def kernel_calls(kind: str = "linear") -> dict[str, int]:
     kind "linear": the Linear kernels (fused FFN included) per instruction set; "few_tokens": of those, the calls
     that ran the few-token (decoding) int8 4-block kernel; "attention" / "layernorm": the attention /
     add_layernorm kernels per attention kernel name (`attention_isa()`); "jit": 64-token tiles multiplied by
-    generated 4-block code (`{"avx512_vnni": n}`)."""
-    if kind not in ("linear", "few_tokens", "attention", "layernorm", "jit"):
-        raise ValueError(
-            f"kernel_calls(kind={kind!r}): kind must be 'linear', 'few_tokens', 'attention', 'layernorm' or 'jit'"
-        )
+    generated 4-block code (`{"avx512_vnni": n}`); "jit_pairs": of those, products that ran two tiles through
+    each group's code at once (the encoder's feature-major path)."""
+    kinds = ("linear", "few_tokens", "attention", "layernorm", "jit", "jit_pairs")
+    if kind not in kinds:
+        raise ValueError(f"kernel_calls(kind={kind!r}): kind must be one of {', '.join(map(repr, kinds))}")
     if _C is None:
         return {}
     if kind == "jit":
         return {"avx512_vnni": _C.jit_calls()}
+    if kind == "jit_pairs":
+        return {"avx512_vnni": _C.jit_pair_calls()}
     if kind in ("linear", "few_tokens"):
         calls = dict(_C.kernel_calls())
         if kind == "linear":
