@@ -216,6 +216,19 @@ struct FmScratch {
   }
 };
 
+// m tokens in tiles of up to mt: step(t0, n, rows) for each step of n tiles from token t0 (rows[j]: tokens of tile
+// j), one tile at a time, or two full tiles where `pairs` (IsaKernels::i8_sparse_pair).
+template <class Step>
+void tile_steps(int64_t m, int64_t mt, bool pairs, Step step) {
+  for (int64_t t0 = 0; t0 < m;) {
+    const int n = pairs && m - t0 >= 2 * mt ? 2 : 1;
+    int rows[2] = {};
+    for (int j = 0; j < n; ++j) rows[j] = static_cast<int>(std::min(mt, m - t0 - j * mt));
+    step(t0, n, rows);
+    t0 += n * mt;
+  }
+}
+
 // Q/K/V of m tokens at x (fm tiles or token rows) into the packed layout (tokens of the call from 0) or into float
 // rows at qkv (3 * width per token); two full tiles at a time where the kernels take pairs (as fm_finish).
 void fm_qkv(const EncoderLayerCall& c, const CallKernels& k, bool fm_in, const float* x, int64_t m,
@@ -224,13 +237,10 @@ void fm_qkv(const EncoderLayerCall& c, const CallKernels& k, bool fm_in, const f
   const int64_t mt = isa.max_tile;
   const bool pairs = isa.i8_sparse_pair && m >= 2 * mt;
   FmScratch s(c, mt, pairs ? 2 : 1);
-  for (int64_t t0 = 0; t0 < m;) {
-    const int n = pairs && m - t0 >= 2 * mt ? 2 : 1;  // tiles this step
-    int rows[2] = {};
+  tile_steps(m, mt, pairs, [&](int64_t t0, int n, const int* rows) {
     Output o[2];
     for (int j = 0; j < n; ++j) {
       const int64_t tj = t0 + j * mt;
-      rows[j] = static_cast<int>(std::min(mt, m - tj));
       if (fm_in) {
         isa.quant_fm(x + tj * c.hidden, c.hidden, rows[j], s.tile1[j], s.sx1[j], nullptr);
       } else {
@@ -249,8 +259,7 @@ void fm_qkv(const EncoderLayerCall& c, const CallKernels& k, bool fm_in, const f
     } else {
       isa.i8_sparse(*c.w_qkv, s.tile1[0], rows[0], rows[0], s.sx1[0], 0, c.w_qkv->n, o[0]);
     }
-    t0 += n * mt;
-  }
+  });
   count_kernel_call(isa);
 }
 
@@ -263,13 +272,10 @@ void fm_finish(const EncoderLayerCall& c, const CallKernels& k, const float* ctx
   const int64_t mt = isa.max_tile, hidden = c.hidden;
   const bool pairs = isa.i8_sparse_pair && isa.i8_ffn_hidden_pair && m >= 2 * mt;
   FmScratch s(c, mt, pairs ? 2 : 1);
-  for (int64_t t0 = 0; t0 < m;) {
-    const int n = pairs && m - t0 >= 2 * mt ? 2 : 1;  // tiles this step
-    int rows[2] = {};
+  tile_steps(m, mt, pairs, [&](int64_t t0, int n, const int* rows) {
     Output o[2];
     for (int j = 0; j < n; ++j) {
       const int64_t tj = t0 + j * mt;
-      rows[j] = static_cast<int>(std::min(mt, m - tj));
       const float* res = x + tj * hidden;
       if (!fm.in) {
         isa.f32_tile(res, hidden, rows[j], hidden, rows[j], s.f[j]);
@@ -320,8 +326,7 @@ void fm_finish(const EncoderLayerCall& c, const CallKernels& k, const float* ctx
       if (!fm.out) isa.f32_untile(s.f[j], rows[j], hidden, y + tj * hidden, hidden);
     }
     timer.done(kStepNorm2);
-    t0 += n * mt;
-  }
+  });
   count_kernel_call(isa);  // out
   count_kernel_call(isa);  // FFN
 }
