@@ -362,7 +362,8 @@ void sparse_rows_loops(const SparseI8& w, const uint8_t* tile, int64_t n0, int64
 
 // Rows n0..n1-1 through the weight's generated code (jit_block4.cpp) for the groups of kJitRows rows that lie
 // inside the range, the loops above for the rows around them; epi.row sees every row in order either way. With
-// tile2 (and epi2), a second tile through each group's code right after the first (jit_rows_pair).
+// tile2 (and epi2), a second tile through each group's code right after the first (i8_sparse_pair and
+// i8_ffn_hidden_pair).
 template <class Epi>
 void jit_rows(const SparseI8& w, const uint8_t* tile, int64_t n0, int64_t n1, Epi& epi,
               const uint8_t* tile2 = nullptr, Epi* epi2 = nullptr) {
