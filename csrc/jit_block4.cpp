@@ -8,9 +8,10 @@
 // per row that has a block there: the accumulators stay in registers over the whole row, the column indices are
 // baked into displacements, and the load is shared by the ~2.7 rows (at 90% sparsity) that use the column. The
 // code loops over the tile's four 16-token vectors (then, given a second tile, over its four: tile pairs, 1.5-2%
-// faster at batch 16), so it is fetched from memory once per 64-token tile (or pair) and then runs from L1. It prefetches itself (prefetcht1 8 KB ahead, once per 64-byte line): the code of a whole model is tens
-// of MB and comes from L3 or memory, which the instruction fetch alone reads too slowly; and it prefetches its
-// values, a line at a time 2 KB ahead, which the hardware prefetchers alone bring too late at batch 1.
+// faster at batch 16), so it is fetched from memory once per 64-token tile (or pair) and then runs from L1. It
+// prefetches itself (prefetcht1 8 KB ahead, once per 64-byte line): the code of a whole model is tens of MB and
+// comes from L3 or memory, which the instruction fetch alone reads too slowly; and it prefetches its values, a line
+// at a time 2 KB ahead, which the hardware prefetchers alone bring too late at batch 1.
 // Measured (benchmarks/RESULTS.md, "Generated 4-block code"): the multiply ~1.45x the loops' speed on BERT shapes
 // with a whole model's weights, a BERT-base forward 1.21x (batch 16) and 1.12x (batch 1).
 //
