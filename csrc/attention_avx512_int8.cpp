@@ -358,11 +358,12 @@ void softmax_rows(float* sc, int64_t ld, int64_t nvec, int64_t keys, int mask_ki
   }
 }
 
-// Whether any of V's scales of keys 0 .. 16 nvec - 1 is NaN (then every w of a row over them is).
-bool any_nan(const float* vs, int64_t nvec) {
+// Whether any of the per-key scales x[0 .. n - 1] (64-byte aligned) is NaN: V's (then every w of a row over those
+// keys is), K's (then every score of the head is).
+bool any_nan(const float* x, int64_t n) {
   __mmask16 nan = 0;
-  for (int64_t c = 0; c < nvec; ++c) {
-    const __m512 v = _mm512_load_ps(vs + c * kVec);
+  for (int64_t c = 0; c < n; c += kVec) {
+    const __m512 v = _mm512_maskz_load_ps(mask16(n - c), x + c);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   }
   return nan != 0;
@@ -591,15 +592,7 @@ void item(const AttnItem& a, void* scratch) {
   // scores, and a NaN score can only come from a NaN scale (Q's per row, K's over the keys)
   const bool unmasked = !a.causal && a.mask_kind == kMaskNone;
   float* rmax = reinterpret_cast<float*>(base + L.m_off);
-  bool ks_nan = false;
-  if (unmasked) {
-    __mmask16 nan = 0;
-    for (int64_t c = 0; c * kVec < s; ++c) {
-      const __m512 v = _mm512_maskz_load_ps(mask16(s - c * kVec), ks + c * kVec);
-      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    }
-    ks_nan = nan != 0;
-  }
+  const bool ks_nan = unmasked && any_nan(ks, s);  // (keys past s: whatever the writer left, never read)
   for (int64_t i0 = a.q0; i0 < a.q1; i0 += kBlock) {
     const int nb = static_cast<int>(a.q1 - i0 < kBlock ? a.q1 - i0 : kBlock);
     const int nbp = static_cast<int>(round_up(nb, kRows));
@@ -624,7 +617,7 @@ void item(const AttnItem& a, void* scratch) {
     }
     const int64_t keys_blk = a.causal ? (i0 + nb < s ? i0 + nb : s) : s;
     const int64_t nvec = (keys_blk + kVec - 1) / kVec;
-    const bool vs_nan = any_nan(vs, nvec);
+    const bool vs_nan = any_nan(vs, nvec * kVec);
     for (int r0 = 0; r0 < nbp; r0 += kRows) {
       for (int64_t c0 = 0; c0 < nvec; c0 += kCols) {
         const uint32_t* q = qsrc + r0 * q_rs;

@@ -540,20 +540,22 @@ void i8_sparse(const SparseI8& w, const void* tile, int mtp, int rows, const flo
   }
 }
 
-// Two 64-token tiles through one weight (IsaKernels::i8_sparse_pair), each with its own output: with generated code,
-// each group's code runs over both tiles back to back, so it and its values are fetched once for 128 tokens.
+// All rows of w for two 64-token tiles, each into its own epilogue: through each group's generated code together
+// (`together` and w has code: it and its values fetched once for 128 tokens), else tile after tile.
+template <class Epi>
+void sparse_rows_pair(const SparseI8& w, const uint8_t* ta, const uint8_t* tb, Epi& a, Epi& b, bool together) {
+  if (together && w.jit && !w.quads && jit_enabled()) return jit_rows(w, ta, 0, w.n, a, tb, &b);
+  sparse_rows<4>(w, ta, 0, w.n, a);
+  sparse_rows<4>(w, tb, 0, w.n, b);
+}
+
+// IsaKernels::i8_sparse_pair.
 void i8_sparse_pair(const SparseI8& w, const void* tile_a, int rows_a, const float* sx_a, const Output& out_a,
                     const void* tile_b, int rows_b, const float* sx_b, const Output& out_b) {
-  const uint8_t* ta = static_cast<const uint8_t*>(tile_a);
-  const uint8_t* tb = static_cast<const uint8_t*>(tile_b);
-  // (Q/K/V: write_head only, whose head staging has a slot per tile; write_group's has one)
-  const bool groups = (out_a.qkv && !out_a.qkv->write_head) || (out_b.qkv && !out_b.qkv->write_head);
-  if (!w.jit || w.quads || !jit_enabled() || groups) {
-    i8_sparse_t<4>(w, ta, rows_a, sx_a, 0, w.n, out_a);
-    return i8_sparse_t<4>(w, tb, rows_b, sx_b, 0, w.n, out_b);
-  }
   TransposedOut<4> a(w, out_a, sx_a, rows_a, 0, w.n), b(w, out_b, sx_b, rows_b, 0, w.n, 1);
-  jit_rows(w, ta, 0, w.n, a, tb, &b);
+  // (Q/K/V together through write_head only, whose head staging has a slot per tile; write_group's has one)
+  const bool groups = (out_a.qkv && !out_a.qkv->write_head) || (out_b.qkv && !out_b.qkv->write_head);
+  sparse_rows_pair(w, static_cast<const uint8_t*>(tile_a), static_cast<const uint8_t*>(tile_b), a, b, !groups);
   if (out_a.stream || out_b.stream) _mm_sfence();
 }
 
@@ -669,19 +671,12 @@ void ffn_hidden_t(const SparseI8& w1, const uint8_t* tile1, int rows, const floa
   fm_codes<T>(h, w1.n, epi.amax_bits, tile2, sx2);
 }
 
-// Two 64-token tiles through the FFN's first layer (IsaKernels::i8_ffn_hidden_pair), as i8_sparse_pair.
+// IsaKernels::i8_ffn_hidden_pair.
 void i8_ffn_hidden_pair(const SparseI8& w1, int act, const void* tile1_a, int rows_a, const float* sx1_a, float* h_a,
                         void* tile2_a, float* sx2_a, const void* tile1_b, int rows_b, const float* sx1_b, float* h_b,
                         void* tile2_b, float* sx2_b) {
-  const uint8_t* ta = static_cast<const uint8_t*>(tile1_a);
-  const uint8_t* tb = static_cast<const uint8_t*>(tile1_b);
   HiddenOut<4> a(w1, sx1_a, rows_a, act, h_a), b(w1, sx1_b, rows_b, act, h_b);
-  if (w1.jit && !w1.quads && jit_enabled()) {
-    jit_rows(w1, ta, 0, w1.n, a, tb, &b);
-  } else {
-    sparse_rows_loops<4>(w1, ta, 0, w1.n, a);
-    sparse_rows_loops<4>(w1, tb, 0, w1.n, b);
-  }
+  sparse_rows_pair(w1, static_cast<const uint8_t*>(tile1_a), static_cast<const uint8_t*>(tile1_b), a, b, true);
   fm_codes<4>(h_a, w1.n, a.amax_bits, static_cast<uint8_t*>(tile2_a), sx2_a);
   fm_codes<4>(h_b, w1.n, b.amax_bits, static_cast<uint8_t*>(tile2_b), sx2_b);
 }
