@@ -117,6 +117,11 @@ def test_two_full_tiles_share_each_products_code(threads, attention, products):
         assert ops.kernel_calls("jit_pairs")["avx512_vnni"] == pairs + products, seq
 
 
+def test_kernel_calls_names_its_kinds():
+    with pytest.raises(ValueError, match=r"kernel_calls\(kind='jit_pair'\): kind must be one of .*'jit_pairs'"):
+        ops.kernel_calls("jit_pair")
+
+
 @pytest.mark.parametrize("depth", [2, 3])
 def test_fm_stack_equals_token_rows(threads, depth):
     """A stack keeps its intermediate outputs as fm tiles: deeper stacks read them back."""
