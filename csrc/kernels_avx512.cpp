@@ -424,7 +424,8 @@ void sparse_rows(const SparseI8& w, const uint8_t* tile, int64_t n0, int64_t n1,
   sparse_rows_loops<T>(w, tile, n0, n1, epi);
 }
 
-// y = ((acc * scale_x) * scale_w) + bias, rounded in that order like the reference, then the activation.
+// y = ((acc * scale_x) * scale_w) + bias, rounded in that order like the reference, then the activation. For the
+// GELU, prepare computes y / 2 (scale_w and bias halved: exact) and the activation takes that (gelu_half_ps).
 template <int T>
 struct Dequant {
   __m512 sx[T];
@@ -432,16 +433,22 @@ struct Dequant {
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) sx[t] = _mm512_maskz_loadu_ps(mask16(rows - t * kVec), scale_x + t * kVec);
   }
-  __attribute__((always_inline)) void apply(const SparseI8& w, int64_t n, int act, const __m512i* acc,
-                                            __m512* y) const {
-    const __m512 sw = _mm512_set1_ps(w.scale[n]);
-    const __m512 bias = _mm512_set1_ps(w.bias ? w.bias[n] : 0.0f);
+  __attribute__((always_inline)) void prepare(const SparseI8& w, int64_t n, int act, const __m512i* acc,
+                                              __m512* y) const {
+    const float k = act_input_scale(act);
+    const __m512 sw = _mm512_set1_ps(w.scale[n] * k);
+    const __m512 bias = _mm512_set1_ps(w.bias ? w.bias[n] * k : 0.0f);
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {
-      __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[t]), sx[t]), sw);
-      if (w.bias) v = _mm512_add_ps(v, bias);
-      y[t] = activate(v, act);
+      y[t] = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[t]), sx[t]), sw);
+      if (w.bias) y[t] = _mm512_add_ps(y[t], bias);
     }
+  }
+  __attribute__((always_inline)) void apply(const SparseI8& w, int64_t n, int act, const __m512i* acc,
+                                            __m512* y) const {
+    prepare(w, n, act, acc, y);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) y[t] = activate_prepared(y[t], act);
   }
 };
 
@@ -589,10 +596,10 @@ struct HiddenOut {
   static constexpr bool kPairs = true;
   __attribute__((always_inline)) void pair(int64_t n, const __m512i* acc0, const __m512i* acc1) {
     __m512 y[2 * T];
-    dq.apply(w, n, kActNone, acc0, y);
-    dq.apply(w, n + 1, kActNone, acc1, y + T);
+    dq.prepare(w, n, act, acc0, y);
+    dq.prepare(w, n + 1, act, acc1, y + T);
 #pragma GCC unroll 8
-    for (int k = 0; k < 2 * T; ++k) y[k] = activate(y[k], act);
+    for (int k = 0; k < 2 * T; ++k) y[k] = activate_prepared(y[k], act);
     store(n, y, 2 * T);  // row n + 1 follows row n in h ([n][16 T])
   }
 
