@@ -452,12 +452,12 @@ struct Dequant {
   }
 };
 
+constexpr int64_t kResidualAhead = 16;  // rows (TransposedOut's feature-major residual; 8 to 32 measured alike)
+
 // Epilogue to (M, N): rows staged, 16 at a time transposed into 16 consecutive output channels per token; or, with
 // Output::qkv, each group of 16 staged rows handed, in order, to the attention's writer (n0 and n1 are then whole
 // granules: the drivers split rows so), which packs them without a 16x16 transpose; or, with Output::feature_major,
 // each row stored as it is.
-constexpr int64_t kResidualAhead = 16;  // rows (TransposedOut's feature-major residual; 8 to 32 measured alike)
-
 template <int T>
 struct TransposedOut {
   const SparseI8& w;
