@@ -53,9 +53,6 @@ inline __m512 gelu_half_ps(__m512 h) {
   return _mm512_fmadd_ps(x, p, h);
 }
 
-// gelu(v) for a v in hand (the halving exact but for subnormal v / 2).
-inline __m512 gelu_ps(__m512 v) { return gelu_half_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.5f))); }
-
 inline __mmask16 mask16(int64_t n) {
   return n >= 16 ? __mmask16(0xffff) : (n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1));
 }
@@ -182,15 +179,17 @@ inline __m512 tanh_ps(__m512 v) {
   return _mm512_mask_mov_ps(_mm512_or_ps(t, _mm512_and_ps(v, sign)), nan, v);
 }
 
-inline __m512 activate(__m512 v, int act) {
-  return act == kActGelu ? gelu_ps(v) : (act == kActTanh ? tanh_ps(v) : v);
-}
-
 // What an epilogue that scales its output anyway hands the activation: v / 2 for the GELU (gelu_half_ps; the scale
 // and bias multiplied by act_input_scale, exact), v itself otherwise.
 inline float act_input_scale(int act) { return act == kActGelu ? 0.5f : 1.0f; }
 inline __m512 activate_prepared(__m512 u, int act) {
   return act == kActGelu ? gelu_half_ps(u) : (act == kActTanh ? tanh_ps(u) : u);
+}
+
+// The activation of a v in hand (for the GELU, v / 2 here: the same as the epilogues' halved scale and bias but for
+// a subnormal v / 2).
+inline __m512 activate(__m512 v, int act) {
+  return activate_prepared(act == kActGelu ? _mm512_mul_ps(v, _mm512_set1_ps(0.5f)) : v, act);
 }
 
 }  // namespace

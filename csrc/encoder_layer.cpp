@@ -202,16 +202,21 @@ struct FmScratch {
     const size_t rows = static_cast<size_t>(c.hidden * mt) * 4;
     const size_t set = q1 + q2 + 3 * s + h_bytes + 2 * rows + kFmSums * 4;
     char* p = t_fm.get(set * static_cast<size_t>(sets));
-    for (int i = 0; i < sets; ++i, p += set) {
-      tile1[i] = reinterpret_cast<uint8_t*>(p);
-      tile2[i] = tile1[i] + q1;
-      sx1[i] = reinterpret_cast<float*>(p + q1 + q2);
-      sx2[i] = reinterpret_cast<float*>(p + q1 + q2 + s);
-      h[i] = reinterpret_cast<float*>(p + q1 + q2 + 2 * s);
-      a[i] = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes);
-      f[i] = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes + rows);
-      sums[i] = reinterpret_cast<float*>(p + q1 + q2 + 2 * s + h_bytes + 2 * rows);
-      amax[i] = reinterpret_cast<uint32_t*>(p + q1 + q2 + 2 * s + h_bytes + 2 * rows + kFmSums * 4);
+    const auto take = [&p](size_t bytes) {  // the next `bytes` of the scratch
+      char* at = p;
+      p += bytes;
+      return at;
+    };
+    for (int i = 0; i < sets; ++i) {
+      tile1[i] = reinterpret_cast<uint8_t*>(take(q1));
+      tile2[i] = reinterpret_cast<uint8_t*>(take(q2));
+      sx1[i] = reinterpret_cast<float*>(take(s));
+      sx2[i] = reinterpret_cast<float*>(take(s));
+      h[i] = reinterpret_cast<float*>(take(h_bytes));
+      a[i] = reinterpret_cast<float*>(take(rows));
+      f[i] = reinterpret_cast<float*>(take(rows));
+      sums[i] = reinterpret_cast<float*>(take(kFmSums * 4));
+      amax[i] = reinterpret_cast<uint32_t*>(take(s));
     }
   }
 };
